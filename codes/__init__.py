@@ -1,0 +1,1 @@
+"""Experiment code for the Kaggle competition "CMI - Detect Behavior with Sensor Data"."""

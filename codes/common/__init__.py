@@ -1,0 +1,1 @@
+"""Shared, tested code used by every experiment: schema, loading, features, folds, metric."""

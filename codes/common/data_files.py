@@ -1,0 +1,156 @@
+"""Reading the competition CSVs with polars, with errors a user can act on.
+
+Every reader checks that the file exists (the error names the path and the Kaggle download
+command), that the expected columns are present (the error lists the missing ones), and the
+label/demographics values that later code relies on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import polars as pl
+
+from codes.common.schema import (
+    DEMOGRAPHICS_COLUMNS,
+    GESTURES,
+    IMU_COLUMNS,
+    KAGGLE_DOWNLOAD_COMMAND,
+    SENSOR_COLUMNS,
+    TEST_COLUMNS,
+    TEST_LABEL_COLUMNS,
+    THM_COLUMNS,
+    TOF_COLUMNS,
+    TRAIN_COLUMNS,
+)
+
+TRAIN_FILE = "train.csv"
+TEST_FILE = "test.csv"
+TRAIN_DEMOGRAPHICS_FILE = "train_demographics.csv"
+TEST_DEMOGRAPHICS_FILE = "test_demographics.csv"
+TEST_LABELS_FILE = "test_labels.csv"  # written by the synthetic generator only
+
+# Sensor values are read as float32 (ToF and thermopiles included): halves memory and matches
+# what the models consume. Empty fields are nulls.
+_SENSOR_DTYPES = dict.fromkeys(SENSOR_COLUMNS, pl.Float32)
+_DEMOGRAPHICS_DTYPES = {
+    "subject": pl.String,
+    "adult_child": pl.Float64,
+    "age": pl.Float64,
+    "sex": pl.Float64,
+    "handedness": pl.Float64,
+    "height_cm": pl.Float64,
+    "shoulder_to_wrist_cm": pl.Float64,
+    "elbow_to_wrist_cm": pl.Float64,
+}
+
+
+class DataFileError(ValueError):
+    """A competition file is missing or does not hold what the competition's files hold."""
+
+
+def require_file(path: Path) -> Path:
+    """Return ``path`` if it is a file, else raise an error that says how to get the data."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFileError(
+            f"missing data file: {path}\n"
+            f"Download the competition data with the Kaggle CLI:\n  {KAGGLE_DOWNLOAD_COMMAND}\n"
+            "or generate the synthetic stand-in: python -m codes.common.synthetic --out data/synthetic"
+        )
+    return path
+
+
+def read_header(path: Path) -> list[str]:
+    """Column names of a CSV file (reads only the first line)."""
+    with open(require_file(path), encoding="utf-8") as handle:
+        first = handle.readline().rstrip("\r\n")
+    return [name.strip().strip('"') for name in first.split(",")] if first else []
+
+
+def check_columns(path: Path, present: Sequence[str], required: Sequence[str]) -> None:
+    """Raise a :class:`DataFileError` listing every required column missing from ``present``."""
+    present_set = set(present)
+    missing = [c for c in required if c not in present_set]
+    if missing:
+        shown = ", ".join(missing[:20]) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
+        raise DataFileError(f"{path} lacks required columns: {shown}")
+
+
+def read_sensor_csv(
+    path: Path, required: Sequence[str], columns: Sequence[str] | None = None
+) -> pl.DataFrame:
+    """Read ``columns`` (default: ``required``) of a train/test CSV after checking the header."""
+    path = require_file(path)
+    check_columns(path, read_header(path), required)
+    wanted = list(columns if columns is not None else required)
+    dtypes = {c: t for c, t in _SENSOR_DTYPES.items() if c in wanted}
+    dtypes["sequence_counter"] = pl.Int32
+    dtypes.update({c: pl.String for c in ("row_id", "sequence_id", "subject") if c in wanted})
+    return pl.read_csv(path, columns=wanted, schema_overrides=dtypes)
+
+
+def sensor_columns_to_read(include_thm: bool = True, include_tof: bool = True) -> list[str]:
+    """The sensor columns a feature configuration needs (skipping ToF saves most of the read)."""
+    return IMU_COLUMNS + (THM_COLUMNS if include_thm else []) + (TOF_COLUMNS if include_tof else [])
+
+
+def read_train(data_dir: Path, include_thm: bool = True, include_tof: bool = True) -> pl.DataFrame:
+    """train.csv: metadata and labels plus the sensor columns asked for; gestures are checked."""
+    path = Path(data_dir) / TRAIN_FILE
+    meta = [c for c in TRAIN_COLUMNS if c not in SENSOR_COLUMNS]
+    frame = read_sensor_csv(path, TRAIN_COLUMNS, meta + sensor_columns_to_read(include_thm, include_tof))
+    check_gestures(frame["gesture"], path)
+    return frame
+
+
+def read_test(data_dir: Path, include_thm: bool = True, include_tof: bool = True) -> pl.DataFrame:
+    """test.csv with the sensor columns asked for."""
+    path = Path(data_dir) / TEST_FILE
+    meta = [c for c in TEST_COLUMNS if c not in SENSOR_COLUMNS]
+    return read_sensor_csv(path, TEST_COLUMNS, meta + sensor_columns_to_read(include_thm, include_tof))
+
+
+def check_gestures(gestures: pl.Series, path: Path | str) -> None:
+    """Raise naming every gesture string that is not one of the 18 competition gestures."""
+    unknown = sorted(set(gestures.drop_nulls().unique().to_list()) - set(GESTURES))
+    if gestures.null_count():
+        unknown = ["<empty>", *unknown]
+    if unknown:
+        raise DataFileError(
+            f"{path} holds gesture strings outside the 18 competition gestures: {unknown}; "
+            f"known gestures: {GESTURES}"
+        )
+
+
+def read_demographics(path: Path) -> pl.DataFrame:
+    """A demographics CSV (one row per subject); numeric fields as float64, nulls kept."""
+    path = require_file(path)
+    check_columns(path, read_header(path), DEMOGRAPHICS_COLUMNS)
+    frame = pl.read_csv(path, columns=DEMOGRAPHICS_COLUMNS, schema_overrides=_DEMOGRAPHICS_DTYPES)
+    duplicated = frame.filter(pl.col("subject").is_duplicated())["subject"].unique().sort().to_list()
+    if duplicated:
+        raise DataFileError(f"{path} lists these subjects more than once: {duplicated}")
+    return frame
+
+
+def check_demographics_cover(subjects: pl.Series, demographics: pl.DataFrame, path: Path | str) -> None:
+    """Raise naming every subject of the sensor file that has no demographics row."""
+    missing = sorted(set(subjects.unique().to_list()) - set(demographics["subject"].to_list()))
+    if missing:
+        raise DataFileError(
+            f"{len(missing)} subject(s) have no row in {path}: {missing[:10]}"
+            + (" ..." if len(missing) > 10 else "")
+        )
+
+
+def read_test_labels(data_dir: Path) -> pl.DataFrame | None:
+    """The synthetic data's test labels (sequence_id -> gesture), or None for the real data."""
+    path = Path(data_dir) / TEST_LABELS_FILE
+    if not path.is_file():
+        return None
+    check_columns(path, read_header(path), TEST_LABEL_COLUMNS)
+    frame = pl.read_csv(path, columns=TEST_LABEL_COLUMNS)
+    check_gestures(frame["gesture"], path)
+    return frame

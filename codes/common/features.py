@@ -1,0 +1,279 @@
+"""Per-step features of every sequence, computed for the whole table at once.
+
+Rows of one sequence are contiguous (sorted by ``sequence_counter``); "previous step" quantities
+never cross a sequence boundary. All work is vectorised over the rows of the table, so one call
+handles the full training file or a single sequence served at inference time alike.
+
+Rules (documented in docs/data.md):
+- Missing values: a missing acc or rot reading marks the step invalid (``step_valid``); each
+  column group is filled within its sequence (forward, then backward); what is still missing
+  (a sensor absent for the whole sequence) becomes 0, and a quaternion absent for the whole
+  sequence becomes the identity. ``feature_present[s, f]`` says whether sequence ``s`` had any
+  reading behind feature ``f``; normalisation maps absent features to 0 (the training mean).
+- ToF ``-1`` (no reflection) counts as ``TOF_MAX_DISTANCE + 1`` (beyond range).
+- Handedness: with ``mirror_left_handed`` the sensors of left-handed wearers are mirrored onto
+  the right-handed frame before any feature is computed (``schema.mirror_sensors``).
+- The quaternion is made sign-continuous within a sequence (q and -q are the same rotation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.spatial.transform import Rotation
+
+from codes.common.schema import (
+    ACC_COLUMNS,
+    GRAVITY,
+    IMU_COLUMNS,
+    NUM_TOF_SENSORS,
+    ROT_COLUMNS,
+    THM_COLUMNS,
+    TOF_COLUMNS,
+    TOF_COLUMNS_BY_SENSOR,
+    TOF_MAX_DISTANCE,
+    TOF_NO_REFLECTION,
+    TOF_PIXELS,
+    mirror_sensors,
+)
+
+FEATURE_VERSION = 1  # bump when a change alters the features computed for the same settings
+
+IMU_FEATURE_NAMES: list[str] = [
+    "acc_x", "acc_y", "acc_z",
+    "rot_w", "rot_x", "rot_y", "rot_z",
+    "linear_acc_x", "linear_acc_y", "linear_acc_z",
+    "angular_velocity_x", "angular_velocity_y", "angular_velocity_z",
+    "angular_distance",
+    "acc_magnitude", "linear_acc_magnitude", "angular_velocity_magnitude",
+    "acc_jerk", "linear_acc_jerk",
+]  # fmt: skip
+TOF_SUMMARY_STATISTICS: list[str] = ["mean", "std", "min", "no_reflection_fraction"]
+TOF_MODES = ("none", "summary", "raw")
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """What the per-step feature vector holds; part of the cache key."""
+
+    use_thm: bool = True  # the 5 thermopile temperatures
+    tof_mode: str = "summary"  # "none" | "summary" (4 statistics per sensor) | "raw" (320 pixels)
+    mirror_left_handed: bool = True  # mirror left-handed wearers onto the right-handed frame
+    sampling_rate_hz: float = 10.0  # turns per-step differences into per-second rates
+
+    def __post_init__(self) -> None:
+        if self.tof_mode not in TOF_MODES:
+            raise ValueError(f"tof_mode must be one of {TOF_MODES}, got {self.tof_mode!r}")
+        if self.sampling_rate_hz <= 0:
+            raise ValueError(f"sampling_rate_hz must be positive, got {self.sampling_rate_hz}")
+
+    @property
+    def sensor_columns(self) -> list[str]:
+        """Raw columns the features need, in SENSOR_COLUMNS order."""
+        return (
+            IMU_COLUMNS
+            + (THM_COLUMNS if self.use_thm else [])
+            + (TOF_COLUMNS if self.tof_mode != "none" else [])
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def feature_layout(settings: FeatureSettings) -> tuple[list[str], dict[str, list[int]]]:
+    """Feature names and their groups (``imu``, ``thm``, ``tof``) as column indices."""
+    names = list(IMU_FEATURE_NAMES)
+    groups = {"imu": list(range(len(names)))}
+    if settings.use_thm:
+        groups["thm"] = list(range(len(names), len(names) + len(THM_COLUMNS)))
+        names += THM_COLUMNS
+    if settings.tof_mode == "summary":
+        tof_names = [
+            f"tof_{k}_{stat}" for k in range(1, NUM_TOF_SENSORS + 1) for stat in TOF_SUMMARY_STATISTICS
+        ]
+    elif settings.tof_mode == "raw":
+        tof_names = list(TOF_COLUMNS)
+    else:
+        tof_names = []
+    if tof_names:
+        groups["tof"] = list(range(len(names), len(names) + len(tof_names)))
+        names += tof_names
+    return names, groups
+
+
+# ---------------------------------------------------------------- segment helpers
+def segment_ids(offsets: np.ndarray) -> np.ndarray:
+    """Sequence index of every row, from offsets ``(N + 1,)``."""
+    return np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+
+
+def fill_within_segments(values: np.ndarray, valid: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Forward- then backward-fill rows where ``valid`` is False, never across a segment boundary.
+
+    ``values`` is ``(R, C)``; rows of a segment with no valid row at all are left as they are.
+    """
+    n_rows = len(valid)
+    rows = np.arange(n_rows)
+    seg = segment_ids(offsets)
+    starts, ends = offsets[:-1][seg], offsets[1:][seg] - 1
+    # Invalid rows point at their segment's first row, so the running maximum never reaches back
+    # into the previous segment; the same mirrored for the backward pass.
+    forward = np.maximum.accumulate(np.where(valid, rows, starts))
+    filled_valid = valid[forward]
+    backward = np.minimum.accumulate(np.where(valid, rows, ends)[::-1])[::-1]
+    source = np.where(filled_valid, forward, backward)
+    return values[source]
+
+
+def previous_row_difference(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """``values[t] - values[t - 1]`` within each segment; 0 on each segment's first row."""
+    difference = np.zeros_like(values)
+    difference[1:] = values[1:] - values[:-1]
+    difference[offsets[:-1][np.diff(offsets) > 0]] = 0
+    return difference
+
+
+def sign_continuous_quaternions(quaternions: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Flip signs so consecutive quaternions of a segment have a non-negative dot product."""
+    dots = np.einsum("ij,ij->i", quaternions[1:], quaternions[:-1])
+    flips = np.zeros(len(quaternions), dtype=np.int64)
+    flips[1:] = dots < 0
+    flips[offsets[:-1][np.diff(offsets) > 0]] = 0
+    parity = np.cumsum(flips)
+    parity -= np.repeat(parity[offsets[:-1]] if len(parity) else parity, np.diff(offsets))
+    return np.where((parity % 2 == 1)[:, None], -quaternions, quaternions)
+
+
+def _segment_any(flags: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Per segment: whether any row flag is True, ``(R, C)`` -> ``(N, C)``."""
+    counts = np.add.reduceat(flags.astype(np.int64), offsets[:-1], axis=0) if len(flags) else flags
+    return counts > 0
+
+
+# ---------------------------------------------------------------- features
+def imu_features(
+    acc: np.ndarray, quaternions: np.ndarray, offsets: np.ndarray, sampling_rate_hz: float
+) -> np.ndarray:
+    """The IMU_FEATURE_NAMES columns from filled acc ``(R, 3)`` and unit quaternions ``(R, 4)``."""
+    quaternions = sign_continuous_quaternions(quaternions, offsets)
+    rotation = Rotation.from_quat(quaternions, scalar_first=True)
+    linear_acc = acc - rotation.apply([0.0, 0.0, GRAVITY], inverse=True)
+    # body-frame rotation from step t-1 to step t; first step of each sequence: no rotation
+    previous = np.roll(quaternions, 1, axis=0)
+    first_rows = offsets[:-1][np.diff(offsets) > 0]
+    previous[first_rows] = quaternions[first_rows]
+    step_rotvec = (Rotation.from_quat(previous, scalar_first=True).inv() * rotation).as_rotvec()
+    angular_distance = np.linalg.norm(step_rotvec, axis=1, keepdims=True)
+    angular_velocity = step_rotvec * sampling_rate_hz
+    acc_jerk = np.linalg.norm(previous_row_difference(acc, offsets), axis=1, keepdims=True) * sampling_rate_hz
+    linear_jerk = (
+        np.linalg.norm(previous_row_difference(linear_acc, offsets), axis=1, keepdims=True) * sampling_rate_hz
+    )
+    return np.concatenate(
+        [
+            acc,
+            quaternions,
+            linear_acc,
+            angular_velocity,
+            angular_distance,
+            np.linalg.norm(acc, axis=1, keepdims=True),
+            np.linalg.norm(linear_acc, axis=1, keepdims=True),
+            np.linalg.norm(angular_velocity, axis=1, keepdims=True),
+            acc_jerk,
+            linear_jerk,
+        ],
+        axis=1,
+    )
+
+
+def tof_summary_features(tof: np.ndarray) -> np.ndarray:
+    """Per ToF sensor: mean, std, min distance and the fraction of no-reflection pixels.
+
+    ``tof`` is ``(R, 320)`` with -1 for no reflection (already filled, no NaN).
+    """
+    grids = tof.reshape(len(tof), NUM_TOF_SENSORS, TOF_PIXELS)
+    no_reflection = grids == TOF_NO_REFLECTION
+    distances = np.where(no_reflection, TOF_MAX_DISTANCE + 1, grids)
+    stats = np.stack(
+        [distances.mean(axis=2), distances.std(axis=2), distances.min(axis=2), no_reflection.mean(axis=2)],
+        axis=2,
+    )  # (R, 5, 4)
+    return stats.reshape(len(tof), -1)
+
+
+@dataclass
+class StepFeatures:
+    """Features of the rows of a table of sequences."""
+
+    features: np.ndarray  # (R, F) float32
+    step_valid: np.ndarray  # (R,) bool: acc and rot were both read at this step
+    feature_present: np.ndarray  # (N, F) bool: the sequence had readings behind the feature
+
+
+def compute_step_features(
+    sensors: np.ndarray,
+    offsets: np.ndarray,
+    left_handed: np.ndarray,
+    settings: FeatureSettings,
+) -> StepFeatures:
+    """Features of every row.
+
+    sensors: ``(R, C)`` raw values of ``settings.sensor_columns`` (NaN = missing);
+    offsets: ``(N + 1,)`` row offsets of the N sequences; left_handed: ``(N,)`` bool.
+    """
+    columns = settings.sensor_columns
+    if sensors.shape[1] != len(columns):
+        raise ValueError(f"expected {len(columns)} sensor columns, got {sensors.shape[1]}")
+    sensors = np.asarray(sensors, dtype=np.float64)
+    if settings.mirror_left_handed and left_handed.any():
+        rows = np.repeat(left_handed, np.diff(offsets))
+        sensors[rows] = mirror_sensors(sensors[rows], columns)
+    index = {c: i for i, c in enumerate(columns)}
+    acc_cols = [index[c] for c in ACC_COLUMNS]
+    rot_cols = [index[c] for c in ROT_COLUMNS]
+
+    acc_valid = np.isfinite(sensors[:, acc_cols]).all(axis=1)
+    rot_valid = np.isfinite(sensors[:, rot_cols]).all(axis=1) & (
+        np.abs(np.nan_to_num(sensors[:, rot_cols])).sum(axis=1) > 0
+    )
+    acc = np.nan_to_num(fill_within_segments(sensors[:, acc_cols], acc_valid, offsets), nan=0.0)
+    rot = fill_within_segments(sensors[:, rot_cols], rot_valid, offsets)
+    rot_missing = ~np.isfinite(rot).all(axis=1)
+    rot[rot_missing] = [1.0, 0.0, 0.0, 0.0]
+    rot /= np.linalg.norm(rot, axis=1, keepdims=True)
+    blocks = [imu_features(acc, rot, offsets, settings.sampling_rate_hz)]
+    imu_read = _segment_any((acc_valid | rot_valid)[:, None], offsets)
+    present = [np.repeat(imu_read, len(IMU_FEATURE_NAMES), axis=1)]
+
+    if settings.use_thm:
+        thm = sensors[:, [index[c] for c in THM_COLUMNS]]
+        thm_valid = np.isfinite(thm)
+        filled = np.column_stack(
+            [fill_within_segments(thm[:, k], thm_valid[:, k], offsets) for k in range(thm.shape[1])]
+        )
+        blocks.append(np.nan_to_num(filled, nan=0.0))
+        present.append(_segment_any(thm_valid, offsets))
+    if settings.tof_mode != "none":
+        per_sensor_width = TOF_PIXELS if settings.tof_mode == "raw" else len(TOF_SUMMARY_STATISTICS)
+        tof_filled, tof_present = [], []
+        for sensor_columns in TOF_COLUMNS_BY_SENSOR.values():
+            tof = sensors[:, [index[c] for c in sensor_columns]]
+            frame_valid = np.isfinite(tof).all(axis=1)  # a ToF frame is read (or dropped) whole
+            tof = fill_within_segments(tof, frame_valid, offsets)
+            tof_filled.append(np.nan_to_num(tof, nan=float(TOF_NO_REFLECTION)))
+            tof_present.append(
+                np.repeat(_segment_any(frame_valid[:, None], offsets), per_sensor_width, axis=1)
+            )
+        tof_all = np.concatenate(tof_filled, axis=1)
+        if settings.tof_mode == "summary":
+            blocks.append(tof_summary_features(tof_all))
+        else:
+            blocks.append(np.where(tof_all == TOF_NO_REFLECTION, TOF_MAX_DISTANCE + 1, tof_all))
+        present.append(np.concatenate(tof_present, axis=1))
+    features = np.concatenate(blocks, axis=1).astype(np.float32)
+    feature_present = np.concatenate(present, axis=1)
+    # a feature computed from a filled-in absent sensor is zeroed, whatever its formula gave
+    rows_absent = ~np.repeat(feature_present, np.diff(offsets), axis=0)
+    features[rows_absent] = 0.0
+    return StepFeatures(features=features, step_valid=acc_valid & rot_valid, feature_present=feature_present)

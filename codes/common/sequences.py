@@ -1,0 +1,384 @@
+"""Model-ready sequence arrays: the ragged feature table, padding, normalisation and the cache.
+
+A :class:`SequenceTable` holds every sequence of a file as one ragged array (rows of all
+sequences stacked, plus offsets), so it is cheap to cache, subset by fold and pad.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from sklearn.preprocessing import StandardScaler
+
+from codes.common.data_files import (
+    TEST_DEMOGRAPHICS_FILE,
+    TEST_FILE,
+    TRAIN_DEMOGRAPHICS_FILE,
+    TRAIN_FILE,
+    DataFileError,
+    check_columns,
+    check_demographics_cover,
+    read_demographics,
+    read_test,
+    read_train,
+    require_file,
+)
+from codes.common.features import FEATURE_VERSION, FeatureSettings, compute_step_features, feature_layout
+from codes.common.schema import DEMOGRAPHICS_COLUMNS, GESTURE_TO_INDEX, GESTURES
+
+logger = logging.getLogger(__name__)
+
+DEMOGRAPHIC_FIELDS: list[str] = DEMOGRAPHICS_COLUMNS[1:]  # the 7 numeric fields, in file order
+SPLITS = ("train", "test")
+
+
+@dataclass
+class SequenceTable:
+    """Every sequence of a file: ragged per-step features and per-sequence metadata."""
+
+    sequence_ids: np.ndarray  # (N,) str
+    subjects: np.ndarray  # (N,) str
+    offsets: np.ndarray  # (N + 1,) int64: rows of sequence i are offsets[i]:offsets[i + 1]
+    features: np.ndarray  # (R, F) float32
+    step_valid: np.ndarray  # (R,) bool: acc and rot were read at this step (not filled in)
+    feature_present: np.ndarray  # (N, F) bool: the sequence had readings behind the feature
+    demographics: np.ndarray  # (N, 7) float32, DEMOGRAPHIC_FIELDS, NaN = missing
+    labels: np.ndarray  # (N,) int64 index into GESTURES, -1 = unknown (test)
+    orientations: np.ndarray  # (N,) str, "" = unknown (test)
+    feature_names: list[str]
+    feature_groups: dict[str, list[int]]  # "imu" / "thm" / "tof" -> feature indices
+
+    @property
+    def n_sequences(self) -> int:
+        return len(self.sequence_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def imu_only(self) -> np.ndarray:
+        """(N,) bool: the sequence has no thermopile or ToF reading at all."""
+        other = self.feature_groups.get("thm", []) + self.feature_groups.get("tof", [])
+        if not other:
+            return np.ones(self.n_sequences, dtype=bool)
+        return ~self.feature_present[:, other].any(axis=1)
+
+    @property
+    def gestures(self) -> np.ndarray:
+        """(N,) gesture strings ("" where unknown)."""
+        names = np.array([*GESTURES, ""], dtype=object)
+        return names[self.labels]
+
+    def sequence_features(self, i: int) -> np.ndarray:
+        return self.features[self.offsets[i] : self.offsets[i + 1]]
+
+    def subset(self, indices: np.ndarray) -> SequenceTable:
+        """The sequences at ``indices`` (in that order), rows copied."""
+        indices = np.asarray(indices, dtype=np.int64)
+        starts, ends = self.offsets[indices], self.offsets[indices + 1]
+        lengths = ends - starts
+        offsets = np.zeros(len(indices) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        rows = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+        return replace(
+            self,
+            sequence_ids=self.sequence_ids[indices],
+            subjects=self.subjects[indices],
+            offsets=offsets,
+            features=self.features[rows],
+            step_valid=self.step_valid[rows],
+            feature_present=self.feature_present[indices],
+            demographics=self.demographics[indices],
+            labels=self.labels[indices],
+            orientations=self.orientations[indices],
+        )
+
+    # ------------------------------------------------------------ persistence
+    def save(self, path: Path) -> None:
+        """Write an ``.npz`` atomically (temporary file in the same folder, then rename)."""
+        path = Path(path)
+        arrays = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in ("feature_names", "feature_groups")
+        }
+        arrays["sequence_ids"] = arrays["sequence_ids"].astype(str)
+        arrays["subjects"] = arrays["subjects"].astype(str)
+        arrays["orientations"] = arrays["orientations"].astype(str)
+        arrays["layout_json"] = np.array(
+            json.dumps({"names": self.feature_names, "groups": self.feature_groups})
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(
+            dir=path.parent, prefix=path.name, suffix=".tmp", delete=False
+        ) as handle:
+            np.savez(handle, **arrays)
+        os.replace(handle.name, path)
+
+    @classmethod
+    def load(cls, path: Path) -> SequenceTable:
+        with np.load(path, allow_pickle=False) as stored:
+            arrays = {name: stored[name] for name in stored.files}
+        layout = json.loads(str(arrays.pop("layout_json")))
+        return cls(**arrays, feature_names=layout["names"], feature_groups=layout["groups"])
+
+
+# ---------------------------------------------------------------- building
+def _sequence_runs(frame: pl.DataFrame) -> pl.DataFrame:
+    """Sort rows by (sequence_id, sequence_counter) unless each sequence is already contiguous and ordered."""
+    runs = frame["sequence_id"].rle_id()
+    n_runs = int(runs[-1]) + 1 if len(runs) else 0
+    ordered = frame["sequence_counter"].diff().fill_null(1)
+    new_run = runs.diff().fill_null(1) != 0
+    if n_runs == frame["sequence_id"].n_unique() and bool(((ordered > 0) | new_run).all()):
+        return frame
+    logger.info("rows are not grouped by sequence in counter order; sorting them")
+    return frame.sort(["sequence_id", "sequence_counter"], maintain_order=True)
+
+
+def build_sequence_table(
+    frame: pl.DataFrame, demographics: pl.DataFrame, settings: FeatureSettings
+) -> SequenceTable:
+    """Features of every sequence of a train- or test-format frame.
+
+    ``frame`` needs sequence_id, sequence_counter, subject and ``settings.sensor_columns``;
+    gesture and orientation are used when present. ``demographics`` must cover every subject.
+    """
+    check_columns(
+        Path("<frame>"),
+        frame.columns,
+        ["sequence_id", "sequence_counter", "subject", *settings.sensor_columns],
+    )
+    if frame.height == 0:
+        raise DataFileError("the frame holds no rows")
+    frame = _sequence_runs(frame)
+    run_lengths = frame["sequence_id"].rle()
+    lengths = run_lengths.struct.field("len").to_numpy().astype(np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    firsts = frame[offsets[:-1].tolist()]
+    check_demographics_cover(firsts["subject"], demographics, "the demographics")
+    per_sequence = firsts.select("subject").join(
+        demographics, on="subject", how="left", maintain_order="left"
+    )
+    demo = per_sequence.select(DEMOGRAPHIC_FIELDS).cast(pl.Float32).to_numpy()
+    handedness = demo[:, DEMOGRAPHIC_FIELDS.index("handedness")]
+    if np.isnan(handedness).any():
+        logger.warning(
+            "%d sequence(s) have no handedness; they are taken as right-handed",
+            int(np.isnan(handedness).sum()),
+        )
+    left_handed = handedness == 0  # NaN compares False: unknown handedness is not mirrored
+
+    sensors = frame.select(pl.col(settings.sensor_columns).cast(pl.Float32)).to_numpy()
+    step = compute_step_features(sensors, offsets, left_handed, settings)
+    names, groups = feature_layout(settings)
+
+    if "gesture" in frame.columns:
+        labels = np.array([GESTURE_TO_INDEX.get(g, -1) for g in firsts["gesture"].to_list()], dtype=np.int64)
+    else:
+        labels = np.full(len(lengths), -1, dtype=np.int64)
+    orientations = firsts["orientation"].fill_null("") if "orientation" in frame.columns else None
+    return SequenceTable(
+        sequence_ids=firsts["sequence_id"].to_numpy().astype(str),
+        subjects=firsts["subject"].to_numpy().astype(str),
+        offsets=offsets,
+        features=step.features,
+        step_valid=step.step_valid,
+        feature_present=step.feature_present,
+        demographics=demo.astype(np.float32),
+        labels=labels,
+        orientations=(
+            orientations.to_numpy().astype(str) if orientations is not None else np.full(len(lengths), "")
+        ),
+        feature_names=names,
+        feature_groups=groups,
+    )
+
+
+# ---------------------------------------------------------------- cache
+def file_digest(path: Path, memo_path: Path | None = None) -> str:
+    """SHA-256 of a file's content; with ``memo_path`` the digest is remembered per (size, mtime)."""
+    path = Path(path)
+    stat = path.stat()
+    stamp = [stat.st_size, stat.st_mtime_ns]
+    memo: dict = {}
+    if memo_path is not None and memo_path.is_file():
+        try:
+            memo = json.loads(memo_path.read_text())
+        except (OSError, ValueError):
+            memo = {}
+        entry = memo.get(str(path.resolve()))
+        if entry and entry["stamp"] == stamp:
+            return entry["sha256"]
+    with open(path, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    if memo_path is not None:
+        memo[str(path.resolve())] = {"stamp": stamp, "sha256": digest}
+        _write_text_atomically(memo_path, json.dumps(memo, indent=1))
+    return digest
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, prefix=path.name, suffix=".tmp", delete=False
+    ) as handle:
+        handle.write(text)
+    os.replace(handle.name, path)
+
+
+def split_files(data_dir: Path, split: str) -> tuple[Path, Path]:
+    """The (sensor file, demographics file) of a split."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    data_dir = Path(data_dir)
+    if split == "train":
+        return data_dir / TRAIN_FILE, data_dir / TRAIN_DEMOGRAPHICS_FILE
+    return data_dir / TEST_FILE, data_dir / TEST_DEMOGRAPHICS_FILE
+
+
+def cache_key(data_dir: Path, split: str, settings: FeatureSettings, cache_dir: Path) -> str:
+    """A key over the split files' content, the feature settings and FEATURE_VERSION."""
+    memo = cache_dir / "file_digests.json"
+    digests = [file_digest(p, memo) for p in split_files(data_dir, split)]
+    payload = json.dumps(
+        {"split": split, "files": digests, "settings": settings.to_dict(), "version": FEATURE_VERSION},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def load_sequence_table(
+    data_dir: Path,
+    split: str = "train",
+    settings: FeatureSettings | None = None,
+    cache_dir: Path | None = None,
+    use_cache: bool = True,
+) -> SequenceTable:
+    """The :class:`SequenceTable` of a split, from the cache when its key matches.
+
+    The cache lives in ``cache_dir`` (default ``<data_dir>/cache``); an unwritable cache folder
+    only costs a warning.
+    """
+    settings = settings or FeatureSettings()
+    data_dir = Path(data_dir)
+    cache_dir = Path(cache_dir) if cache_dir is not None else data_dir / "cache"
+    sensor_path, demographics_path = split_files(data_dir, split)
+    started = time.perf_counter()
+    cache_path = None
+    if use_cache:
+        for path in (sensor_path, demographics_path):  # a clear error before hashing
+            require_file(path)
+        cache_path = cache_dir / f"{split}-{cache_key(data_dir, split, settings, cache_dir)}.npz"
+        if cache_path.is_file():
+            table = SequenceTable.load(cache_path)
+            logger.info(
+                "loaded %s sequences of %s from cache in %.2f s",
+                table.n_sequences,
+                sensor_path.name,
+                time.perf_counter() - started,
+            )
+            return table
+    reader = read_train if split == "train" else read_test
+    frame = reader(data_dir, include_thm=settings.use_thm, include_tof=settings.tof_mode != "none")
+    demographics = read_demographics(demographics_path)
+    try:
+        check_demographics_cover(frame["subject"], demographics, demographics_path)
+    except DataFileError as error:
+        raise DataFileError(f"{error} (subjects of {sensor_path})") from None
+    table = build_sequence_table(frame, demographics, settings)
+    logger.info(
+        "built %s sequences of %s in %.2f s",
+        table.n_sequences,
+        sensor_path.name,
+        time.perf_counter() - started,
+    )
+    if cache_path is not None:
+        try:
+            table.save(cache_path)
+        except OSError as error:
+            logger.warning("could not write the feature cache %s: %s", cache_path, error)
+    return table
+
+
+# ---------------------------------------------------------------- padding and normalisation
+@dataclass
+class PaddedSequences:
+    """Fixed-length arrays: the LAST ``max_len`` steps of each sequence, zero-padded at the end."""
+
+    features: np.ndarray  # (N, L, F) float32, 0 at padded steps
+    mask: np.ndarray  # (N, L) bool, True = real step
+    step_valid: np.ndarray  # (N, L) bool, True = real step whose IMU reading was present
+
+
+def pad_sequences(table: SequenceTable, max_len: int, features: np.ndarray | None = None) -> PaddedSequences:
+    """Truncate to the last ``max_len`` steps (the gesture is at the end) and pad the rest.
+
+    ``features`` replaces ``table.features`` (e.g. normalised ones) when given.
+    """
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    features = table.features if features is None else features
+    lengths = table.lengths
+    kept = np.minimum(lengths, max_len)
+    starts = table.offsets[1:] - kept  # (N,)
+    positions = np.arange(max_len)
+    mask = positions[None, :] < kept[:, None]  # (N, L)
+    rows = np.where(mask, starts[:, None] + positions[None, :], 0)  # (N, L)
+    padded = features[rows]  # (N, L, F)
+    padded[~mask] = 0.0
+    return PaddedSequences(features=padded, mask=mask, step_valid=table.step_valid[rows] & mask)
+
+
+class FeatureNormalizer:
+    """Per-feature standardisation fitted on real steps of sequences where the feature was read.
+
+    Wraps ``sklearn.preprocessing.StandardScaler`` (absent features enter the fit as NaN, which
+    it ignores). ``transform`` maps absent features to 0, the training mean.
+    """
+
+    def __init__(self) -> None:
+        self.scaler = StandardScaler()
+
+    @staticmethod
+    def _rows_with_absent_as_nan(table: SequenceTable) -> np.ndarray:
+        absent = ~np.repeat(table.feature_present, table.lengths, axis=0)
+        return np.where(absent, np.float32(np.nan), table.features)
+
+    def fit(self, table: SequenceTable) -> FeatureNormalizer:
+        """Fit on every row of ``table`` (pass the training fold's subset)."""
+        self.scaler.fit(self._rows_with_absent_as_nan(table))
+        # a feature never read in the fold (all NaN) gets mean 0 and scale 1
+        self.scaler.mean_ = np.nan_to_num(self.scaler.mean_, nan=0.0)
+        self.scaler.scale_ = np.where(
+            np.isfinite(self.scaler.scale_) & (self.scaler.scale_ > 0), self.scaler.scale_, 1.0
+        )
+        return self
+
+    def transform(self, table: SequenceTable) -> np.ndarray:
+        """Normalised ``(R, F)`` float32 features of ``table``; absent features are 0."""
+        scaled = self.scaler.transform(self._rows_with_absent_as_nan(table))
+        return np.nan_to_num(scaled, nan=0.0).astype(np.float32)
+
+    def state_dict(self) -> dict[str, list[float]]:
+        return {"mean": self.scaler.mean_.tolist(), "scale": self.scaler.scale_.tolist()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, list[float]]) -> FeatureNormalizer:
+        normalizer = cls()
+        normalizer.scaler.mean_ = np.asarray(state["mean"], dtype=np.float64)
+        normalizer.scaler.scale_ = np.asarray(state["scale"], dtype=np.float64)
+        normalizer.scaler.var_ = normalizer.scaler.scale_**2
+        normalizer.scaler.n_features_in_ = len(normalizer.scaler.mean_)
+        return normalizer

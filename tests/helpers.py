@@ -1,0 +1,82 @@
+"""Small hand-made competition frames for unit tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from codes.common.schema import (
+    BEHAVIOR_PERFORMS,
+    DEMOGRAPHICS_COLUMNS,
+    PHASE_GESTURE,
+    SENSOR_COLUMNS,
+    TEST_COLUMNS,
+    TRAIN_COLUMNS,
+    sequence_type_of,
+)
+
+
+def rest_sensors(quaternion: np.ndarray, acc: np.ndarray, n_steps: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_steps, 332) rows: the given IMU reading repeated, random thermopiles and ToF."""
+    rows = np.empty((n_steps, len(SENSOR_COLUMNS)), dtype=np.float64)
+    rows[:, 0:3] = acc
+    rows[:, 3:7] = quaternion
+    rows[:, 7:12] = rng.uniform(24, 34, size=(n_steps, 5))
+    rows[:, 12:] = rng.integers(-1, 255, size=(n_steps, 320))
+    return rows
+
+
+def make_frame(
+    sequences: list[tuple[str, str, np.ndarray]],
+    gestures: list[str] | None = None,
+    orientation: str = "Seated Straight",
+) -> pl.DataFrame:
+    """A train-format frame (test-format when ``gestures`` is None) from (sequence_id, subject, sensors)."""
+    parts = []
+    for i, (sequence_id, subject, sensors) in enumerate(sequences):
+        n = len(sensors)
+        columns: dict[str, object] = {
+            "row_id": [f"{sequence_id}_{t:06d}" for t in range(n)],
+            "sequence_id": [sequence_id] * n,
+            "sequence_counter": np.arange(n, dtype=np.int64),
+            "subject": [subject] * n,
+        }
+        if gestures is not None:
+            columns.update(
+                sequence_type=[sequence_type_of(gestures[i])] * n,
+                orientation=[orientation] * n,
+                behavior=[BEHAVIOR_PERFORMS] * n,
+                phase=[PHASE_GESTURE] * n,
+                gesture=[gestures[i]] * n,
+            )
+        for j, name in enumerate(SENSOR_COLUMNS):
+            columns[name] = sensors[:, j]
+        parts.append(pl.DataFrame(columns).fill_nan(None))
+    frame = pl.concat(parts)
+    return frame.select(TRAIN_COLUMNS if gestures is not None else TEST_COLUMNS)
+
+
+def make_demographics(subjects: list[str], left_handed: set[str] = frozenset()) -> pl.DataFrame:
+    rows = [
+        {
+            "subject": s,
+            "adult_child": 1,
+            "age": 30,
+            "sex": 1,
+            "handedness": 0 if s in left_handed else 1,
+            "height_cm": 170.0,
+            "shoulder_to_wrist_cm": 55,
+            "elbow_to_wrist_cm": 30,
+        }
+        for s in subjects
+    ]
+    return pl.DataFrame(rows).select(DEMOGRAPHICS_COLUMNS)
+
+
+def write_dataset(directory: Path, frame: pl.DataFrame, demographics: pl.DataFrame, split: str = "train") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    frame.write_csv(directory / f"{split}.csv")
+    demographics.write_csv(directory / f"{split}_demographics.csv")
+    return directory
