@@ -18,7 +18,9 @@ from codes.common.schema import (
 )
 
 
-def rest_sensors(quaternion: np.ndarray, acc: np.ndarray, n_steps: int, rng: np.random.Generator) -> np.ndarray:
+def rest_sensors(
+    quaternion: np.ndarray, acc: np.ndarray, n_steps: int, rng: np.random.Generator
+) -> np.ndarray:
     """(n_steps, 332) rows: the given IMU reading repeated, random thermopiles and ToF."""
     rows = np.empty((n_steps, len(SENSOR_COLUMNS)), dtype=np.float64)
     rows[:, 0:3] = acc
@@ -75,7 +77,9 @@ def make_demographics(subjects: list[str], left_handed: set[str] = frozenset()) 
     return pl.DataFrame(rows).select(DEMOGRAPHICS_COLUMNS)
 
 
-def write_dataset(directory: Path, frame: pl.DataFrame, demographics: pl.DataFrame, split: str = "train") -> Path:
+def write_dataset(
+    directory: Path, frame: pl.DataFrame, demographics: pl.DataFrame, split: str = "train"
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     frame.write_csv(directory / f"{split}.csv")
     demographics.write_csv(directory / f"{split}_demographics.csv")

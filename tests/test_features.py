@@ -25,10 +25,11 @@ def quantise(sensors: np.ndarray) -> np.ndarray:
     return out
 
 
-def table_of(sensor_list, settings=FeatureSettings(), left_handed=frozenset()):
+def table_of(sensor_list, settings=None, left_handed=frozenset()):
     sequences = [(f"SEQ_{i:06d}", f"SUBJ_{i:06d}", s) for i, s in enumerate(sensor_list)]
     frame = make_frame(sequences, gestures=["Wave hello"] * len(sequences))
-    return build_sequence_table(frame, make_demographics([s for _, s, _ in sequences], set(left_handed)), settings)
+    demographics = make_demographics([s for _, s, _ in sequences], set(left_handed))
+    return build_sequence_table(frame, demographics, settings or FeatureSettings())
 
 
 @settings(max_examples=20, deadline=None)
@@ -85,7 +86,9 @@ def test_quaternion_sign_does_not_change_features():
 
 def test_left_handed_wearer_is_mirrored_onto_the_right_handed_frame():
     rng = np.random.default_rng(7)
-    sensors = rest_sensors(Rotation.random(random_state=3).as_quat(scalar_first=True), rng.normal(size=3), 25, rng)
+    sensors = rest_sensors(
+        Rotation.random(random_state=3).as_quat(scalar_first=True), rng.normal(size=3), 25, rng
+    )
     sensors[:, 0:7] += rng.normal(scale=0.05, size=(25, 7))
     left = table_of([sensors], left_handed={"SUBJ_000000"})
     right_of_mirrored = table_of([mirror_sensors(sensors)])
@@ -108,7 +111,9 @@ def test_fill_never_crosses_a_sequence_boundary():
 def test_missing_imu_rows_are_filled_and_marked_invalid():
     rng = np.random.default_rng(0)
     q = Rotation.random(random_state=4).as_quat(scalar_first=True)
-    sensors = rest_sensors(q, Rotation.from_quat(q, scalar_first=True).apply([0, 0, GRAVITY], inverse=True), 12, rng)
+    sensors = rest_sensors(
+        q, Rotation.from_quat(q, scalar_first=True).apply([0, 0, GRAVITY], inverse=True), 12, rng
+    )
     sensors[[0, 5, 6], 3:7] = np.nan
     table = table_of([sensors])
     assert table.step_valid.tolist() == [i not in (0, 5, 6) for i in range(12)]

@@ -38,8 +38,14 @@ def test_mirroring_moves_the_documented_columns():
     col = {c: i for i, c in enumerate(schema.SENSOR_COLUMNS)}
     assert mirrored[col["acc_x"]] == -sensors[0, col["acc_x"]]
     assert mirrored[col["acc_y"]] == sensors[0, col["acc_y"]]
-    assert mirrored[col["rot_y"]] == -sensors[0, col["rot_y"]] and mirrored[col["rot_z"]] == -sensors[0, col["rot_z"]]
-    assert mirrored[col["thm_3"]] == sensors[0, col["thm_5"]] and mirrored[col["thm_1"]] == sensors[0, col["thm_1"]]
+    assert (
+        mirrored[col["rot_y"]] == -sensors[0, col["rot_y"]]
+        and mirrored[col["rot_z"]] == -sensors[0, col["rot_z"]]
+    )
+    assert (
+        mirrored[col["thm_3"]] == sensors[0, col["thm_5"]]
+        and mirrored[col["thm_1"]] == sensors[0, col["thm_1"]]
+    )
     # tof_3 pixel (row 2, col 0) comes from tof_5 pixel (row 2, col 7)
     assert mirrored[col["tof_3_v16"]] == sensors[0, col["tof_5_v23"]]
     assert mirrored[col["tof_1_v0"]] == sensors[0, col["tof_1_v7"]]

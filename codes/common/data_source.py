@@ -62,5 +62,7 @@ def resolve_data_dir(
         )
         generate_dataset(synthetic_dir, n_subjects=synthetic_subjects, seed=synthetic_seed)
     elif source == "auto":
-        logger.warning("no competition data in %s: using the synthetic stand-in in %s", competition_dir, synthetic_dir)
+        logger.warning(
+            "no competition data in %s: using the synthetic stand-in in %s", competition_dir, synthetic_dir
+        )
     return synthetic_dir

@@ -1,6 +1,6 @@
 """Data-layer demo: data source -> cached features -> folds -> normalised, padded arrays.
 
-    python -m codes.common.demo [--source auto|competition|synthetic] [--max-len 128] [--folds 5]
+python -m codes.common.demo [--source auto|competition|synthetic] [--max-len 128] [--folds 5]
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from codes.common.sequences import FeatureNormalizer, load_sequence_table, pad_s
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--source", choices=DATA_SOURCES, default="auto")
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
     parser.add_argument("--synthetic-dir", type=Path, default=Path("data/synthetic"))
@@ -44,14 +46,21 @@ def main(argv: list[str] | None = None) -> None:
         f"train: {table.n_sequences} sequences, {len(np.unique(table.subjects))} subjects, {lengths.sum()} rows; "
         f"length min {lengths.min()} / median {int(np.median(lengths))} / mean {lengths.mean():.1f} / max {lengths.max()}"
     )
-    print(f"IMU-only sequences: {table.imu_only.mean():.1%}; steps with a missing IMU reading: {1 - table.step_valid.mean():.2%}")
-    print(f"{len(table.feature_names)} features per step: " + ", ".join(f"{g}={len(i)}" for g, i in table.feature_groups.items()))
+    print(
+        f"IMU-only sequences: {table.imu_only.mean():.1%}; steps with a missing IMU reading: {1 - table.step_valid.mean():.2%}"
+    )
+    print(
+        f"{len(table.feature_names)} features per step: "
+        + ", ".join(f"{g}={len(i)}" for g, i in table.feature_groups.items())
+    )
     print(f"load: first {first_load:.2f} s, again (cache) {cached_load:.2f} s")
 
     folds = assign_folds(table.gestures, table.subjects, n_folds=args.folds)
     for fold in range(args.folds):
         in_fold = folds == fold
-        print(f"fold {fold}: {in_fold.sum()} validation sequences, {len(np.unique(table.subjects[in_fold]))} subjects")
+        print(
+            f"fold {fold}: {in_fold.sum()} validation sequences, {len(np.unique(table.subjects[in_fold]))} subjects"
+        )
     train_part = table.subset(np.flatnonzero(folds != 0))
     normalizer = FeatureNormalizer().fit(train_part)
     padded = pad_sequences(table, args.max_len, normalizer.transform(table))
