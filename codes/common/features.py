@@ -34,8 +34,7 @@ from codes.common.schema import (
     TOF_COLUMNS_BY_SENSOR,
     TOF_MAX_DISTANCE,
     TOF_NO_REFLECTION,
-    TOF_PIXELS,
-    mirror_sensors,
+    mirror_permutation,
 )
 
 FEATURE_VERSION = 1  # bump when a change alters the features computed for the same settings
@@ -187,19 +186,17 @@ def imu_features(
     )
 
 
-def tof_summary_features(tof: np.ndarray) -> np.ndarray:
-    """Per ToF sensor: mean, std, min distance and the fraction of no-reflection pixels.
+def tof_summary_features(grid: np.ndarray) -> np.ndarray:
+    """Mean, std and min distance and the fraction of no-reflection pixels of one ToF sensor.
 
-    ``tof`` is ``(R, 320)`` with -1 for no reflection (already filled, no NaN).
+    ``grid`` is ``(R, 64)`` with -1 for no reflection (already filled, no NaN) -> ``(R, 4)``.
     """
-    grids = tof.reshape(len(tof), NUM_TOF_SENSORS, TOF_PIXELS)
-    no_reflection = grids == TOF_NO_REFLECTION
-    distances = np.where(no_reflection, TOF_MAX_DISTANCE + 1, grids)
-    stats = np.stack(
-        [distances.mean(axis=2), distances.std(axis=2), distances.min(axis=2), no_reflection.mean(axis=2)],
-        axis=2,
-    )  # (R, 5, 4)
-    return stats.reshape(len(tof), -1)
+    no_reflection = grid == TOF_NO_REFLECTION
+    distances = np.where(no_reflection, np.float32(TOF_MAX_DISTANCE + 1), grid)
+    return np.stack(
+        [distances.mean(axis=1), distances.std(axis=1), distances.min(axis=1), no_reflection.mean(axis=1)],
+        axis=1,
+    ).astype(np.float32)
 
 
 @dataclass
@@ -225,20 +222,29 @@ def compute_step_features(
     columns = settings.sensor_columns
     if sensors.shape[1] != len(columns):
         raise ValueError(f"expected {len(columns)} sensor columns, got {sensors.shape[1]}")
-    sensors = np.asarray(sensors, dtype=np.float64)
-    if settings.mirror_left_handed and left_handed.any():
-        rows = np.repeat(left_handed, np.diff(offsets))
-        sensors[rows] = mirror_sensors(sensors[rows], columns)
     index = {c: i for i, c in enumerate(columns)}
-    acc_cols = [index[c] for c in ACC_COLUMNS]
-    rot_cols = [index[c] for c in ROT_COLUMNS]
+    left_rows = np.repeat(left_handed, np.diff(offsets)) if settings.mirror_left_handed else None
 
-    acc_valid = np.isfinite(sensors[:, acc_cols]).all(axis=1)
-    rot_valid = np.isfinite(sensors[:, rot_cols]).all(axis=1) & (
-        np.abs(np.nan_to_num(sensors[:, rot_cols])).sum(axis=1) > 0
+    mirror_source, mirror_sign = mirror_permutation(columns)
+
+    def block(names: list[str], dtype: type) -> np.ndarray:
+        """A copy of some sensor columns, mirrored for left-handed wearers (never the input)."""
+        wanted = np.array([index[c] for c in names])
+        values = sensors[:, wanted].astype(dtype)
+        if left_rows is not None and left_rows.any():
+            values[left_rows] = sensors[np.ix_(left_rows, mirror_source[wanted])] * mirror_sign[wanted]
+        return values
+
+    imu = block(IMU_COLUMNS, np.float64)
+    acc_cols = [IMU_COLUMNS.index(c) for c in ACC_COLUMNS]
+    rot_cols = [IMU_COLUMNS.index(c) for c in ROT_COLUMNS]
+
+    acc_valid = np.isfinite(imu[:, acc_cols]).all(axis=1)
+    rot_valid = np.isfinite(imu[:, rot_cols]).all(axis=1) & (
+        np.abs(np.nan_to_num(imu[:, rot_cols])).sum(axis=1) > 0
     )
-    acc = np.nan_to_num(fill_within_segments(sensors[:, acc_cols], acc_valid, offsets), nan=0.0)
-    rot = fill_within_segments(sensors[:, rot_cols], rot_valid, offsets)
+    acc = np.nan_to_num(fill_within_segments(imu[:, acc_cols], acc_valid, offsets), nan=0.0)
+    rot = fill_within_segments(imu[:, rot_cols], rot_valid, offsets)
     rot_missing = ~np.isfinite(rot).all(axis=1)
     rot[rot_missing] = [1.0, 0.0, 0.0, 0.0]
     rot /= np.linalg.norm(rot, axis=1, keepdims=True)
@@ -247,7 +253,7 @@ def compute_step_features(
     present = [np.repeat(imu_read, len(IMU_FEATURE_NAMES), axis=1)]
 
     if settings.use_thm:
-        thm = sensors[:, [index[c] for c in THM_COLUMNS]]
+        thm = block(THM_COLUMNS, np.float32)
         thm_valid = np.isfinite(thm)
         filled = np.column_stack(
             [fill_within_segments(thm[:, k], thm_valid[:, k], offsets) for k in range(thm.shape[1])]
@@ -255,22 +261,17 @@ def compute_step_features(
         blocks.append(np.nan_to_num(filled, nan=0.0))
         present.append(_segment_any(thm_valid, offsets))
     if settings.tof_mode != "none":
-        per_sensor_width = TOF_PIXELS if settings.tof_mode == "raw" else len(TOF_SUMMARY_STATISTICS)
-        tof_filled, tof_present = [], []
         for sensor_columns in TOF_COLUMNS_BY_SENSOR.values():
-            tof = sensors[:, [index[c] for c in sensor_columns]]
+            tof = block(sensor_columns, np.float32)
             frame_valid = np.isfinite(tof).all(axis=1)  # a ToF frame is read (or dropped) whole
-            tof = fill_within_segments(tof, frame_valid, offsets)
-            tof_filled.append(np.nan_to_num(tof, nan=float(TOF_NO_REFLECTION)))
-            tof_present.append(
-                np.repeat(_segment_any(frame_valid[:, None], offsets), per_sensor_width, axis=1)
+            tof = np.nan_to_num(fill_within_segments(tof, frame_valid, offsets), nan=float(TOF_NO_REFLECTION))
+            if settings.tof_mode == "summary":
+                blocks.append(tof_summary_features(tof))
+            else:
+                blocks.append(np.where(tof == TOF_NO_REFLECTION, np.float32(TOF_MAX_DISTANCE + 1), tof))
+            present.append(
+                np.repeat(_segment_any(frame_valid[:, None], offsets), blocks[-1].shape[1], axis=1)
             )
-        tof_all = np.concatenate(tof_filled, axis=1)
-        if settings.tof_mode == "summary":
-            blocks.append(tof_summary_features(tof_all))
-        else:
-            blocks.append(np.where(tof_all == TOF_NO_REFLECTION, TOF_MAX_DISTANCE + 1, tof_all))
-        present.append(np.concatenate(tof_present, axis=1))
     features = np.concatenate(blocks, axis=1).astype(np.float32)
     feature_present = np.concatenate(present, axis=1)
     # a feature computed from a filled-in absent sensor is zeroed, whatever its formula gave
