@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import shutil
@@ -70,15 +71,28 @@ def run_mode(mode: str, data_dir: Path, cache_dir: Path) -> dict:
 
 def measure(mode: str, data_dir: Path, cache_dir: Path) -> dict:
     """Run one mode in a fresh interpreter and return what it reports."""
-    command = [sys.executable, __file__, "--child", mode, "--data", str(data_dir), "--cache-dir", str(cache_dir)]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        mode,
+        "--data",
+        str(data_dir),
+        "--cache-dir",
+        str(cache_dir),
+    ]
     output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO_ROOT).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", type=Path, default=Path("data/synthetic_full"))
-    parser.add_argument("--subjects", type=int, default=81, help="subjects when the dataset must be generated")
+    parser.add_argument(
+        "--subjects", type=int, default=81, help="subjects when the dataset must be generated"
+    )
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--skip-pandas", action="store_true")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
@@ -106,7 +120,9 @@ def main() -> None:
             results.append(measure("pandas-groupby", args.data, Path(tempfile.gettempdir())))
 
     print(f"\ntrain.csv: {size_mb:.0f} MB, {results[0]['rows']} rows, {results[0]['sequences']} sequences")
-    print(f"machine: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    )
     print("| way | wall time (s) | peak memory (GB) |")
     print("| --- | ---: | ---: |")
     for mode in MODES:
