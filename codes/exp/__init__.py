@@ -1,0 +1,1 @@
+"""One frozen folder per experiment; each imports only shared code."""
