@@ -33,5 +33,5 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path
 
 
 def test_missing_checkpoint_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothing.pt"):
+    with pytest.raises(FileNotFoundError, match=r"nothing\.pt"):
         load_checkpoint(tmp_path / "nothing.pt")

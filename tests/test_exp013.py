@@ -1,0 +1,226 @@
+"""exp013: the model's mask properties and the whole k-fold training run."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from codes.common.schema import GESTURES, NUM_GESTURES
+from tests.helpers import make_demographics, make_frame, rest_sensors, write_dataset
+
+EXP = "exp013"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+train_module = importlib.import_module(f"codes.exp.{EXP}.train")
+model_module = importlib.import_module(f"codes.exp.{EXP}.model")
+config_module = importlib.import_module(f"codes.exp.{EXP}.config")
+
+TINY_MODEL = {
+    "d_model": 32,
+    "num_blocks": 4,
+    "num_heads": 4,
+    "ff_dim": 64,
+    "conv_kernel": 7,
+    "demographics_dim": 8,
+}
+
+
+def tiny_model_config(**changes):
+    cfg = OmegaConf.structured(config_module.ModelConfig(**{**TINY_MODEL, **changes}))
+    return cfg
+
+
+def make_model(n_features=12, max_len=64, **changes):
+    torch.manual_seed(0)
+    return model_module.GestureClassifier(n_features, tiny_model_config(**changes), max_len)
+
+
+def random_batch(lengths, n_features=12, max_len=None, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    max_len = max_len or max(lengths)
+    features = torch.randn(len(lengths), max_len, n_features, generator=generator)
+    mask = torch.arange(max_len)[None, :] < torch.tensor(lengths)[:, None]
+    features = features * mask[..., None]
+    demographics = torch.tensor([[1.0, 30.0, 0.0, 1.0, 170.0, 55.0, 30.0]]).repeat(len(lengths), 1)
+    return features, mask, demographics
+
+
+# ---------------------------------------------------------------- model
+def test_forward_shapes_and_every_parameter_gets_a_gradient():
+    model = make_model()
+    features, mask, demographics = random_batch([20, 33, 7])
+    outputs = model(features, mask, demographics)
+    assert outputs["gesture_logits"].shape == (3, NUM_GESTURES)
+    assert outputs["target_logit"].shape == (3,)
+    (outputs["gesture_logits"].logsumexp(-1).sum() + outputs["target_logit"].sum()).backward()
+    for name, parameter in model.named_parameters():
+        if "embeddings" in name:  # only the rows of the categories present get a gradient
+            continue
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+        assert parameter.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("time_reduction", [True, False])
+def test_outputs_do_not_depend_on_padding_or_the_rest_of_the_batch(time_reduction):
+    model = make_model(time_reduction=time_reduction).eval()
+    features, mask, demographics = random_batch([37, 12, 50], max_len=50)
+    with torch.no_grad():
+        together = model(features, mask, demographics)["gesture_logits"]
+        for i, length in enumerate([37, 12, 50]):
+            alone = model(features[i : i + 1, :length], mask[i : i + 1, :length], demographics[i : i + 1])
+            longer_features = torch.cat(
+                [features[i : i + 1, :length], torch.zeros(1, 64 - length, 12)], dim=1
+            )
+            longer_mask = torch.arange(64)[None] < length
+            padded_more = model(longer_features, longer_mask, demographics[i : i + 1])
+            assert torch.allclose(alone["gesture_logits"][0], together[i], atol=1e-5)
+            assert torch.allclose(padded_more["gesture_logits"][0], together[i], atol=1e-5)
+
+
+def test_values_at_padded_steps_change_nothing():
+    model = make_model().eval()
+    features, mask, demographics = random_batch([25, 40], max_len=48)
+    garbage = features.clone()
+    garbage[~mask] = 1e4
+    with torch.no_grad():
+        assert torch.allclose(
+            model(features, mask, demographics)["gesture_logits"],
+            model(garbage, mask, demographics)["gesture_logits"],
+            atol=1e-5,
+        )
+
+
+def test_a_tiny_batch_is_overfit():
+    model = make_model(dropout=0.0, attention_dropout=0.0, head_dropout=0.0)
+    features, mask, demographics = random_batch([30, 22, 41, 17, 35, 28, 40, 19], seed=1)
+    labels = torch.tensor([0, 3, 8, 12, 17, 5, 9, 1])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    trainer_cfg = OmegaConf.structured(config_module.TrainerConfig())
+    for _ in range(200):
+        optimizer.zero_grad()
+        loss = train_module.compute_loss(model(features, mask, demographics), labels, trainer_cfg)
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.02:
+            break
+    assert loss.item() < 0.05
+    model.eval()
+    with torch.no_grad():
+        assert (model(features, mask, demographics)["gesture_logits"].argmax(-1) == labels).all()
+
+
+# ---------------------------------------------------------------- training run
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory) -> Path:
+    """6 subjects x 18 gestures, each gesture a different acceleration noise level."""
+    directory = tmp_path_factory.mktemp("toy_data")
+    rng = np.random.default_rng(0)
+    subjects = [f"SUBJ_{i:06d}" for i in range(6)]
+    sequences, gestures = [], []
+    for s, subject in enumerate(subjects):
+        for g, gesture in enumerate(GESTURES):
+            n = int(rng.integers(29, 90))
+            sensors = rest_sensors(np.array([1.0, 0, 0, 0]), np.array([0, 0, 9.8]), n, rng)
+            sensors[:, :3] += rng.normal(size=(n, 3)) * (0.2 + g / 4)
+            sequences.append((f"SEQ_{s * 100 + g:06d}", subject, sensors))
+            gestures.append(gesture)
+    return write_dataset(
+        directory, make_frame(sequences, gestures), make_demographics(subjects, {subjects[1]})
+    )
+
+
+def training_config(toy_data: Path, output_dir: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base=None):
+        return compose(
+            config_name="experiment",
+            overrides=[
+                "preset=quick",
+                "data=competition",
+                f"paths.data_dir={toy_data}",
+                f"paths.output_dir={output_dir}",
+                "data.n_folds=2",
+                "data.max_len=64",
+                "trainer.batch_size=32",
+                *[f"model.{k}={v}" for k, v in TINY_MODEL.items()],
+                *overrides,
+            ],
+        )
+
+
+def test_a_run_writes_every_output(toy_data, tmp_path):
+    cfg = training_config(toy_data, tmp_path, "run_name=full", "trainer.epochs=2")
+    metrics = train_module.run_training(cfg)
+    run_dir = tmp_path / EXP / "full"
+    for name in (
+        "config.yaml",
+        "git_commit.txt",
+        "train.log",
+        "oof.parquet",
+        "metrics.json",
+        "curves.png",
+        "confusion_matrix.png",
+    ):
+        assert (run_dir / name).is_file(), name
+    for fold in (0, 1):
+        for name in ("best.pt", "last.pt", "normalizer.json"):
+            assert (run_dir / f"fold{fold}" / name).is_file()
+    stored = json.loads((run_dir / "metrics.json").read_text())
+    assert stored["overall"] == pytest.approx(metrics["overall"])
+    for key in ("score", "binary_f1", "macro_f1", "score_imu_only"):
+        assert 0.0 <= stored["overall"][key] <= 1.0
+    assert set(stored["folds"]) == {"0", "1"} and all(
+        f["best_epoch"] in (0, 1) for f in stored["folds"].values()
+    )
+    oof = pl.read_parquet(run_dir / "oof.parquet")
+    assert oof.height == 6 * 18 and oof["sequence_id"].n_unique() == oof.height
+    probabilities = oof.select([f"prob_{g}" for g in GESTURES]).to_numpy()
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
+    assert (np.array(GESTURES)[probabilities.argmax(1)] == oof["predicted_gesture"].to_numpy()).all()
+    assert "fold 1 epoch 1" in (run_dir / "train.log").read_text()
+    # a finished run folder is never silently overwritten
+    with pytest.raises(FileExistsError, match=r"trainer\.resume=true"):
+        train_module.run_training(cfg)
+
+
+def test_resume_ends_with_the_same_metrics(toy_data, tmp_path):
+    common = ("trainer.epochs=3", "data.folds=[0]", "trainer.early_stopping_patience=10")
+    reference = train_module.run_training(training_config(toy_data, tmp_path, "run_name=straight", *common))
+    with pytest.raises(train_module.TrainingInterrupted):
+        train_module.run_training(
+            training_config(toy_data, tmp_path, "run_name=cut", "trainer.interrupt_after_epochs=1", *common)
+        )
+    assert not (tmp_path / EXP / "cut" / "metrics.json").exists()
+    resumed = train_module.run_training(
+        training_config(toy_data, tmp_path, "run_name=cut", "trainer.resume=true", *common)
+    )
+    for key in ("score", "binary_f1", "macro_f1", "score_imu_only"):
+        assert resumed["overall"][key] == reference["overall"][key]
+    assert resumed["history"]["0"] == reference["history"]["0"]
+
+
+def test_two_process_gloo_run_completes(toy_data, tmp_path):
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+        str(REPO_ROOT / "codes" / "exp" / EXP / "train.py"),
+        "preset=quick", "data=competition", f"paths.data_dir={toy_data}", f"paths.output_dir={tmp_path}",
+        "run_name=ddp", "data.n_folds=2", "data.folds=[0]", "data.max_len=64", "trainer.epochs=1",
+        "trainer.batch_size=16", *[f"model.{k}={v}" for k, v in TINY_MODEL.items()],
+    ]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env=environment, cwd=REPO_ROOT
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / EXP / "ddp" / "metrics.json").read_text())
+    assert 0.0 <= metrics["overall"]["score"] <= 1.0
+    assert "2 process(es)" in (tmp_path / EXP / "ddp" / "train.log").read_text()
