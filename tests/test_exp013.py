@@ -224,3 +224,41 @@ def test_two_process_gloo_run_completes(toy_data, tmp_path):
     metrics = json.loads((tmp_path / EXP / "ddp" / "metrics.json").read_text())
     assert 0.0 <= metrics["overall"]["score"] <= 1.0
     assert "2 process(es)" in (tmp_path / EXP / "ddp" / "train.log").read_text()
+
+
+def test_a_non_finite_loss_stops_the_fold_naming_epoch_and_step_and_keeps_the_checkpoint(
+    toy_data, tmp_path, monkeypatch
+):
+    real_loss = train_module.compute_loss
+    calls = {"n": 0}
+
+    def loss_that_breaks(outputs, labels, trainer_cfg):
+        calls["n"] += 1
+        loss = real_loss(outputs, labels, trainer_cfg)
+        return loss * float("nan") if calls["n"] == 4 else loss  # 2 steps per epoch: epoch 1, step 1
+
+    monkeypatch.setattr(train_module, "compute_loss", loss_that_breaks)
+    cfg = training_config(toy_data, tmp_path, "run_name=nan", "trainer.epochs=3", "data.folds=[0]")
+    with pytest.raises(train_module.NonFiniteLossError, match=r"epoch 1, step 1"):
+        train_module.run_training(cfg)
+    last = torch.load(tmp_path / EXP / "nan" / "fold0" / "last.pt", weights_only=True)
+    assert last["state"]["epoch"] == 1  # the checkpoint of the last good epoch is kept
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_bf16_autocast_path_runs_on_cpu(toy_data, tmp_path):
+    cfg = training_config(
+        toy_data, tmp_path, "run_name=bf16", "trainer.epochs=1", "data.folds=[0]", "trainer.precision=bf16"
+    )
+    assert train_module.autocast_dtype(cfg.trainer, torch.device("cpu")) == torch.bfloat16
+    metrics = train_module.run_training(cfg)
+    assert 0.0 <= metrics["overall"]["score"] <= 1.0
+
+
+def test_cuda_asked_for_without_a_gpu_warns_and_uses_the_cpu(monkeypatch):
+    from codes.common.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.warns(UserWarning, match="CUDA was asked for"):
+        assert resolve_device("cuda").type == "cpu"
+    assert resolve_device("auto").type == "cpu"
