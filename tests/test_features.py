@@ -105,7 +105,8 @@ def test_fill_never_crosses_a_sequence_boundary():
     # sequence 1 starts missing: filled backwards from its own 6.0, not from 3.0
     assert filled.tolist() == [1.0, 1.0, 3.0, 6.0, 6.0, 6.0, 6.0]
     lonely = fill_within_segments(values[:2], np.array([False, False]), np.array([0, 2]))
-    assert np.isnan(lonely).all()  # nothing to fill from: left for the caller's rule
+    # nothing to fill from: the rows are returned unchanged, for the caller's rule
+    assert np.array_equal(lonely, values[:2], equal_nan=True)
 
 
 def test_missing_imu_rows_are_filled_and_marked_invalid():

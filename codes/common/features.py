@@ -111,10 +111,15 @@ def fill_within_segments(values: np.ndarray, valid: np.ndarray, offsets: np.ndar
     """Forward- then backward-fill rows where ``valid`` is False, never across a segment boundary.
 
     ``values`` is ``(R, C)``; rows of a segment with no valid row at all are left as they are.
+    Returns ``values`` itself when there is nothing to fill, else a filled copy.
     """
-    n_rows = len(valid)
-    rows = np.arange(n_rows)
+    if valid.all():
+        return values
     seg = segment_ids(offsets)
+    fillable = ~valid & _segment_any(valid[:, None], offsets)[seg, 0]
+    if not fillable.any():  # e.g. a sensor absent for whole sequences: nothing to fill from
+        return values
+    rows = np.arange(len(valid))
     starts, ends = offsets[:-1][seg], offsets[1:][seg] - 1
     # Invalid rows point at their segment's first row, so the running maximum never reaches back
     # into the previous segment; the same mirrored for the backward pass.
@@ -122,7 +127,15 @@ def fill_within_segments(values: np.ndarray, valid: np.ndarray, offsets: np.ndar
     filled_valid = valid[forward]
     backward = np.minimum.accumulate(np.where(valid, rows, ends)[::-1])[::-1]
     source = np.where(filled_valid, forward, backward)
-    return values[source]
+    filled = values.copy()
+    filled[fillable] = values[source[fillable]]
+    return filled
+
+
+def fill_nan(values: np.ndarray, fill_value: float) -> np.ndarray:
+    """Replace NaN in place (cheaper than ``np.nan_to_num``, which also scans for infinities)."""
+    np.copyto(values, values.dtype.type(fill_value), where=np.isnan(values))
+    return values
 
 
 def previous_row_difference(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -193,9 +206,10 @@ def tof_summary_features(grid: np.ndarray) -> np.ndarray:
     """
     no_reflection = grid == TOF_NO_REFLECTION
     distances = np.where(no_reflection, np.float32(TOF_MAX_DISTANCE + 1), grid)
+    mean = distances.mean(axis=1)
+    variance = np.maximum(np.einsum("ij,ij->i", distances, distances) / grid.shape[1] - mean * mean, 0.0)
     return np.stack(
-        [distances.mean(axis=1), distances.std(axis=1), distances.min(axis=1), no_reflection.mean(axis=1)],
-        axis=1,
+        [mean, np.sqrt(variance), distances.min(axis=1), no_reflection.mean(axis=1, dtype=np.float32)], axis=1
     ).astype(np.float32)
 
 
@@ -230,7 +244,7 @@ def compute_step_features(
     def block(names: list[str], dtype: type) -> np.ndarray:
         """A copy of some sensor columns, mirrored for left-handed wearers (never the input)."""
         wanted = np.array([index[c] for c in names])
-        values = sensors[:, wanted].astype(dtype)
+        values = sensors[:, wanted].astype(dtype, copy=False)  # fancy indexing copies
         if left_rows is not None and left_rows.any():
             values[left_rows] = sensors[np.ix_(left_rows, mirror_source[wanted])] * mirror_sign[wanted]
         return values
@@ -243,7 +257,7 @@ def compute_step_features(
     rot_valid = np.isfinite(imu[:, rot_cols]).all(axis=1) & (
         np.abs(np.nan_to_num(imu[:, rot_cols])).sum(axis=1) > 0
     )
-    acc = np.nan_to_num(fill_within_segments(imu[:, acc_cols], acc_valid, offsets), nan=0.0)
+    acc = fill_nan(fill_within_segments(imu[:, acc_cols], acc_valid, offsets), 0.0)
     rot = fill_within_segments(imu[:, rot_cols], rot_valid, offsets)
     rot_missing = ~np.isfinite(rot).all(axis=1)
     rot[rot_missing] = [1.0, 0.0, 0.0, 0.0]
@@ -258,13 +272,13 @@ def compute_step_features(
         filled = np.column_stack(
             [fill_within_segments(thm[:, k], thm_valid[:, k], offsets) for k in range(thm.shape[1])]
         )
-        blocks.append(np.nan_to_num(filled, nan=0.0))
+        blocks.append(fill_nan(filled, 0.0))
         present.append(_segment_any(thm_valid, offsets))
     if settings.tof_mode != "none":
         for sensor_columns in TOF_COLUMNS_BY_SENSOR.values():
             tof = block(sensor_columns, np.float32)
             frame_valid = np.isfinite(tof).all(axis=1)  # a ToF frame is read (or dropped) whole
-            tof = np.nan_to_num(fill_within_segments(tof, frame_valid, offsets), nan=float(TOF_NO_REFLECTION))
+            tof = fill_nan(fill_within_segments(tof, frame_valid, offsets), TOF_NO_REFLECTION)
             if settings.tof_mode == "summary":
                 blocks.append(tof_summary_features(tof))
             else:
