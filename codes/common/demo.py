@@ -25,13 +25,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--source", choices=DATA_SOURCES, default="auto")
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
     parser.add_argument("--synthetic-dir", type=Path, default=Path("data/synthetic"))
+    parser.add_argument(
+        "--synthetic-subjects", type=int, default=20, help="when the synthetic data is generated"
+    )
     parser.add_argument("--max-len", type=int, default=128)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--tof-mode", choices=("none", "summary", "raw"), default="summary")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    data_dir = resolve_data_dir(args.source, args.data_dir, args.synthetic_dir)
+    data_dir = resolve_data_dir(args.source, args.data_dir, args.synthetic_dir, args.synthetic_subjects)
     settings = FeatureSettings(tof_mode=args.tof_mode)
     started = time.perf_counter()
     table = load_sequence_table(data_dir, "train", settings)
