@@ -1,0 +1,28 @@
+"""Shared, tested model building blocks: the mask convention and the Squeezeformer encoder.
+
+Every model takes a boolean ``mask`` ``(B, T)`` with True = real step; ``codes.models.masking``
+is the one place that converts it for libraries.
+"""
+
+from codes.models.masking import (
+    downsample_mask,
+    lengths_to_mask,
+    masked_max,
+    masked_mean,
+    sdpa_key_mask,
+    to_attention_mask,
+    to_key_padding_mask,
+)
+from codes.models.squeezeformer import SqueezeformerBlock, SqueezeformerEncoder
+
+__all__ = [
+    "SqueezeformerBlock",
+    "SqueezeformerEncoder",
+    "downsample_mask",
+    "lengths_to_mask",
+    "masked_max",
+    "masked_mean",
+    "sdpa_key_mask",
+    "to_attention_mask",
+    "to_key_padding_mask",
+]

@@ -1,0 +1,113 @@
+"""The one mask convention of the models, and the one place that converts it for libraries.
+
+Every model in this repository takes a boolean ``mask`` of shape ``(B, T)`` with
+**True = real step** and False = padding (``codes.common.sequences.pad_sequences`` writes it
+that way). Libraries that want something else get it from the helpers here, never by an inline
+``~mask`` or ``mask.long()`` somewhere in a model:
+
+- :func:`to_key_padding_mask`: ``nn.MultiheadAttention`` / ``nn.TransformerEncoder``
+  (True = ignore this key);
+- :func:`to_attention_mask`: Hugging Face models (``long`` 1 = real, 0 = padding);
+- :func:`sdpa_key_mask`: ``torch.nn.functional.scaled_dot_product_attention``
+  (boolean ``(B, 1, 1, T)``, True = may attend).
+
+Pooling over time (:func:`masked_mean`, :func:`masked_max`) selects real steps with
+``torch.where`` rather than multiplying by the mask, so padded steps never enter a result, even
+when they hold huge values, ``inf`` or ``NaN``. A sequence with no real step at all is handled by
+a documented rule: it pools to zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "check_mask",
+    "downsample_mask",
+    "lengths_to_mask",
+    "masked_max",
+    "masked_mean",
+    "sdpa_key_mask",
+    "to_attention_mask",
+    "to_key_padding_mask",
+]
+
+
+def check_mask(x: torch.Tensor, mask: torch.Tensor) -> None:
+    """Raise a ``ValueError`` unless ``mask`` is a boolean ``(B, T)`` matching ``x`` ``(B, T, ...)``."""
+    if mask.dtype != torch.bool:
+        raise ValueError(
+            f"mask must be a bool tensor (True = real step), got dtype {mask.dtype}; "
+            "convert a 0/1 mask with mask.bool()"
+        )
+    if mask.dim() != 2 or x.dim() < 2 or tuple(mask.shape) != tuple(x.shape[:2]):
+        raise ValueError(
+            f"mask must have shape (B, T) = {tuple(x.shape[:2])} matching the input {tuple(x.shape)}, "
+            f"got {tuple(mask.shape)}"
+        )
+
+
+def lengths_to_mask(lengths: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
+    """Right-padded mask from real lengths: ``(B,) -> (B, max_len)``, True = real step.
+
+    ``max_len`` defaults to the largest length (which syncs with the device once to read it).
+    """
+    if max_len is None:
+        max_len = int(lengths.max()) if lengths.numel() else 0
+    positions = torch.arange(max_len, device=lengths.device)
+    return positions[None, :] < lengths[:, None]  # (B,) -> (B, max_len)
+
+
+def downsample_mask(mask: torch.Tensor, stride: int = 2) -> torch.Tensor:
+    """Mask of a sequence downsampled by ``stride``: step ``t`` is real iff input step ``stride * t`` is.
+
+    ``(B, T) -> (B, ceil(T / stride))``, the output length of a convolution with kernel 3,
+    padding 1 and this stride. With right padding, a sequence of real length ``n`` keeps
+    ``ceil(n / stride)`` real steps.
+    """
+    return mask[:, ::stride]
+
+
+def to_key_padding_mask(mask: torch.Tensor) -> torch.Tensor:
+    """``key_padding_mask`` for ``nn.MultiheadAttention``: ``(B, T)`` bool, True = ignore (padding)."""
+    return ~mask
+
+
+def to_attention_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Hugging Face ``attention_mask``: ``(B, T)`` long, 1 = real step, 0 = padding."""
+    return mask.long()
+
+
+def sdpa_key_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Boolean ``attn_mask`` for ``scaled_dot_product_attention``: ``(B, T) -> (B, 1, 1, T)``, True = attend.
+
+    It broadcasts over heads and queries, so every query sees only the real keys of its sequence.
+    Rule for a sequence with no real step: its queries may attend to all of its (padded) keys, so
+    that the softmax stays finite (no ``NaN`` in the forward or the backward pass); the outputs of
+    such a sequence are padding and must be ignored like any other padded output.
+    """
+    empty = ~mask.any(dim=1, keepdim=True)  # (B, 1)
+    return (mask | empty)[:, None, None, :]  # (B, T) -> (B, 1, 1, T)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real steps: ``(B, T, D), (B, T) -> (B, D)``; a sequence with no real step gives zeros."""
+    check_mask(x, mask)
+    m = mask.unsqueeze(-1)  # (B, T) -> (B, T, 1)
+    total = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(dim=1)  # (B, D)
+    count = mask.sum(dim=1, keepdim=True).clamp(min=1).to(total.dtype)  # (B, 1)
+    return total / count
+
+
+def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Maximum over real steps: ``(B, T, D), (B, T) -> (B, D)``; a sequence with no real step gives zeros.
+
+    Padded steps are replaced by the dtype's lowest value (not ``-inf``, not a multiplication),
+    so the result is exact for large negative values and gradients reach only the real maxima.
+    """
+    check_mask(x, mask)
+    m = mask.unsqueeze(-1)  # (B, T) -> (B, T, 1)
+    lowest = torch.full((), torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device)
+    best = torch.where(m, x, lowest).amax(dim=1)  # (B, T, D) -> (B, D)
+    any_real = mask.any(dim=1, keepdim=True)  # (B, 1)
+    return torch.where(any_real, best, torch.zeros((), dtype=x.dtype, device=x.device))
