@@ -18,9 +18,14 @@ Rules (documented in docs/data.md):
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import numpy as np
+import polars as pl
 from scipy.spatial.transform import Rotation
 
 from codes.common.schema import (
@@ -34,6 +39,7 @@ from codes.common.schema import (
     TOF_COLUMNS_BY_SENSOR,
     TOF_MAX_DISTANCE,
     TOF_NO_REFLECTION,
+    TOF_PIXELS,
     mirror_permutation,
 )
 
@@ -50,6 +56,7 @@ IMU_FEATURE_NAMES: list[str] = [
 ]  # fmt: skip
 TOF_SUMMARY_STATISTICS: list[str] = ["mean", "std", "min", "no_reflection_fraction"]
 TOF_MODES = ("none", "summary", "raw")
+PARALLEL_MIN_ROWS = 20_000
 
 
 @dataclass(frozen=True)
@@ -223,72 +230,118 @@ class StepFeatures:
 
 
 def compute_step_features(
-    sensors: np.ndarray,
+    sensors: np.ndarray | pl.DataFrame,
     offsets: np.ndarray,
     left_handed: np.ndarray,
     settings: FeatureSettings,
+    n_threads: int | None = None,
 ) -> StepFeatures:
     """Features of every row.
 
-    sensors: ``(R, C)`` raw values of ``settings.sensor_columns`` (NaN = missing);
-    offsets: ``(N + 1,)`` row offsets of the N sequences; left_handed: ``(N,)`` bool.
+    sensors: ``(R, C)`` raw values of ``settings.sensor_columns`` (NaN or null = missing), as a
+    numpy array or a polars frame with those columns; offsets: ``(N + 1,)`` row offsets of the N
+    sequences; left_handed: ``(N,)`` bool. The column groups (IMU, thermopiles, each ToF sensor)
+    are processed in ``n_threads`` threads (default: the CPU count, at most 4, for tables of at
+    least ``PARALLEL_MIN_ROWS`` rows, else 1); numpy and polars release the GIL.
     """
     columns = settings.sensor_columns
-    if sensors.shape[1] != len(columns):
-        raise ValueError(f"expected {len(columns)} sensor columns, got {sensors.shape[1]}")
+    width = sensors.width if isinstance(sensors, pl.DataFrame) else sensors.shape[1]
+    if width != len(columns):
+        raise ValueError(f"expected {len(columns)} sensor columns, got {width}")
     index = {c: i for i, c in enumerate(columns)}
     left_rows = np.repeat(left_handed, np.diff(offsets)) if settings.mirror_left_handed else None
-
+    mirror_left = left_rows is not None and bool(left_rows.any())
     mirror_source, mirror_sign = mirror_permutation(columns)
 
     def block(names: list[str], dtype: type) -> np.ndarray:
         """A copy of some sensor columns, mirrored for left-handed wearers (never the input)."""
         wanted = np.array([index[c] for c in names])
+        if isinstance(sensors, pl.DataFrame):
+            values = sensors.select(names).to_numpy().astype(dtype, copy=False)
+            if not values.flags.writeable:  # a zero-copy view of polars memory
+                values = values.copy()
+            if mirror_left:
+                sources = [columns[i] for i in mirror_source[wanted]]
+                mirrored = sensors.select(sources).filter(pl.Series(left_rows)).to_numpy()
+                values[left_rows] = mirrored * mirror_sign[wanted]
+            return values
         values = sensors[:, wanted].astype(dtype, copy=False)  # fancy indexing copies
-        if left_rows is not None and left_rows.any():
+        if mirror_left:
             values[left_rows] = sensors[np.ix_(left_rows, mirror_source[wanted])] * mirror_sign[wanted]
         return values
 
-    imu = block(IMU_COLUMNS, np.float64)
-    acc_cols = [IMU_COLUMNS.index(c) for c in ACC_COLUMNS]
-    rot_cols = [IMU_COLUMNS.index(c) for c in ROT_COLUMNS]
+    def imu_block() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        imu = block(IMU_COLUMNS, np.float64)
+        acc_cols = [IMU_COLUMNS.index(c) for c in ACC_COLUMNS]
+        rot_cols = [IMU_COLUMNS.index(c) for c in ROT_COLUMNS]
+        acc_valid = np.isfinite(imu[:, acc_cols]).all(axis=1)
+        rot_valid = np.isfinite(imu[:, rot_cols]).all(axis=1) & (
+            np.abs(np.nan_to_num(imu[:, rot_cols])).sum(axis=1) > 0
+        )
+        acc = fill_nan(fill_within_segments(imu[:, acc_cols], acc_valid, offsets), 0.0)
+        rot = fill_within_segments(imu[:, rot_cols], rot_valid, offsets)
+        rot_missing = ~np.isfinite(rot).all(axis=1)
+        rot[rot_missing] = [1.0, 0.0, 0.0, 0.0]
+        rot /= np.linalg.norm(rot, axis=1, keepdims=True)
+        features = imu_features(acc, rot, offsets, settings.sampling_rate_hz).astype(np.float32)
+        imu_read = _segment_any((acc_valid | rot_valid)[:, None], offsets)
+        return features, np.repeat(imu_read, len(IMU_FEATURE_NAMES), axis=1), acc_valid & rot_valid
 
-    acc_valid = np.isfinite(imu[:, acc_cols]).all(axis=1)
-    rot_valid = np.isfinite(imu[:, rot_cols]).all(axis=1) & (
-        np.abs(np.nan_to_num(imu[:, rot_cols])).sum(axis=1) > 0
-    )
-    acc = fill_nan(fill_within_segments(imu[:, acc_cols], acc_valid, offsets), 0.0)
-    rot = fill_within_segments(imu[:, rot_cols], rot_valid, offsets)
-    rot_missing = ~np.isfinite(rot).all(axis=1)
-    rot[rot_missing] = [1.0, 0.0, 0.0, 0.0]
-    rot /= np.linalg.norm(rot, axis=1, keepdims=True)
-    blocks = [imu_features(acc, rot, offsets, settings.sampling_rate_hz)]
-    imu_read = _segment_any((acc_valid | rot_valid)[:, None], offsets)
-    present = [np.repeat(imu_read, len(IMU_FEATURE_NAMES), axis=1)]
-
-    if settings.use_thm:
+    def thm_block() -> tuple[np.ndarray, np.ndarray]:
         thm = block(THM_COLUMNS, np.float32)
         thm_valid = np.isfinite(thm)
         filled = np.column_stack(
             [fill_within_segments(thm[:, k], thm_valid[:, k], offsets) for k in range(thm.shape[1])]
         )
-        blocks.append(fill_nan(filled, 0.0))
-        present.append(_segment_any(thm_valid, offsets))
+        return fill_nan(filled, 0.0), _segment_any(thm_valid, offsets)
+
+    def tof_block(sensor_columns: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        tof = block(sensor_columns, np.float32)
+        frame_valid = np.isfinite(tof).all(axis=1)  # a ToF frame is read (or dropped) whole
+        tof = fill_nan(fill_within_segments(tof, frame_valid, offsets), TOF_NO_REFLECTION)
+        if settings.tof_mode == "summary":
+            features = tof_summary_features(tof)
+        else:
+            features = np.where(tof == TOF_NO_REFLECTION, np.float32(TOF_MAX_DISTANCE + 1), tof)
+        return features, np.repeat(_segment_any(frame_valid[:, None], offsets), features.shape[1], axis=1)
+
+    # (task, number of feature columns it writes), in feature_layout order
+    tasks: list[tuple[Callable, int]] = [(imu_block, len(IMU_FEATURE_NAMES))]
+    if settings.use_thm:
+        tasks.append((thm_block, len(THM_COLUMNS)))
     if settings.tof_mode != "none":
-        for sensor_columns in TOF_COLUMNS_BY_SENSOR.values():
-            tof = block(sensor_columns, np.float32)
-            frame_valid = np.isfinite(tof).all(axis=1)  # a ToF frame is read (or dropped) whole
-            tof = fill_nan(fill_within_segments(tof, frame_valid, offsets), TOF_NO_REFLECTION)
-            if settings.tof_mode == "summary":
-                blocks.append(tof_summary_features(tof))
+        tof_width = TOF_PIXELS if settings.tof_mode == "raw" else len(TOF_SUMMARY_STATISTICS)
+        tasks += [(partial(tof_block, columns), tof_width) for columns in TOF_COLUMNS_BY_SENSOR.values()]
+    if n_threads is None:  # threads pay off on whole files, not on a single served sequence
+        n_threads = min(4, os.cpu_count() or 1) if offsets[-1] >= PARALLEL_MIN_ROWS else 1
+    names, _ = feature_layout(settings)
+    features = np.empty((int(offsets[-1]), len(names)), dtype=np.float32)
+    lengths = np.diff(offsets)
+
+    def store(start: int, values: np.ndarray, present: np.ndarray) -> np.ndarray:
+        """Write a block into ``features``; features of a sensor absent from a sequence become 0."""
+        block_columns = slice(start, start + values.shape[1])
+        features[:, block_columns] = values
+        if not present.all():
+            if (present == present[:, :1]).all():  # the usual case: the block is absent as a whole
+                features[np.repeat(~present[:, 0], lengths), block_columns] = 0.0
             else:
-                blocks.append(np.where(tof == TOF_NO_REFLECTION, np.float32(TOF_MAX_DISTANCE + 1), tof))
-            present.append(
-                np.repeat(_segment_any(frame_valid[:, None], offsets), blocks[-1].shape[1], axis=1)
-            )
-    features = np.concatenate(blocks, axis=1).astype(np.float32)
-    feature_present = np.concatenate(present, axis=1)
-    # a feature computed from a filled-in absent sensor is zeroed, whatever its formula gave
-    rows_absent = ~np.repeat(feature_present, np.diff(offsets), axis=0)
-    features[rows_absent] = 0.0
-    return StepFeatures(features=features, step_valid=acc_valid & rot_valid, feature_present=feature_present)
+                for j in np.flatnonzero(~present.all(axis=0)):
+                    features[np.repeat(~present[:, j], lengths), start + j] = 0.0
+        return present
+
+    def run(task, start: int):
+        result = task()
+        store(start, result[0], result[1])
+        return result[1:]
+
+    starts = np.cumsum([0] + [width for _, width in tasks])
+    jobs = [(task, int(start)) for (task, _), start in zip(tasks, starts, strict=False)]
+    if n_threads > 1:
+        with ThreadPoolExecutor(max_workers=n_threads) as pool:
+            results = [future.result() for future in [pool.submit(run, task, start) for task, start in jobs]]
+    else:
+        results = [run(task, start) for task, start in jobs]
+    step_valid = results[0][1]
+    feature_present = np.concatenate([r[0] for r in results], axis=1)
+    return StepFeatures(features=features, step_valid=step_valid, feature_present=feature_present)

@@ -180,7 +180,7 @@ def build_sequence_table(
         )
     left_handed = handedness == 0  # NaN compares False: unknown handedness is not mirrored
 
-    sensors = frame.select(pl.col(settings.sensor_columns).cast(pl.Float32)).to_numpy()
+    sensors = frame.select(pl.col(settings.sensor_columns).cast(pl.Float32))
     step = compute_step_features(sensors, offsets, left_handed, settings)
     names, groups = feature_layout(settings)
 
