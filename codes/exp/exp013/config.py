@@ -70,7 +70,8 @@ class TrainerConfig:
     bce_weight: float = 0.5  # weight of the target-vs-non-target BCE next to the 18-way CE
     bce_pos_weight: float = 1.0
     grad_clip: float = 1.0
-    ema_decay: float = 0.999  # EMA weights are the ones evaluated and saved as best; 0 = off
+    # EMA weights (decay warmed up as min(decay, (1 + n) / (10 + n))) are evaluated and saved; 0 = off
+    ema_decay: float = 0.999
     early_stopping_patience: int = 10
     compile: bool = False
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16

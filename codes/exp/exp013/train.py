@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -44,6 +44,7 @@ from codes.common.distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from codes.common.ema import get_ema_multi_avg_fn_with_warmup
 from codes.common.folds import assign_folds
 from codes.common.metric import binary_f1, competition_score, macro_f1
 from codes.common.plots import plot_confusion_matrix, plot_fold_curves
@@ -159,7 +160,9 @@ def train_fold(
 
     model = GestureClassifier(train.features.shape[-1], cfg.model, cfg.data.max_len).to(device)
     ema = (
-        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(trainer_cfg.ema_decay), use_buffers=True)
+        AveragedModel(
+            model, multi_avg_fn=get_ema_multi_avg_fn_with_warmup(trainer_cfg.ema_decay), use_buffers=True
+        )
         if trainer_cfg.ema_decay > 0
         else None
     )
