@@ -1,6 +1,7 @@
 """Sequence table: building, padding, normalisation, save/load and the feature cache."""
 
 import logging
+import os
 
 import numpy as np
 import polars as pl
@@ -128,3 +129,15 @@ def test_cache_returns_the_same_table_and_tracks_content_and_settings(tmp_path, 
     third = load_sequence_table(tmp_path, "train")
     assert not np.allclose(third.features, first.features)
     assert len(list((tmp_path / "cache").glob("train-*.npz"))) == 3
+
+
+def test_cache_is_keyed_by_content_not_by_file_time(tmp_path, caplog):
+    frame, demographics = _frame()
+    write_dataset(tmp_path, frame, demographics)
+    first = load_sequence_table(tmp_path, "train")
+    stat = (tmp_path / "train.csv").stat()
+    os.utime(tmp_path / "train.csv", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched, same bytes
+    with caplog.at_level(logging.INFO, logger="codes.common.sequences"):
+        again = load_sequence_table(tmp_path, "train")
+    assert any("from cache" in r.getMessage() for r in caplog.records)
+    assert np.array_equal(again.features, first.features)

@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -207,24 +208,33 @@ def build_sequence_table(
 
 
 # ---------------------------------------------------------------- cache
+def memoised_digest(path: Path, memo_path: Path) -> str | None:
+    """The SHA-256 remembered for ``path`` at its current (size, mtime), or None."""
+    if not memo_path.is_file():
+        return None
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        return None
+    stat = Path(path).stat()
+    entry = memo.get(str(Path(path).resolve()))
+    return entry["sha256"] if entry and entry["stamp"] == [stat.st_size, stat.st_mtime_ns] else None
+
+
 def file_digest(path: Path, memo_path: Path | None = None) -> str:
     """SHA-256 of a file's content; with ``memo_path`` the digest is remembered per (size, mtime)."""
     path = Path(path)
+    if memo_path is not None and (known := memoised_digest(path, memo_path)) is not None:
+        return known
     stat = path.stat()
-    stamp = [stat.st_size, stat.st_mtime_ns]
-    memo: dict = {}
-    if memo_path is not None and memo_path.is_file():
-        try:
-            memo = json.loads(memo_path.read_text())
-        except (OSError, ValueError):
-            memo = {}
-        entry = memo.get(str(path.resolve()))
-        if entry and entry["stamp"] == stamp:
-            return entry["sha256"]
     with open(path, "rb") as handle:
         digest = hashlib.file_digest(handle, "sha256").hexdigest()
     if memo_path is not None:
-        memo[str(path.resolve())] = {"stamp": stamp, "sha256": digest}
+        try:
+            memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
+        except (OSError, ValueError):
+            memo = {}
+        memo[str(path.resolve())] = {"stamp": [stat.st_size, stat.st_mtime_ns], "sha256": digest}
         _write_text_atomically(memo_path, json.dumps(memo, indent=1))
     return digest
 
@@ -276,22 +286,44 @@ def load_sequence_table(
     cache_dir = Path(cache_dir) if cache_dir is not None else data_dir / "cache"
     sensor_path, demographics_path = split_files(data_dir, split)
     started = time.perf_counter()
+    reader = read_train if split == "train" else read_test
+
+    def read_sensor_file() -> pl.DataFrame:
+        return reader(data_dir, include_thm=settings.use_thm, include_tof=settings.tof_mode != "none")
+
+    def cached(key: str) -> SequenceTable | None:
+        path = cache_dir / f"{split}-{key}.npz"
+        if not path.is_file():
+            return None
+        table = SequenceTable.load(path)
+        logger.info(
+            "loaded %s sequences of %s from cache in %.2f s",
+            table.n_sequences,
+            sensor_path.name,
+            time.perf_counter() - started,
+        )
+        return table
+
     cache_path = None
-    if use_cache:
+    if not use_cache:
+        frame = read_sensor_file()
+    else:
         for path in (sensor_path, demographics_path):  # a clear error before hashing
             require_file(path)
-        cache_path = cache_dir / f"{split}-{cache_key(data_dir, split, settings, cache_dir)}.npz"
-        if cache_path.is_file():
-            table = SequenceTable.load(cache_path)
-            logger.info(
-                "loaded %s sequences of %s from cache in %.2f s",
-                table.n_sequences,
-                sensor_path.name,
-                time.perf_counter() - started,
-            )
-            return table
-    reader = read_train if split == "train" else read_test
-    frame = reader(data_dir, include_thm=settings.use_thm, include_tof=settings.tof_mode != "none")
+        memo_path = cache_dir / "file_digests.json"
+        if all(memoised_digest(p, memo_path) for p in (sensor_path, demographics_path)):
+            key = cache_key(data_dir, split, settings, cache_dir)
+            if (table := cached(key)) is not None:
+                return table
+            frame = read_sensor_file()
+        else:  # new files: hash them while the CSV is parsed
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                pending_key = pool.submit(cache_key, data_dir, split, settings, cache_dir)
+                frame = read_sensor_file()
+                key = pending_key.result()
+            if (table := cached(key)) is not None:  # the same content seen before under another stamp
+                return table
+        cache_path = cache_dir / f"{split}-{key}.npz"
     demographics = read_demographics(demographics_path)
     try:
         check_demographics_cover(frame["subject"], demographics, demographics_path)
