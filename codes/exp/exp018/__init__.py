@@ -1,0 +1,1 @@
+"""Squeezeformer encoder, masked mean+max pooling, demographics fusion, gesture and target heads."""
