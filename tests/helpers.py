@@ -84,3 +84,29 @@ def write_dataset(
     frame.write_csv(directory / f"{split}.csv")
     demographics.write_csv(directory / f"{split}_demographics.csv")
     return directory
+
+
+def training_config(exp: str, data_dir: Path, output_dir: Path, model: dict, *overrides: str):
+    """Experiment ``exp``'s composed config: quick preset, the given data folder, 2 folds, a tiny model."""
+    import importlib
+
+    from hydra import compose, initialize_config_dir
+
+    # each experiment stores its own schema under the same name: the last one stored is used
+    importlib.import_module(f"codes.exp.{exp}.config").register_configs()
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base=None):
+        return compose(
+            config_name="experiment",
+            overrides=[
+                "preset=quick",
+                "data=competition",
+                f"paths.data_dir={data_dir}",
+                f"paths.output_dir={output_dir}",
+                "data.n_folds=2",
+                "data.max_len=64",
+                "trainer.batch_size=32",
+                *[f"model.{k}={v}" for k, v in model.items()],
+                *overrides,
+            ],
+        )

@@ -13,11 +13,10 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from codes.common.schema import GESTURES, NUM_GESTURES
-from tests.helpers import make_demographics, make_frame, rest_sensors, write_dataset
+from tests.helpers import training_config as _training_config
 
 EXP = "exp013"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -120,41 +119,8 @@ def test_a_tiny_batch_is_overfit():
 
 
 # ---------------------------------------------------------------- training run
-@pytest.fixture(scope="module")
-def toy_data(tmp_path_factory) -> Path:
-    """6 subjects x 18 gestures, each gesture a different acceleration noise level."""
-    directory = tmp_path_factory.mktemp("toy_data")
-    rng = np.random.default_rng(0)
-    subjects = [f"SUBJ_{i:06d}" for i in range(6)]
-    sequences, gestures = [], []
-    for s, subject in enumerate(subjects):
-        for g, gesture in enumerate(GESTURES):
-            n = int(rng.integers(29, 90))
-            sensors = rest_sensors(np.array([1.0, 0, 0, 0]), np.array([0, 0, 9.8]), n, rng)
-            sensors[:, :3] += rng.normal(size=(n, 3)) * (0.2 + g / 4)
-            sequences.append((f"SEQ_{s * 100 + g:06d}", subject, sensors))
-            gestures.append(gesture)
-    return write_dataset(
-        directory, make_frame(sequences, gestures), make_demographics(subjects, {subjects[1]})
-    )
-
-
 def training_config(toy_data: Path, output_dir: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base=None):
-        return compose(
-            config_name="experiment",
-            overrides=[
-                "preset=quick",
-                "data=competition",
-                f"paths.data_dir={toy_data}",
-                f"paths.output_dir={output_dir}",
-                "data.n_folds=2",
-                "data.max_len=64",
-                "trainer.batch_size=32",
-                *[f"model.{k}={v}" for k, v in TINY_MODEL.items()],
-                *overrides,
-            ],
-        )
+    return _training_config(EXP, toy_data, output_dir, TINY_MODEL, *overrides)
 
 
 def test_a_run_writes_every_output(toy_data, tmp_path):

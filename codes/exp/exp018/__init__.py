@@ -1,1 +1,1 @@
-"""Squeezeformer encoder, masked mean+max pooling, demographics fusion, gesture and target heads."""
+"""Squeezeformer encoder, a learnable CLS token and a BertModel head instead of pooling, demographics fusion, gesture and target heads."""

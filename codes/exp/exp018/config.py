@@ -41,6 +41,21 @@ class DataConfig:
 
 
 @dataclass
+class BertHeadConfig:
+    """The ``transformers.BertModel`` run over [CLS] + the Squeezeformer's output steps."""
+
+    hidden_size: int | None = None  # None = model.d_model (no projection)
+    num_layers: int = 4
+    num_heads: int = 8
+    intermediate_size: int | None = None  # None = 4 x hidden_size
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    attn_implementation: str = "sdpa"  # sdpa | eager (eager is needed for output_attentions)
+    gradient_checkpointing: bool = False
+    max_position_embeddings: int | None = None  # None = data.max_len + 1 (the CLS position)
+
+
+@dataclass
 class ModelConfig:
     d_model: int = 256
     num_blocks: int = 8
@@ -55,6 +70,10 @@ class ModelConfig:
     demographics_dim: int = 32
     use_demographics: bool = True
     head_dropout: float = 0.2
+    bert: BertHeadConfig = field(default_factory=BertHeadConfig)
+    # initialise the Squeezeformer + BERT stack from a checkpoint (e.g. NoiseBERT pretraining);
+    # tensors are matched by name and shape, and the log lists what was loaded and what is new
+    init_from: str | None = None
 
 
 @dataclass

@@ -35,7 +35,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from codes.common.checkpoint import load_checkpoint, save_atomically
+from codes.common.checkpoint import load_checkpoint, load_matching_weights, save_atomically
 from codes.common.data_source import resolve_data_dir
 from codes.common.distributed import (
     DistributedContext,
@@ -159,6 +159,13 @@ def train_fold(
     seed_everything(seed)
 
     model = GestureClassifier(train.features.shape[-1], cfg.model, cfg.data.max_len).to(device)
+    if cfg.model.init_from and not (trainer_cfg.resume and (fold_dir / "last.pt").is_file()):
+        report = load_matching_weights(model, repo_path(cfg.model.init_from))
+        logger.info(
+            "fold %d: initialised from %s: %d tensors loaded, %d new (%s), %d with another shape (%s), %d unused",
+            fold, cfg.model.init_from, len(report["loaded"]), len(report["new"]), ", ".join(report["new"][:8]),
+            len(report["mismatched"]), ", ".join(report["mismatched"][:8]), len(report["unused"]),
+        )  # fmt: skip
     ema = (
         AveragedModel(
             model, multi_avg_fn=get_ema_multi_avg_fn_with_warmup(trainer_cfg.ema_decay), use_buffers=True
