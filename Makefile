@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup train test lint format bench clean-cache
+.PHONY: setup train demo test lint format bench clean-cache
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,13 @@ $(VENV)/.setup-done: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.setup-done
 
-# The main job. Until the first sequence experiment lands it runs the data-layer demo.
+# The main job: exp018 on the bundled synthetic data (generated on first use) or on the
+# competition files in data/. PRESET=quick finishes on a CPU; PRESET=gpu is the full run.
+PRESET ?= quick
 train: setup
+	$(BIN)/python codes/exp/exp018/train.py preset=$(PRESET)
+
+demo: setup
 	$(BIN)/python -m codes.common.demo
 
 test: setup
