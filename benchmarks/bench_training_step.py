@@ -87,7 +87,8 @@ def main() -> None:
         else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     )
     print(
-        f"{args.exp} | {name} | time_reduction={cfg.model.time_reduction} bf16={args.bf16} compile={args.compile} | "
+        f"{args.exp} | {name} | time_reduction={cfg.model.time_reduction} bf16={args.bf16} compile={args.compile} "
+        f"{' '.join(args.overrides)} | "
         f"params {n_parameters / 1e6:.2f} M | batch {args.batch_size} x length {args.length} | "
         f"{throughput:.1f} sequences/s ({seconds / args.steps * 1000:.0f} ms/step)"
     )
