@@ -4,12 +4,7 @@ import math
 
 import torch
 
-from codes.common.sequences import DEMOGRAPHIC_FIELDS as TABLE_FIELDS
 from codes.models.demographics import DEMOGRAPHIC_FIELDS, DemographicsEncoder
-
-
-def test_field_order_matches_the_sequence_table():
-    assert list(DEMOGRAPHIC_FIELDS) == TABLE_FIELDS
 
 
 def test_missing_values_give_the_all_unknown_encoding_and_no_nan():

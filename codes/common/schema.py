@@ -59,6 +59,7 @@ DEMOGRAPHICS_COLUMNS: list[str] = [
     "shoulder_to_wrist_cm",
     "elbow_to_wrist_cm",
 ]
+DEMOGRAPHIC_FIELDS: list[str] = DEMOGRAPHICS_COLUMNS[1:]  # the 7 numeric fields, in file order
 # Labels of the synthetic test sequences (not a competition file): one row per sequence.
 TEST_LABEL_COLUMNS: list[str] = ["sequence_id", "subject", "sequence_type", "orientation", "gesture"]
 

@@ -34,11 +34,10 @@ from codes.common.data_files import (
     require_file,
 )
 from codes.common.features import FEATURE_VERSION, FeatureSettings, compute_step_features, feature_layout
-from codes.common.schema import DEMOGRAPHICS_COLUMNS, GESTURE_TO_INDEX, GESTURES
+from codes.common.schema import DEMOGRAPHIC_FIELDS, GESTURE_TO_INDEX, GESTURES
 
 logger = logging.getLogger(__name__)
 
-DEMOGRAPHIC_FIELDS: list[str] = DEMOGRAPHICS_COLUMNS[1:]  # the 7 numeric fields, in file order
 SPLITS = ("train", "test")
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from codes.common.schema import DEMOGRAPHIC_FIELDS
+
 # (center, half range) from the competition's ranges: age 10-53, height 135-190.5 cm,
 # shoulder to wrist 41-71 cm, elbow to wrist 18-44 cm.
 CONTINUOUS_SCALING: dict[str, tuple[float, float]] = {
@@ -23,15 +25,6 @@ CONTINUOUS_SCALING: dict[str, tuple[float, float]] = {
     "elbow_to_wrist_cm": (31.0, 13.0),
 }
 CATEGORICAL_FIELDS: tuple[str, ...] = ("adult_child", "sex", "handedness")
-DEMOGRAPHIC_FIELDS: tuple[str, ...] = (
-    "adult_child",
-    "age",
-    "sex",
-    "handedness",
-    "height_cm",
-    "shoulder_to_wrist_cm",
-    "elbow_to_wrist_cm",
-)
 UNKNOWN_CATEGORY = 2
 
 
