@@ -166,7 +166,8 @@ def build_sequence_table(
     lengths = run_lengths.struct.field("len").to_numpy().astype(np.int64)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    firsts = frame[offsets[:-1].tolist()]
+    meta = [c for c in ("sequence_id", "subject", "gesture", "orientation") if c in frame.columns]
+    firsts = frame.select(meta)[offsets[:-1].tolist()]  # one row per sequence, labels only
     check_demographics_cover(firsts["subject"], demographics, "the demographics")
     per_sequence = firsts.select("subject").join(
         demographics, on="subject", how="left", maintain_order="left"
