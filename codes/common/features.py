@@ -297,8 +297,11 @@ def compute_step_features(
 
     def tof_block(sensor_columns: list[str]) -> tuple[np.ndarray, np.ndarray]:
         tof = block(sensor_columns, np.float32)
-        frame_valid = np.isfinite(tof).all(axis=1)  # a ToF frame is read (or dropped) whole
-        tof = fill_nan(fill_within_segments(tof, frame_valid, offsets), TOF_NO_REFLECTION)
+        missing = np.isnan(tof)
+        frame_valid = ~missing.any(axis=1)  # a ToF frame is read (or dropped) whole
+        tof = fill_within_segments(tof, frame_valid, offsets)
+        if missing.any():  # NaN left where a sequence has no frame at all
+            np.copyto(tof, np.float32(TOF_NO_REFLECTION), where=np.isnan(tof))
         if settings.tof_mode == "summary":
             features = tof_summary_features(tof)
         else:

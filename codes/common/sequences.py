@@ -147,7 +147,10 @@ def _sequence_runs(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def build_sequence_table(
-    frame: pl.DataFrame, demographics: pl.DataFrame, settings: FeatureSettings
+    frame: pl.DataFrame,
+    demographics: pl.DataFrame,
+    settings: FeatureSettings,
+    demographics_source: str = "the demographics",
 ) -> SequenceTable:
     """Features of every sequence of a train- or test-format frame.
 
@@ -168,7 +171,7 @@ def build_sequence_table(
     np.cumsum(lengths, out=offsets[1:])
     meta = [c for c in ("sequence_id", "subject", "gesture", "orientation") if c in frame.columns]
     firsts = frame.select(meta)[offsets[:-1].tolist()]  # one row per sequence, labels only
-    check_demographics_cover(firsts["subject"], demographics, "the demographics")
+    check_demographics_cover(firsts["subject"], demographics, demographics_source)
     per_sequence = firsts.select("subject").join(
         demographics, on="subject", how="left", maintain_order="left"
     )
@@ -325,11 +328,9 @@ def load_sequence_table(
                 return table
         cache_path = cache_dir / f"{split}-{key}.npz"
     demographics = read_demographics(demographics_path)
-    try:
-        check_demographics_cover(frame["subject"], demographics, demographics_path)
-    except DataFileError as error:
-        raise DataFileError(f"{error} (subjects of {sensor_path})") from None
-    table = build_sequence_table(frame, demographics, settings)
+    table = build_sequence_table(
+        frame, demographics, settings, f"{demographics_path} (subjects of {sensor_path})"
+    )
     logger.info(
         "built %s sequences of %s in %.2f s",
         table.n_sequences,
