@@ -58,6 +58,7 @@ from .model import GestureClassifier
 
 logger = logging.getLogger(__name__)
 CONFIG_DIR = REPO_ROOT / "configs"
+LOSS_READ_EVERY = 20  # training steps between reads of the loss (finiteness check, progress bar)
 
 
 class TrainingInterrupted(RuntimeError):
@@ -212,6 +213,7 @@ def train_fold(
         order = order[context.rank :: context.world_size]  # this rank's shard
         drop_generator = torch.Generator().manual_seed(seed * 10_000 + epoch + 1)
         trained.train()
+        step_losses: list[torch.Tensor] = []  # stays on the device; read every LOSS_READ_EVERY steps
         loss_sum, n_seen = 0.0, 0
         progress = tqdm(
             range(steps_per_epoch),
@@ -229,11 +231,6 @@ def train_fold(
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 outputs = trained(features, mask, demographics)
             loss = compute_loss(outputs, labels, trainer_cfg)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"fold {fold}: the loss became {loss.item()} at epoch {epoch}, step {step}; "
-                    f"the last good checkpoint is kept in {last_path}"
-                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if trainer_cfg.grad_clip > 0:
@@ -242,9 +239,21 @@ def train_fold(
             scheduler.step()
             if ema is not None:
                 ema.update_parameters(model)
-            loss_sum += loss.item() * len(batch)
+            step_losses.append(loss.detach() * len(batch))
             n_seen += len(batch)
-            progress.set_postfix(loss=f"{loss_sum / n_seen:.4f}")
+            if (step + 1) % LOSS_READ_EVERY == 0 or step + 1 == steps_per_epoch:
+                # one host sync per LOSS_READ_EVERY steps, not one per step
+                read = torch.stack(step_losses).float().cpu()
+                bad = torch.nonzero(~torch.isfinite(read)).flatten()
+                if len(bad):
+                    bad_step = step + 1 - len(read) + int(bad[0])
+                    raise NonFiniteLossError(
+                        f"fold {fold}: the loss became {read[bad[0]].item()} at epoch {epoch}, step {bad_step}; "
+                        f"the last good checkpoint is kept in {last_path}"
+                    )
+                loss_sum += float(read.sum())
+                step_losses.clear()
+                progress.set_postfix(loss=f"{loss_sum / n_seen:.4f}")
         train_loss = sum(gather_objects(loss_sum, context)) / max(sum(gather_objects(n_seen, context)), 1)
 
         # every rank evaluates the whole validation set with identical weights: no broadcast needed
