@@ -1,0 +1,115 @@
+"""Batch mode: every sequence of test.csv at once -> submission.csv, scored when labels exist.
+
+The synthetic data ships ``test_labels.csv``; with it the competition score is printed (overall,
+and on the IMU-only and the full-sensor sequences). The competition's own test.csv has no labels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import polars as pl
+
+from codes.common.data_files import (
+    TEST_DEMOGRAPHICS_FILE,
+    TEST_FILE,
+    DataFileError,
+    read_demographics,
+    read_test,
+    read_test_labels,
+)
+from codes.common.data_source import DATA_SOURCES, resolve_data_dir
+from codes.common.metric import competition_score
+from codes.inference.predictor import EnsemblePredictor
+
+logger = logging.getLogger(__name__)
+
+SUBMISSION_FILE = "submission.csv"
+SUBMISSION_COLUMNS = ["sequence_id", "gesture"]
+
+
+def resolve_test_dir(data: str, run_cfg, repo_root: Path) -> Path:
+    """The folder holding test.csv: a data source (``auto`` / ``competition`` / ``synthetic``,
+    resolved with the run's ``paths`` and ``data`` settings as training did) or a folder path."""
+    if data in DATA_SOURCES:
+
+        def from_repo(path: str) -> Path:
+            return Path(path) if Path(path).is_absolute() else repo_root / path
+
+        return resolve_data_dir(
+            data,
+            competition_dir=from_repo(run_cfg.paths.data_dir),
+            synthetic_dir=from_repo(run_cfg.paths.synthetic_dir),
+            synthetic_subjects=run_cfg.data.synthetic_subjects,
+            synthetic_seed=run_cfg.data.synthetic_seed,
+        )
+    directory = Path(data)
+    missing = [n for n in (TEST_FILE, TEST_DEMOGRAPHICS_FILE) if not (directory / n).is_file()]
+    if missing:
+        raise DataFileError(
+            f"data={data!r} is neither a data source {DATA_SOURCES} nor a folder holding "
+            f"{TEST_FILE} and {TEST_DEMOGRAPHICS_FILE} (missing: {missing})"
+        )
+    return directory
+
+
+def write_csv_atomically(frame: pl.DataFrame, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        frame.write_csv(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def score_predictions(predictions: pl.DataFrame, labels: pl.DataFrame) -> dict[str, float]:
+    """Competition score of ``predictions`` (sequence_id, gesture[, imu_only]) against ``labels``."""
+    joined = predictions.join(
+        labels.select("sequence_id", pl.col("gesture").alias("true_gesture")), on="sequence_id", how="inner"
+    )
+    if joined.height != predictions.height:
+        raise DataFileError(
+            f"the labels cover {joined.height} of the {predictions.height} predicted sequences"
+        )
+    scores = {"score": competition_score(joined["true_gesture"], joined["gesture"]), "n": joined.height}
+    if "imu_only" in joined.columns:
+        for name, part in (
+            ("imu_only", joined.filter(pl.col("imu_only"))),
+            ("all_sensors", joined.filter(~pl.col("imu_only"))),
+        ):
+            if part.height:
+                scores[f"score_{name}"] = competition_score(part["true_gesture"], part["gesture"])
+                scores[f"n_{name}"] = part.height
+    return scores
+
+
+def run_batch(
+    predictor: EnsemblePredictor, data_dir: Path, output: Path, batch_size: int = 64
+) -> dict[str, float] | None:
+    """Predict test.csv of ``data_dir``, write ``output`` (sequence_id, gesture); return the
+    scores when ``data_dir`` has labels (synthetic data), else None."""
+    data_dir = Path(data_dir)
+    settings = predictor.settings
+    frame = read_test(data_dir, include_thm=settings.use_thm, include_tof=settings.tof_mode != "none")
+    demographics = read_demographics(data_dir / TEST_DEMOGRAPHICS_FILE)
+    predictions = predictor.predict_frame(frame, demographics, batch_size=batch_size)
+    write_csv_atomically(predictions.select(SUBMISSION_COLUMNS), output)
+    logger.info("wrote %d predictions to %s", predictions.height, output)
+    labels = read_test_labels(data_dir)
+    if labels is None:
+        logger.info("%s has no test labels: no score", data_dir)
+        return None
+    scores = score_predictions(predictions, labels)
+    parts = [f"score {scores['score']:.4f} on {scores['n']} sequences"]
+    for name in ("imu_only", "all_sensors"):
+        if f"score_{name}" in scores:
+            parts.append(f"{name} {scores[f'score_{name}']:.4f} ({scores[f'n_{name}']})")
+    print("competition score: " + ", ".join(parts))
+    return scores
