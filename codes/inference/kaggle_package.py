@@ -1,0 +1,156 @@
+"""Stage a run folder and the code as two Kaggle datasets, ready for ``kaggle datasets create``.
+
+    python -m codes.inference.kaggle_package --run-dir outputs/exp018/<run> --user <kaggle user>
+
+writes ``outputs/kaggle/<exp>-<run>/code/`` (``codes/``, ``configs/``, ``kaggle/submission.py``)
+and ``outputs/kaggle/<exp>-<run>/run/`` (config.yaml, metrics.json, git_commit.txt and per fold
+normalizer.json + best.pt), each with a ``dataset-metadata.json`` filled in from the templates in
+``kaggle/``. ``best.pt`` is slimmed to the weights inference uses (the EMA weights when training
+evaluated those): about half the size, same predictions; ``last.pt`` (optimizer state) is left
+out. Upload with the commands it prints; nothing is sent anywhere by this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+from pathlib import Path
+
+from codes.common.checkpoint import load_checkpoint, save_atomically
+from codes.common.runs import REPO_ROOT
+from codes.inference.run_folder import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    NORMALIZER_FILE,
+    evaluated_weights,
+    load_run_config,
+    select_folds,
+)
+
+TEMPLATE_DIR = REPO_ROOT / "kaggle"
+CODE_TEMPLATE = TEMPLATE_DIR / "code" / "dataset-metadata.json"
+RUN_TEMPLATE = TEMPLATE_DIR / "run" / "dataset-metadata.json"
+USER_PLACEHOLDER = "KAGGLE_USERNAME"
+SLUG_PLACEHOLDER = "DATASET_SLUG"
+TITLE_PLACEHOLDER = "DATASET_TITLE"
+DEFAULT_CODE_SLUG = "cmi-bfrb-code"
+RUN_FILES = ("config.yaml", "git_commit.txt", "metrics.json")
+CODE_FOLDERS = ("codes", "configs")
+CODE_FILES = ("kaggle/submission.py", "pyproject.toml")
+_SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{3,48}[a-z0-9]$")
+
+
+def kaggle_slug(text: str) -> str:
+    """A valid Kaggle dataset slug (lowercase letters, digits, hyphens; 5 to 50 characters)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:50].strip("-")
+    if len(slug) < 5:
+        slug = (slug + "-cmi-run").strip("-")
+    return slug
+
+
+def fill_metadata(template: Path, user: str, slug: str, title: str) -> dict:
+    """A dataset-metadata.json template with the user, slug and title filled in."""
+    if not _SLUG.match(slug):
+        raise ValueError(f"{slug!r} is not a Kaggle dataset slug (5-50 of a-z, 0-9, '-')")
+    if not user or "/" in user:
+        raise ValueError(f"{user!r} is not a Kaggle user name")
+    text = template.read_text(encoding="utf-8")
+    for placeholder, value in (
+        (USER_PLACEHOLDER, user),
+        (SLUG_PLACEHOLDER, slug),
+        (TITLE_PLACEHOLDER, title),
+    ):
+        text = text.replace(placeholder, value)
+    return json.loads(text)
+
+
+def _write_metadata(folder: Path, metadata: dict) -> None:
+    (folder / "dataset-metadata.json").write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+
+
+def _fresh(folder: Path) -> Path:
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def stage_code_dataset(
+    out_dir: Path, user: str, slug: str = DEFAULT_CODE_SLUG, repo_root: Path = REPO_ROOT
+) -> Path:
+    """Copy the code a notebook needs (Python sources and configs, no caches) into ``out_dir``."""
+    out_dir = _fresh(Path(out_dir))
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
+    for name in CODE_FOLDERS:
+        shutil.copytree(repo_root / name, out_dir / name, ignore=ignore)
+    for name in CODE_FILES:
+        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(repo_root / name, out_dir / name)
+    _write_metadata(out_dir, fill_metadata(CODE_TEMPLATE, user, slug, "CMI BFRB experiment code"))
+    return out_dir
+
+
+def stage_run_dataset(
+    run_dir: Path, out_dir: Path, user: str, slug: str | None = None, slim: bool = True
+) -> Path:
+    """Copy what inference needs from a run folder into ``out_dir`` (every trained fold)."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    out_dir = _fresh(Path(out_dir))
+    for name in RUN_FILES:
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, out_dir / name)
+    for fold in select_folds(run_dir):
+        source, target = run_dir / f"fold{fold}", out_dir / f"fold{fold}"
+        target.mkdir()
+        shutil.copy2(source / NORMALIZER_FILE, target / NORMALIZER_FILE)
+        if not slim:
+            shutil.copy2(source / CHECKPOINT_FILE, target / CHECKPOINT_FILE)
+            continue
+        checkpoint = load_checkpoint(source / CHECKPOINT_FILE)
+        weights, kind = evaluated_weights(checkpoint)
+        slimmed = {
+            "model": weights,
+            "ema": None,
+            "weights": kind,  # which weights of the training checkpoint these are
+            **{k: checkpoint[k] for k in ("epoch", "score") if k in checkpoint},
+        }
+        save_atomically(slimmed, target / CHECKPOINT_FILE)
+    slug = slug or kaggle_slug(f"cmi-{cfg.get('exp_name', 'run')}-{run_dir.name}")
+    title = f"CMI BFRB run {cfg.get('exp_name', '')} {run_dir.name}".strip()[:50]
+    _write_metadata(out_dir, fill_metadata(RUN_TEMPLATE, user, slug, title))
+    if not (out_dir / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{run_dir} has no {CONFIG_FILE}")
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> tuple[Path, Path]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run-dir", type=Path, required=True, help="outputs/<exp>/<run>")
+    parser.add_argument("--user", required=True, help="your Kaggle user name (the datasets' owner)")
+    parser.add_argument("--out", type=Path, default=None, help="default: outputs/kaggle/<exp>-<run>")
+    parser.add_argument("--code-slug", default=DEFAULT_CODE_SLUG)
+    parser.add_argument("--run-slug", default=None, help="default: cmi-<exp>-<run>")
+    parser.add_argument(
+        "--no-slim", action="store_true", help="copy best.pt unchanged (model and EMA weights)"
+    )
+    args = parser.parse_args(argv)
+    cfg = load_run_config(args.run_dir)
+    out = args.out or REPO_ROOT / "outputs" / "kaggle" / f"{cfg.get('exp_name', 'run')}-{args.run_dir.name}"
+    code = stage_code_dataset(out / "code", args.user, args.code_slug)
+    run = stage_run_dataset(args.run_dir, out / "run", args.user, args.run_slug, slim=not args.no_slim)
+    print(
+        f"staged the code in {code} and the run in {run}. Upload them (first time: create; later: version):"
+    )
+    for folder in (code, run):
+        print(f"  kaggle datasets create -p {folder} --dir-mode zip")
+        print(f'  kaggle datasets version -p {folder} --dir-mode zip -m "<what changed>"')
+    return code, run
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Kaggle submission notebook: serve a trained run through the competition's inference server.
+
+Paste this file into one notebook cell (or attach the code dataset and run it with
+``%run /kaggle/input/<code dataset>/kaggle/submission.py``). Attach three inputs: the
+competition data, the code dataset and a run dataset (see docs/inference.md: both datasets are
+staged by ``python -m codes.inference.kaggle_package``). Internet off: nothing is downloaded.
+
+- The code and run datasets are found under /kaggle/input (or given by CMI_CODE_DIR,
+  CMI_RUN_DIR); the code folder goes onto sys.path and the run's fold models are loaded once,
+  before the server starts.
+- On Kaggle, ``predict`` is served through
+  ``kaggle_evaluation.cmi_inference_server.CMIInferenceServer``: ``serve()`` during the
+  competition rerun, the local gateway on the public test.csv otherwise.
+- Where ``kaggle_evaluation`` cannot be imported (not on Kaggle), it says so and falls back to
+  batch mode: test.csv -> submission.csv (CMI_OUTPUT), with the score when labels exist.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the BERT head is built from a config; never download
+
+EXPERIMENT = os.environ.get("CMI_EXPERIMENT", "exp018")  # whose inference.py loads the run
+INPUT_ROOT = Path(os.environ.get("CMI_INPUT_ROOT", "/kaggle/input"))
+COMPETITION_DIR = Path(
+    os.environ.get("CMI_COMPETITION_DIR", str(INPUT_ROOT / "cmi-detect-behavior-with-sensor-data"))
+)
+CODE_DIR = os.environ.get("CMI_CODE_DIR", "")  # "" = search INPUT_ROOT for the code dataset
+RUN_DIR = os.environ.get("CMI_RUN_DIR", "")  # "" = search INPUT_ROOT for a run folder
+WORKING_DIR = Path("/kaggle/working")
+SEARCH_DEPTH = 4
+
+
+def _search(root: Path, is_match, depth: int = SEARCH_DEPTH) -> Path | None:
+    """The first folder under ``root`` (breadth first, ``depth`` levels) for which ``is_match`` holds."""
+    level = [root]
+    for _ in range(depth + 1):
+        following = []
+        for folder in sorted(level):
+            if is_match(folder):
+                return folder
+            try:
+                following += [child for child in folder.iterdir() if child.is_dir()]
+            except OSError:
+                continue
+        level = following
+    return None
+
+
+def find_code_dir() -> Path:
+    if CODE_DIR:
+        return Path(CODE_DIR)
+    found = _search(INPUT_ROOT, lambda f: (f / "codes" / "inference" / "predictor.py").is_file())
+    if found is None:
+        raise FileNotFoundError(
+            f"no code dataset (codes/inference/predictor.py) under {INPUT_ROOT}; set CMI_CODE_DIR"
+        )
+    return found
+
+
+def find_run_dir() -> Path:
+    if RUN_DIR:
+        return Path(RUN_DIR)
+    found = _search(INPUT_ROOT, lambda f: (f / "config.yaml").is_file() and any(f.glob("fold*/best.pt")))
+    if found is None:
+        raise FileNotFoundError(
+            f"no run folder (config.yaml + fold*/best.pt) under {INPUT_ROOT}; set CMI_RUN_DIR"
+        )
+    return found
+
+
+code_dir, run_dir = find_code_dir(), find_run_dir()
+sys.path.insert(0, str(code_dir))
+inference = importlib.import_module(f"codes.exp.{EXPERIMENT}.inference")
+from codes.common.runs import setup_logging  # noqa: E402  (importable once code_dir is on the path)
+
+setup_logging(None)
+print(f"code: {Path(inference.__file__).parent}, run: {run_dir}")
+started = time.perf_counter()
+predictor = inference.load_predictor(run_dir)  # every fold, once, before the server starts
+print(f"loaded folds {predictor.folds} on {predictor.device} in {time.perf_counter() - started:.1f} s")
+
+
+def predict(sequence, demographics) -> str:
+    """The competition's contract: one sequence (polars, test.csv columns) + its demographics row."""
+    return predictor.predict(sequence, demographics)
+
+
+try:  # kaggle_evaluation ships with the competition data
+    if str(COMPETITION_DIR) not in sys.path:
+        sys.path.append(str(COMPETITION_DIR))
+    import kaggle_evaluation.cmi_inference_server as cmi_inference_server
+except ImportError:
+    cmi_inference_server = None
+
+if cmi_inference_server is not None:
+    inference_server = cmi_inference_server.CMIInferenceServer(predict)
+    if os.getenv("KAGGLE_IS_COMPETITION_RERUN"):
+        inference_server.serve()
+    else:
+        inference_server.run_local_gateway(
+            data_paths=(str(COMPETITION_DIR / "test.csv"), str(COMPETITION_DIR / "test_demographics.csv"))
+        )
+else:
+    from codes.inference.batch import run_batch
+
+    default_output = WORKING_DIR if WORKING_DIR.is_dir() else Path.cwd()
+    output = Path(os.environ.get("CMI_OUTPUT", str(default_output / "submission.csv")))
+    print("kaggle_evaluation is not importable (not on Kaggle?): falling back to batch mode")
+    run_batch(predictor, COMPETITION_DIR, output)
+    print(f"submission: {output}")
