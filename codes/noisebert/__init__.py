@@ -1,0 +1,1 @@
+"""NoiseBERT pretraining: masked reconstruction of IMU sequences under injected vibration noise."""

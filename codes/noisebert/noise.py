@@ -1,0 +1,224 @@
+"""Synthetic vibration noise for IMU sequences: short bursts of band-limited oscillation.
+
+A vibration (a vehicle, a machine, a tremor) shakes every IMU axis at once for a while.
+:func:`add_vibration_noise` draws between ``min_bursts`` and ``max_bursts`` bursts per sequence.
+Each burst
+
+- lasts ``length`` steps, drawn in ``min_burst_length..max_burst_length``, and starts at a random
+  step such that the burst lies inside the sequence; a sequence shorter than the burst lies inside
+  the burst at a random offset instead (the burst is clipped to the sequence);
+- oscillates at one frequency drawn uniformly in ``[freq_low, freq_high] * sampling_rate_hz``
+  (both fractions below 0.5, the Nyquist frequency), with a random phase per channel; with
+  probability ``harmonic_prob`` its 2nd and 3rd harmonics are added at smaller amplitudes, each
+  only when it lies below the Nyquist frequency (above, it would alias to another frequency);
+- mixes in band-limited noise: white noise whose spectrum is cut to the same band with an FFT mask,
+  scaled to the RMS of a unit sine; the burst's waveform is
+  ``(1 - band_noise_fraction) * tone + band_noise_fraction * band_noise``;
+- is shaped by a Tukey envelope (``envelope_taper`` = its tapered fraction; 1 = Hann) that is
+  positive on exactly the burst's ``length`` steps and exactly 0 everywhere else;
+- has amplitude ``A`` drawn in ``[min_amplitude, max_amplitude]`` in units of each channel's
+  reference scale, ``max(std of the clean channel over the sequence, min_reference_std)``; each
+  channel sees ``A`` times its own gain drawn in ``[min_channel_gain, 1]`` (the vibration projects
+  differently onto each axis).
+
+On channel ``c`` the added noise is
+``sum_b A_b * gain_bc * scale_c * envelope_b(t) * waveform_bc(t)``.
+
+Strength. ``strength[t] = sum_b A_b * envelope_b(t)``: the envelope amplitude of the added
+oscillation at step ``t`` in reference-scale units (a channel with gain 1 oscillates about
+``± strength * scale_c`` there). It is exactly 0 away from every burst, and there the noisy sequence
+equals the clean one bit for bit. A step is noisy when ``strength > strength_threshold`` (strictly).
+
+Everything random comes from the ``numpy.random.Generator`` passed in, so a generator state gives
+one result. Work is vectorised over steps and channels; the only Python loop runs over bursts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.signal.windows import tukey
+
+__all__ = [
+    "HARMONIC_AMPLITUDE_RANGES",
+    "VibrationBurst",
+    "VibrationNoise",
+    "VibrationNoiseConfig",
+    "add_vibration_noise",
+    "band_limited_noise",
+    "burst_envelope",
+]
+
+# (low, high) amplitude of the 2nd and 3rd harmonic, relative to the fundamental
+HARMONIC_AMPLITUDE_RANGES: tuple[tuple[float, float], ...] = ((0.2, 0.5), (0.1, 0.3))
+NYQUIST_FRACTION = 0.5
+
+
+@dataclass
+class VibrationNoiseConfig:
+    """How vibration bursts are drawn; frequencies are fractions of the sampling rate."""
+
+    sampling_rate_hz: float = 10.0  # the competition's IMU rate (FeatureSettings.sampling_rate_hz)
+    min_bursts: int = 0
+    max_bursts: int = 3  # inclusive
+    min_burst_length: int = 8  # steps
+    max_burst_length: int = 40  # steps, inclusive
+    freq_low: float = 0.15  # x sampling_rate_hz
+    freq_high: float = 0.45  # x sampling_rate_hz, below the Nyquist fraction 0.5
+    min_amplitude: float = 0.5  # x the channel's reference scale
+    max_amplitude: float = 2.0
+    harmonic_prob: float = 0.3  # chance that a burst carries its 2nd and 3rd harmonics
+    band_noise_fraction: float = 0.3  # share of band-limited noise in the burst's waveform
+    min_channel_gain: float = 0.3  # each channel's gain is drawn in [min_channel_gain, 1]
+    envelope_taper: float = 0.5  # Tukey alpha of the burst envelope; 1.0 = Hann
+    min_reference_std: float = 0.1  # floor on the per-channel std that amplitudes are measured in
+    channels: list[int] | None = None  # channels that vibrate; None = all channels of the input
+    strength_threshold: float = 0.1  # strength above which a step counts as noisy
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.sampling_rate_hz > 0, "sampling_rate_hz must be positive"),
+            (0 <= self.min_bursts <= self.max_bursts, "need 0 <= min_bursts <= max_bursts"),
+            (
+                1 <= self.min_burst_length <= self.max_burst_length,
+                "need 1 <= min_burst_length <= max_burst_length",
+            ),
+            (
+                0 < self.freq_low <= self.freq_high < NYQUIST_FRACTION,
+                "need 0 < freq_low <= freq_high < 0.5 (fractions of the sampling rate, below Nyquist)",
+            ),
+            (0 <= self.min_amplitude <= self.max_amplitude, "need 0 <= min_amplitude <= max_amplitude"),
+            (0 <= self.harmonic_prob <= 1, "harmonic_prob must lie in [0, 1]"),
+            (0 <= self.band_noise_fraction <= 1, "band_noise_fraction must lie in [0, 1]"),
+            (0 < self.min_channel_gain <= 1, "min_channel_gain must lie in (0, 1]"),
+            (0 <= self.envelope_taper <= 1, "envelope_taper must lie in [0, 1]"),
+            (self.min_reference_std > 0, "min_reference_std must be positive"),
+            (self.strength_threshold >= 0, "strength_threshold must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"VibrationNoiseConfig: {message}; got {self}")
+        if self.channels is not None:
+            channels = list(self.channels)
+            if any(c < 0 for c in channels) or len(set(channels)) != len(channels):
+                raise ValueError(f"channels must be distinct non-negative indices, got {channels}")
+
+
+@dataclass
+class VibrationBurst:
+    """One burst as drawn; ``start`` may be negative when the burst began before the sequence."""
+
+    start: int  # first step of the whole burst (before clipping)
+    length: int  # steps of the whole burst (before clipping)
+    frequency_hz: float
+    amplitude: float  # A, in reference-scale units
+    has_harmonics: bool
+
+    def clipped(self, n_steps: int) -> tuple[int, int]:
+        """``(first, stop)`` steps of the burst inside a sequence of ``n_steps`` steps."""
+        return max(self.start, 0), min(self.start + self.length, n_steps)
+
+
+@dataclass
+class VibrationNoise:
+    """A noisy copy of a sequence and where, how strongly and at what frequency it vibrates."""
+
+    noisy: np.ndarray  # (T, C) float32: clean + vibration
+    strength: np.ndarray  # (T,) float32: sum over bursts of A_b * envelope_b(t); 0 away from bursts
+    frequency: float  # Hz of the strongest burst (largest summed strength in the sequence); 0.0 = none
+    strength_threshold: float
+    bursts: list[VibrationBurst] = field(default_factory=list)
+
+    @property
+    def noisy_steps(self) -> np.ndarray:
+        """(T,) bool: ``strength > strength_threshold``."""
+        return self.strength > self.strength_threshold
+
+
+def burst_envelope(length: int, taper: float) -> np.ndarray:
+    """(length,) Tukey window, positive on all ``length`` steps (the zero end points cut off)."""
+    return tukey(length + 2, alpha=taper)[1:-1]
+
+
+def band_limited_noise(
+    n_steps: int, n_channels: int, band: tuple[float, float], rng: np.random.Generator
+) -> np.ndarray:
+    """(n_steps, n_channels) white noise with only the frequencies in ``band`` (fractions of fs).
+
+    Each channel is scaled to the RMS of a unit sine (1/sqrt(2)); a band that holds no FFT bin
+    of an ``n_steps``-long signal gives zeros.
+    """
+    white = rng.standard_normal((n_steps, n_channels))
+    spectrum = np.fft.rfft(white, axis=0)  # (n_steps // 2 + 1, C)
+    frequencies = np.fft.rfftfreq(n_steps)  # cycles per step
+    outside = (frequencies < band[0]) | (frequencies > band[1])
+    spectrum[outside] = 0.0
+    filtered = np.fft.irfft(spectrum, n=n_steps, axis=0)
+    rms = np.sqrt(np.mean(filtered**2, axis=0))  # (C,)
+    return np.divide(filtered, rms * np.sqrt(2.0), out=np.zeros_like(filtered), where=rms > 0)
+
+
+def add_vibration_noise(x: np.ndarray, rng: np.random.Generator, cfg: VibrationNoiseConfig) -> VibrationNoise:
+    """Add vibration bursts to the ``cfg.channels`` of ``x`` ``(T, C)``; see the module docstring.
+
+    ``x`` is not modified. ``T = 0`` gives an empty result with no burst. Amplitudes are measured
+    in each channel's std floored at ``min_reference_std`` (the floor alone for a non-finite channel).
+    """
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"x must be a (T, C) array, got shape {x.shape}")
+    n_steps, n_channels = x.shape
+    channels = np.arange(n_channels) if cfg.channels is None else np.asarray(cfg.channels, dtype=np.int64)
+    if channels.size and channels.max() >= n_channels:
+        raise ValueError(
+            f"noise channels {cfg.channels} do not all exist in an input with {n_channels} channels"
+        )
+    noisy = x.astype(np.float32, copy=True)
+    strength = np.zeros(n_steps, dtype=np.float64)
+    if n_steps == 0:
+        return VibrationNoise(noisy, strength.astype(np.float32), 0.0, cfg.strength_threshold)
+
+    clean = x[:, channels].astype(np.float64)  # (T, K)
+    spread = clean.std(axis=0)  # (K,); a channel with a non-finite value falls back to the floor
+    scale = np.where(np.isfinite(spread), np.maximum(spread, cfg.min_reference_std), cfg.min_reference_std)
+    noise = np.zeros_like(clean)  # (T, K)
+    band = (cfg.freq_low, cfg.freq_high)
+    bursts: list[VibrationBurst] = []
+    burst_weights: list[float] = []
+    n_bursts = int(rng.integers(cfg.min_bursts, cfg.max_bursts + 1))
+    for _ in range(n_bursts):
+        length = int(rng.integers(cfg.min_burst_length, cfg.max_burst_length + 1))
+        low_start, high_start = sorted((0, n_steps - length))
+        start = int(rng.integers(low_start, high_start + 1))
+        cycles_per_step = float(rng.uniform(*band))
+        amplitude = float(rng.uniform(cfg.min_amplitude, cfg.max_amplitude))
+        gains = rng.uniform(cfg.min_channel_gain, 1.0, size=len(channels))  # (K,)
+        phases = rng.uniform(0.0, 2 * np.pi, size=len(channels))  # (K,)
+        has_harmonics = bool(rng.random() < cfg.harmonic_prob)
+        harmonic_amplitudes = [rng.uniform(low, high) for low, high in HARMONIC_AMPLITUDE_RANGES]
+        band_noise = band_limited_noise(length, len(channels), band, rng)  # (length, K)
+
+        burst = VibrationBurst(
+            start, length, cycles_per_step * cfg.sampling_rate_hz, amplitude, has_harmonics
+        )
+        first, stop = burst.clipped(n_steps)
+        inside = slice(first - start, stop - start)  # the burst's own steps inside the sequence
+        steps = np.arange(first, stop)  # absolute steps of the burst inside the sequence
+        angle = 2 * np.pi * cycles_per_step * steps[:, None] + phases[None, :]  # (S, K)
+        tone = np.sin(angle)
+        if has_harmonics:
+            for order, relative in enumerate(harmonic_amplitudes, start=2):
+                if order * cycles_per_step < NYQUIST_FRACTION:
+                    tone += relative * np.sin(order * angle)
+        waveform = (1 - cfg.band_noise_fraction) * tone + cfg.band_noise_fraction * band_noise[inside]
+        envelope = amplitude * burst_envelope(length, cfg.envelope_taper)[inside]  # (S,)
+        noise[first:stop] += envelope[:, None] * gains[None, :] * scale[None, :] * waveform
+        strength[first:stop] += envelope
+        bursts.append(burst)
+        burst_weights.append(float(envelope.sum()))
+
+    noisy[:, channels] = (clean + noise).astype(np.float32)
+    strength = strength.astype(np.float32)
+    frequency_hz = bursts[int(np.argmax(burst_weights))].frequency_hz if bursts else 0.0
+    return VibrationNoise(noisy, strength, frequency_hz, cfg.strength_threshold, bursts)
