@@ -382,6 +382,26 @@ def test_an_empty_sequence_or_a_failing_model_gives_the_fallback(
     assert "non-finite probabilities" in warnings_of(caplog)
 
 
+def test_int8_quantisation_is_a_cpu_option_close_to_fp32(
+    run_dir_of, predictor018, toy_sequences, toy_demographics
+):
+    inference = exp_module("exp018", "inference")
+    quantized = inference.load_predictor(run_dir_of("exp018"), device="cpu", quantize=True, strict=True)
+    layers = list(quantized.members[0].model.modules())
+    assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in layers)
+    assert not any(type(m) is torch.nn.Linear for m in layers)
+    for sequence_id in list(toy_sequences)[:10]:
+        sequence = toy_sequences[sequence_id]
+        demographics = demographics_of(toy_demographics, sequence)
+        np.testing.assert_allclose(
+            _probabilities(quantized, sequence, demographics),
+            _probabilities(predictor018, sequence, demographics),
+            atol=0.05,
+        )
+    with pytest.raises(ValueError, match="CPU setting"):
+        inference.load_predictor(run_dir_of("exp018"), device=torch.device("cuda"), quantize=True)
+
+
 # ---------------------------------------------------------------- gateway stand-in and batch mode
 @pytest.fixture(scope="module")
 def test_dir(toy_data, tmp_path_factory) -> Path:

@@ -66,6 +66,23 @@ def evaluation_autocast_dtype(precision: str, device: torch.device) -> torch.dty
     return None
 
 
+def quantize_for_cpu(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with its ``nn.Linear`` layers as dynamically quantised int8 (CPU only).
+
+    ``torch.ao.quantization.quantize_dynamic``: weights stored as int8, activations quantised per
+    call. Roughly halves the CPU time of the matrix products that dominate these models, at the
+    cost of small differences in the probabilities (an opt-in speed setting, not training's
+    numerics). The API is deprecated in recent PyTorch releases; its warnings are silenced here.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(
+            model.cpu().eval(), {torch.nn.Linear}, dtype=torch.qint8
+        )
+
+
 @dataclass
 class FoldMember:
     """One fold of the ensemble: its model (evaluated weights loaded) and its normaliser."""
