@@ -48,7 +48,10 @@ def main() -> None:
     model = model_module.GestureClassifier(args.features, cfg.model, args.length).to(device)
     n_parameters = sum(p.numel() for p in model.parameters())
     step_model = torch.compile(model) if args.compile else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if hasattr(train_module, "build_optimizer"):  # the experiment's own optimizer settings
+        optimizer = train_module.build_optimizer(model, cfg.trainer)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(args.batch_size, args.length, args.features, generator=generator)

@@ -16,7 +16,9 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from codes.common.schema import NUM_GESTURES
+from codes.models.bert_attention import SDPA_CHEAP_CPU_DROPOUT
 from codes.models.demographics import DemographicsEncoder
+from codes.models.dropout import replace_dropout_modules
 from codes.models.masking import check_mask, to_attention_mask
 from codes.models.squeezeformer import SqueezeformerEncoder
 
@@ -61,7 +63,9 @@ def build_bert_config(cfg, max_len: int) -> BertConfig:
         hidden_dropout_prob=bert.hidden_dropout,
         attention_probs_dropout_prob=bert.attention_dropout,
         max_position_embeddings=positions,
-        attn_implementation=bert.attn_implementation,
+        # "sdpa" runs as the library's SDPA, except for training on CPU where attention dropout
+        # uses the cheap mask (codes.models.bert_attention)
+        attn_implementation=SDPA_CHEAP_CPU_DROPOUT if bert.attn_implementation == "sdpa" else "eager",
     )
 
 
@@ -89,6 +93,7 @@ class GestureClassifier(nn.Module):
         self.bert_projection = nn.Linear(cfg.d_model, hidden) if hidden != cfg.d_model else nn.Identity()
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden))
         self.bert = BertModel(bert_config, add_pooling_layer=False)
+        replace_dropout_modules(self.bert)  # the cheap CPU dropout mask, same probabilities
         if cfg.bert.gradient_checkpointing:
             self.bert.gradient_checkpointing_enable()
         self.demographics_encoder = (

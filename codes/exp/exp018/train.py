@@ -74,6 +74,13 @@ def repo_path(path: str) -> Path:
     return Path(path) if Path(path).is_absolute() else REPO_ROOT / path
 
 
+def build_optimizer(model: torch.nn.Module, trainer_cfg) -> torch.optim.Optimizer:
+    """AdamW with its fused kernel (CPU and CUDA): one pass over all parameters instead of a loop."""
+    return torch.optim.AdamW(
+        model.parameters(), lr=trainer_cfg.lr, weight_decay=trainer_cfg.weight_decay, fused=True
+    )
+
+
 def autocast_dtype(trainer_cfg, device: torch.device) -> torch.dtype | None:
     """bf16 autocast on CUDA (precision auto/bf16), none (fp32) on CPU unless bf16 is asked for."""
     if trainer_cfg.precision == "fp32":
@@ -174,9 +181,7 @@ def train_fold(
         if trainer_cfg.ema_decay > 0
         else None
     )
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=trainer_cfg.lr, weight_decay=trainer_cfg.weight_decay
-    )
+    optimizer = build_optimizer(model, trainer_cfg)
     per_rank = math.ceil(len(train) / context.world_size)
     steps_per_epoch = math.ceil(per_rank / trainer_cfg.batch_size)
     total_steps = steps_per_epoch * trainer_cfg.epochs

@@ -1,0 +1,66 @@
+"""A Hugging Face attention implementation: SDPA, with the cheap dropout mask when training on CPU.
+
+``transformers`` runs attention through a registry (``AttentionInterface``) keyed by the
+config's ``attn_implementation``. Its ``"sdpa"`` entry calls ``scaled_dot_product_attention``;
+on a CPU with attention dropout that call has no fused kernel and falls back to the plain
+softmax math with a ``bernoulli_`` mask, the slow part of CPU dropout
+(:mod:`codes.models.dropout`). :data:`SDPA_CHEAP_CPU_DROPOUT` names an entry that
+
+- delegates to the library's ``"sdpa"`` function unchanged on GPU, in eval mode, without
+  dropout, and inside ``torch.compile``;
+- otherwise (training on CPU with dropout) computes the same softmax attention itself with the
+  cheap mask of :func:`codes.models.dropout.dropout`.
+
+The mask function registered under the same name is the library's SDPA one, so masks are built
+exactly as for ``"sdpa"``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from codes.models.dropout import dropout as cheap_dropout
+
+__all__ = ["SDPA_CHEAP_CPU_DROPOUT", "sdpa_with_cheap_cpu_dropout"]
+
+SDPA_CHEAP_CPU_DROPOUT = "sdpa_cheap_cpu_dropout"
+
+
+def sdpa_with_cheap_cpu_dropout(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """``(B, H, Q, d), (B, H, K, d), (B, H, K, d)`` -> ``(B, Q, H, d)``, as the library's SDPA entry."""
+    if (
+        dropout == 0.0
+        or query.device.type != "cpu"
+        or torch.compiler.is_compiling()
+        or key.shape[1] != query.shape[1]  # grouped key/value heads: leave them to the library
+    ):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scaling  # (B, H, Q, K)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:  # True = attend
+            scores = scores.masked_fill(~attention_mask, float("-inf"))
+        else:  # additive
+            scores = scores + attention_mask
+    probs = cheap_dropout(torch.softmax(scores, dim=-1), dropout)
+    output = torch.matmul(probs.to(value.dtype), value)  # (B, H, Q, d)
+    return output.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SDPA_CHEAP_CPU_DROPOUT, sdpa_with_cheap_cpu_dropout)
+AttentionMaskInterface.register(SDPA_CHEAP_CPU_DROPOUT, sdpa_mask)
