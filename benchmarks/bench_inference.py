@@ -2,7 +2,7 @@
 
     python benchmarks/bench_inference.py --run-dir outputs/exp018/<run> [--data data/synthetic]
     python benchmarks/bench_inference.py --random-run outputs/bench/exp018-default --exp exp018
-        [--folds 5] [--threads 2] [--quantize] [--n-sequences 200] [--warmup 10] [model.key=value ...]
+        [--folds 5] [--threads 1] [--fold-threads 2] [--quantize] [--n-sequences 200] [--warmup 10] [model.key=value ...]
 
 The sequences are the test.csv sequences of ``--data`` (default: the synthetic data), served by
 the local gateway stand-in (``codes.inference.gateway.LocalGateway``) in shuffled order, one
@@ -102,6 +102,7 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quantize", action="store_true", help="int8 Linear layers (CPU)")
+    parser.add_argument("--fold-threads", type=int, default=1, help="fold models run at once per call")
     parser.add_argument("--n-sequences", type=int, default=None, help="default: every test sequence")
     parser.add_argument("--warmup", type=int, default=10, help="predict() calls before timing")
     parser.add_argument("--seed", type=int, default=0, help="serving order")
@@ -129,7 +130,9 @@ def main() -> None:
     inference = importlib.import_module(f"codes.exp.{exp}.inference")
 
     started = time.perf_counter()
-    predictor = inference.load_predictor(run_dir, device=args.device, quantize=args.quantize)
+    predictor = inference.load_predictor(
+        run_dir, device=args.device, quantize=args.quantize, fold_threads=args.fold_threads
+    )
     load_seconds = time.perf_counter() - started
 
     test = pl.read_csv(data_dir / "test.csv")
@@ -155,7 +158,7 @@ def main() -> None:
     n_parameters = sum(p.numel() for p in predictor.members[0].model.parameters())
     print(
         f"machine: {platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} torch thread(s), device {predictor.device}"
+        f"{torch.get_num_threads()} torch thread(s), {args.fold_threads} fold thread(s), device {predictor.device}"
         + (", int8 Linear layers" if args.quantize else ", fp32")
     )
     print(

@@ -34,6 +34,7 @@ CODE_DIR = os.environ.get("CMI_CODE_DIR", "")  # "" = search INPUT_ROOT for the 
 RUN_DIR = os.environ.get("CMI_RUN_DIR", "")  # "" = search INPUT_ROOT for a run folder
 # CPU only: int8 Linear layers, about twice as fast, probabilities slightly off training's
 QUANTIZE_ON_CPU = os.environ.get("CMI_QUANTIZE", "0") == "1"
+FOLD_THREADS = int(os.environ.get("CMI_FOLD_THREADS", "1"))  # fold models run at once per sequence
 WORKING_DIR = Path("/kaggle/working")
 SEARCH_DEPTH = 4
 
@@ -87,7 +88,9 @@ started = time.perf_counter()
 import torch  # noqa: E402
 
 quantize = QUANTIZE_ON_CPU and not torch.cuda.is_available()
-predictor = inference.load_predictor(run_dir, quantize=quantize)  # every fold, once, before the server starts
+predictor = inference.load_predictor(
+    run_dir, quantize=quantize, fold_threads=FOLD_THREADS
+)  # every fold, once, before the server starts
 print(f"loaded folds {predictor.folds} on {predictor.device} in {time.perf_counter() - started:.1f} s")
 
 

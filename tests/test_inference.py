@@ -402,6 +402,23 @@ def test_int8_quantisation_is_a_cpu_option_close_to_fp32(
         inference.load_predictor(run_dir_of("exp018"), device=torch.device("cuda"), quantize=True)
 
 
+def test_fold_models_run_in_threads_give_the_same_probabilities(
+    run_dir_of, predictor018, toy_sequences, toy_demographics
+):
+    parallel = exp_module("exp018", "inference").load_predictor(
+        run_dir_of("exp018"), device="cpu", strict=True, fold_threads=2
+    )
+    assert parallel.restricted_to([0, 1]).fold_threads == 2
+    for sequence_id in list(toy_sequences)[:8]:
+        sequence = toy_sequences[sequence_id]
+        demographics = demographics_of(toy_demographics, sequence)
+        np.testing.assert_allclose(
+            _probabilities(parallel, sequence, demographics),
+            _probabilities(predictor018, sequence, demographics),
+            atol=1e-6,
+        )
+
+
 # ---------------------------------------------------------------- gateway stand-in and batch mode
 @pytest.fixture(scope="module")
 def test_dir(toy_data, tmp_path_factory) -> Path:

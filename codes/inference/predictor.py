@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,6 +112,10 @@ class EnsemblePredictor:
     With ``strict=False`` (the default, what a submission wants) an unexpected failure while
     predicting one sequence is logged and answered with :data:`FALLBACK_GESTURE`; ``strict=True``
     lets it raise (tests).
+
+    ``fold_threads > 1`` runs the fold models in that many Python threads at once (torch ops
+    release the GIL). On a CPU, pair it with ``torch.set_num_threads(1)``: a single sequence's
+    matrices are too small for torch's intra-op threads to pay off, whole models in parallel do.
     """
 
     def __init__(
@@ -121,6 +126,7 @@ class EnsemblePredictor:
         device: str | torch.device = "cpu",
         autocast_dtype: torch.dtype | None = None,
         strict: bool = False,
+        fold_threads: int = 1,
     ) -> None:
         if not members:
             raise ValueError("an ensemble needs at least one fold model")
@@ -135,6 +141,8 @@ class EnsemblePredictor:
         self.sensor_columns = settings.sensor_columns
         self.n_fallbacks = 0  # sequences answered with FALLBACK_GESTURE
         self._warned_once: set[str] = set()
+        self.fold_threads = max(1, int(fold_threads))
+        self._pool = ThreadPoolExecutor(self.fold_threads) if self.fold_threads > 1 else None
         for member in self.members:
             member.model.to(self.device).eval()
             n_features = len(member.normalizer.scaler.mean_)
@@ -155,7 +163,13 @@ class EnsemblePredictor:
         if missing:
             raise ValueError(f"the ensemble has no fold {missing}; it holds folds {self.folds}")
         return EnsemblePredictor(
-            chosen, self.settings, self.max_len, self.device, self.autocast_dtype, self.strict
+            chosen,
+            self.settings,
+            self.max_len,
+            self.device,
+            self.autocast_dtype,
+            self.strict,
+            self.fold_threads,
         )
 
     # ------------------------------------------------------------ the competition's contract
@@ -370,34 +384,47 @@ class EnsemblePredictor:
         kept = np.minimum(table.lengths, self.max_len)
         length = self.max_len if pad_to_max_len else int(kept.max())
         demographics = torch.from_numpy(table.demographics.astype(np.float32))
-        total = np.zeros((table.n_sequences, NUM_GESTURES), dtype=np.float64)
-        counts = np.zeros(table.n_sequences, dtype=np.int64)
-        enabled = self.autocast_dtype is not None
-        with torch.inference_mode():
-            for member in self.members:
-                features, mask = self._member_inputs(table, member.normalizer, length)
+
+        def member_probabilities(member: FoldMember) -> np.ndarray:
+            """(N, 18) probabilities of one fold (inference mode and autocast are per thread)."""
+            features, mask = self._member_inputs(table, member.normalizer, length)
+            parts = []
+            with (
+                torch.inference_mode(),
+                torch.autocast(
+                    self.device.type,
+                    dtype=self.autocast_dtype or torch.float32,
+                    enabled=self.autocast_dtype is not None,
+                ),
+            ):
                 for start in range(0, table.n_sequences, batch_size):
                     batch = slice(start, start + batch_size)
-                    with torch.autocast(
-                        self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=enabled
-                    ):
-                        outputs = member.model(
-                            features[batch].to(self.device),
-                            mask[batch].to(self.device),
-                            demographics[batch].to(self.device),
-                        )
-                    probabilities = outputs["gesture_logits"].float().softmax(-1).cpu().numpy()
-                    good = np.isfinite(probabilities).all(axis=1)
-                    if not good.all():
-                        bad_ids = table.sequence_ids[batch][~good]
-                        logger.warning(
-                            "fold %d gave non-finite probabilities for %d sequence(s) (%s): left out of their mean",
-                            member.fold,
-                            len(bad_ids),
-                            ", ".join(map(str, bad_ids[:5])),
-                        )
-                    total[batch][good] += probabilities[good]
-                    counts[batch] += good
+                    outputs = member.model(
+                        features[batch].to(self.device),
+                        mask[batch].to(self.device),
+                        demographics[batch].to(self.device),
+                    )
+                    parts.append(outputs["gesture_logits"].float().softmax(-1).cpu().numpy())
+            return np.concatenate(parts)
+
+        if self._pool is not None and len(self.members) > 1:
+            per_fold = list(self._pool.map(member_probabilities, self.members))
+        else:
+            per_fold = [member_probabilities(member) for member in self.members]
+        total = np.zeros((table.n_sequences, NUM_GESTURES), dtype=np.float64)
+        counts = np.zeros(table.n_sequences, dtype=np.int64)
+        for member, probabilities in zip(self.members, per_fold, strict=True):
+            good = np.isfinite(probabilities).all(axis=1)
+            if not good.all():
+                bad_ids = table.sequence_ids[~good]
+                logger.warning(
+                    "fold %d gave non-finite probabilities for %d sequence(s) (%s): left out of their mean",
+                    member.fold,
+                    len(bad_ids),
+                    ", ".join(map(str, bad_ids[:5])),
+                )
+            total[good] += probabilities[good]
+            counts += good
         with np.errstate(invalid="ignore", divide="ignore"):
             return (total / counts[:, None]).astype(np.float32)
 

@@ -73,11 +73,13 @@ def load_predictor(
     device: str | torch.device = "auto",
     strict: bool = False,
     quantize: bool = False,
+    fold_threads: int = 1,
 ) -> EnsemblePredictor:
     """Every trained fold of ``run_dir`` (or only ``folds``) as one :class:`EnsemblePredictor`.
 
     ``quantize=True`` (CPU only) turns the Linear layers into dynamic int8 ones: faster, with
     probabilities that differ slightly from training's (see ``quantize_for_cpu``).
+    ``fold_threads=2`` runs two fold models at once (on a CPU, with ``torch.set_num_threads(1)``).
     """
     started = time.perf_counter()
     run_dir = Path(run_dir)
@@ -111,6 +113,7 @@ def load_predictor(
         device=device,
         autocast_dtype=evaluation_autocast_dtype(cfg.trainer.precision, device),
         strict=strict,
+        fold_threads=fold_threads,
     )
     logger.info(
         "loaded %s folds %s (%s weights%s) on %s in %.2f s",
@@ -136,6 +139,7 @@ class InferenceConfig:
     folds: list[int] | None = None  # default: every trained fold
     num_threads: int | None = None  # torch CPU threads; default: torch's own choice
     quantize: bool = False  # CPU: int8 Linear layers (faster, slightly different probabilities)
+    fold_threads: int = 1  # fold models run at once for a single sequence (predict(); not batch mode)
 
 
 def main(argv: Sequence[str] | None = None) -> dict | None:
