@@ -1,0 +1,89 @@
+"""The ``BertConfig`` of a Squeezeformer + BERT stack (exp018 and NoiseBERT), validated at start-up.
+
+Settings come from a ``model`` config section with ``d_model`` and a ``bert`` group
+(``hidden_size``, ``num_layers``, ``num_heads``, ``intermediate_size``, ``hidden_dropout``,
+``attention_dropout``, ``attn_implementation``, ``max_position_embeddings``). Nothing is
+downloaded: the config is built locally and the model starts from random weights.
+"""
+
+from __future__ import annotations
+
+from transformers import BertConfig, BertModel
+
+from codes.models.bert_attention import SDPA_CHEAP_CPU_DROPOUT
+from codes.models.dropout import replace_dropout_modules
+from codes.models.squeezeformer import SqueezeformerEncoder
+
+__all__ = [
+    "ATTENTION_IMPLEMENTATIONS",
+    "ModelConfigError",
+    "build_bert",
+    "build_bert_config",
+    "build_squeezeformer",
+]
+
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+class ModelConfigError(ValueError):
+    """A model setting that cannot work, found at start-up."""
+
+
+def build_bert_config(cfg, max_len: int) -> BertConfig:
+    """A ``BertConfig`` for the head, validated with errors that name the setting to change."""
+    bert = cfg.bert
+    hidden = bert.hidden_size or cfg.d_model
+    if hidden % bert.num_heads != 0:
+        raise ModelConfigError(
+            f"model.bert.hidden_size ({hidden}) must be divisible by model.bert.num_heads ({bert.num_heads})"
+        )
+    if bert.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ModelConfigError(
+            f"model.bert.attn_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {bert.attn_implementation!r}"
+        )
+    positions = bert.max_position_embeddings or max_len + 1
+    if positions < max_len + 1:
+        raise ModelConfigError(
+            f"model.bert.max_position_embeddings ({positions}) must cover data.max_len + 1 = {max_len + 1} "
+            "(the sequence plus the CLS token)"
+        )
+    return BertConfig(
+        vocab_size=1,  # token ids are never used: the input is inputs_embeds
+        type_vocab_size=1,
+        hidden_size=hidden,
+        num_hidden_layers=bert.num_layers,
+        num_attention_heads=bert.num_heads,
+        intermediate_size=bert.intermediate_size or 4 * hidden,
+        hidden_dropout_prob=bert.hidden_dropout,
+        attention_probs_dropout_prob=bert.attention_dropout,
+        max_position_embeddings=positions,
+        # "sdpa" runs as the library's SDPA, except for training on CPU where attention dropout
+        # uses the cheap mask (codes.models.bert_attention)
+        attn_implementation=SDPA_CHEAP_CPU_DROPOUT if bert.attn_implementation == "sdpa" else "eager",
+    )
+
+
+def build_squeezeformer(cfg, max_len: int) -> SqueezeformerEncoder:
+    """The Squeezeformer encoder of a ``model`` config section."""
+    return SqueezeformerEncoder(
+        d_model=cfg.d_model,
+        num_blocks=cfg.num_blocks,
+        num_heads=cfg.num_heads,
+        ff_dim=cfg.ff_dim,
+        conv_kernel=cfg.conv_kernel,
+        conv_expansion=cfg.conv_expansion,
+        dropout=cfg.dropout,
+        attention_dropout=cfg.attention_dropout,
+        time_reduction=cfg.time_reduction,
+        positional_encoding=cfg.positional_encoding,
+        max_len=max_len,
+    )
+
+
+def build_bert(cfg, max_len: int) -> BertModel:
+    """``BertModel`` without pooler, random weights, cheap CPU dropout, optional gradient checkpointing."""
+    bert = BertModel(build_bert_config(cfg, max_len), add_pooling_layer=False)
+    replace_dropout_modules(bert)  # the cheap CPU dropout mask, same probabilities
+    if cfg.bert.gradient_checkpointing:
+        bert.gradient_checkpointing_enable()
+    return bert
