@@ -40,6 +40,7 @@ from codes.common.features import feature_layout  # noqa: E402
 from codes.common.runs import setup_logging, write_json_atomically  # noqa: E402
 from codes.common.sequences import FeatureNormalizer, build_sequence_table  # noqa: E402
 from codes.inference.gateway import LocalGateway, latency_summary  # noqa: E402
+from codes.inference.run_folder import load_fold_weights, load_run_config  # noqa: E402
 
 
 def shown(path: Path) -> str:
@@ -124,8 +125,6 @@ def main() -> None:
         run_dir = write_random_run(exp, args.random_run, data_dir, args.folds, list(args.overrides))
     else:
         run_dir = args.run_dir
-        from codes.inference.run_folder import load_run_config
-
         exp = args.exp or load_run_config(run_dir).exp_name
     inference = importlib.import_module(f"codes.exp.{exp}.inference")
 
@@ -155,14 +154,15 @@ def main() -> None:
         predictor.sequence_table(sequence, subject)
         preprocess.append(time.perf_counter() - began)
     lengths = test.group_by("sequence_id").len()["len"].to_numpy()
-    n_parameters = sum(p.numel() for p in predictor.members[0].model.parameters())
+    weights, _ = load_fold_weights(run_dir, predictor.folds[0])  # counted before any quantisation
+    n_parameters = sum(t.numel() for t in weights.values() if t.is_floating_point())
     print(
         f"machine: {platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} torch thread(s), {args.fold_threads} fold thread(s), device {predictor.device}"
         + (", int8 Linear layers" if args.quantize else ", fp32")
     )
     print(
-        f"run: {shown(run_dir)} ({exp}, folds {predictor.folds}, {n_parameters / 1e6:.2f} M parameters per fold, "
+        f"run: {shown(run_dir)} ({exp}, folds {predictor.folds}, {n_parameters / 1e6:.2f} M weights per fold, "
         f"max_len {predictor.max_len})"
     )
     print(
