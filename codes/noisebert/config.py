@@ -1,0 +1,116 @@
+"""NoiseBERT pretraining settings, as dataclasses registered with Hydra's ConfigStore.
+
+``configs/noisebert.yaml`` starts from this schema and adds the shared groups (paths, data
+source, hardware presets). The ``model`` section has exp018's names and defaults, so the same
+preset (e.g. ``preset=quick``) gives weights of the shapes exp018 builds with that preset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+from codes.noisebert.dataset import MaskingConfig
+from codes.noisebert.noise import VibrationNoiseConfig
+
+__all__ = ["NoiseBERTRunConfig", "register_configs"]
+
+
+@dataclass
+class PathsConfig:
+    data_dir: str = "data"
+    synthetic_dir: str = "data/synthetic"
+    output_dir: str = "outputs"
+
+
+@dataclass
+class DataConfig:
+    source: str = "auto"  # auto | competition | synthetic
+    synthetic_subjects: int = 20
+    synthetic_seed: int = 0
+    max_len: int = 128  # longer sequences keep their LAST max_len steps
+    use_thm: bool = True
+    tof_mode: str = "summary"  # none | summary | raw
+    mirror_left_handed: bool = True
+    sampling_rate_hz: float = 10.0
+    include_test: bool = True  # the test sequences are unlabelled pretraining data too
+    valid_fraction: float = 0.1  # share of the train subjects held out for validation
+    split_seed: int = 0
+
+
+@dataclass
+class BertHeadConfig:
+    hidden_size: int | None = None  # None = model.d_model
+    num_layers: int = 4
+    num_heads: int = 8
+    intermediate_size: int | None = None  # None = 4 x hidden_size
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    attn_implementation: str = "sdpa"  # sdpa | eager
+    gradient_checkpointing: bool = False
+    max_position_embeddings: int | None = None  # None = data.max_len + 1
+
+
+@dataclass
+class ModelConfig:
+    """The Squeezeformer + BERT stack, with exp018's field names and defaults."""
+
+    d_model: int = 256
+    num_blocks: int = 8
+    num_heads: int = 8
+    ff_dim: int = 1024
+    conv_kernel: int = 31
+    conv_expansion: int = 2
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    time_reduction: bool = True
+    positional_encoding: str = "sinusoidal"
+    bert: BertHeadConfig = field(default_factory=BertHeadConfig)
+
+
+@dataclass
+class RegularizerConfig:
+    """lambda x penalty on the CLS attention mass over the noise region."""
+
+    weight: float = 1.0  # lambda; 0 = masked reconstruction only (the mass is still measured)
+    form: str = "mass"  # mass | log (-log(1 - mass))
+    layers: str = "last"  # last | all BERT layers (heads are averaged)
+    region: str = "intervals"  # intervals (steps of the noisy intervals) | steps (noisy steps)
+    log_floor: float = 1e-4  # 1 - mass is clamped to at least this for the log form
+
+
+@dataclass
+class TrainerConfig:
+    device: str = "auto"  # auto | cpu | cuda
+    epochs: int = 30
+    batch_size: int = 64
+    num_workers: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    warmup_ratio: float = 0.05
+    grad_clip: float = 1.0
+    early_stopping_patience: int = 10  # epochs without a better validation masked MSE
+    compile: bool = False
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    seed: int = 42
+    resume: bool = False
+    interrupt_after_epochs: int | None = None  # stop as if interrupted (tests, session limits)
+
+
+@dataclass
+class NoiseBERTRunConfig:
+    exp_name: str = "noisebert"
+    run_name: str = ""  # default: a timestamp; give it to resume a run
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    noise: VibrationNoiseConfig = field(default_factory=VibrationNoiseConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def register_configs() -> None:
+    """Store the schema under the name ``configs/noisebert.yaml`` starts from."""
+    ConfigStore.instance().store(name="noisebert_schema", node=NoiseBERTRunConfig)

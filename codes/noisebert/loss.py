@@ -1,0 +1,63 @@
+"""NoiseBERT's loss: masked-step reconstruction MSE plus lambda times a CLS-attention penalty.
+
+- ``masked_mse``: the mean squared error over the masked steps and all features; unmasked and
+  padded steps have no influence. A batch without masked steps gives 0.
+- ``noisy_attention_mass``: per sample, the CLS attention probability that falls on the noise
+  region (per-step bool ``(B, T)``: the noisy steps, or the steps of the noisy intervals),
+  averaged over heads and over the chosen layers: ``(B,)`` in [0, 1].
+- ``attention_penalty``: the mean over the samples that have a noisy step of ``mass`` (form
+  ``"mass"``) or ``-log(1 - mass)`` (form ``"log"``, with ``1 - mass`` clamped to at least
+  ``log_floor`` so that it stays finite); samples without a noisy step contribute nothing, and a
+  batch without any gives exactly 0 (never a NaN). Everything is vectorised over the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["PENALTY_FORMS", "attention_penalty", "masked_mse", "noise_region", "noisy_attention_mass"]
+
+PENALTY_FORMS = ("mass", "log")
+
+
+def masked_mse(prediction: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """``(B, T, F), (B, T, F), (B, T) bool`` -> scalar mean over masked steps and features."""
+    weights = masked.unsqueeze(-1).to(prediction.dtype)  # (B, T, 1)
+    squared = torch.where(masked.unsqueeze(-1), (prediction.float() - target.float()).square(), 0.0)
+    count = weights.sum() * prediction.shape[-1]
+    return squared.sum() / count.clamp(min=1.0)
+
+
+def noise_region(batch: dict[str, torch.Tensor], region: str = "intervals") -> torch.Tensor:
+    """The steps the penalty looks at, ``(B, T)`` bool: ``"steps"`` (noisy steps) or ``"intervals"``."""
+    if region == "steps":
+        return batch["noisy"]
+    if region == "intervals":
+        index = batch["interval_index"]  # (B, T), -1 at padding
+        hot = batch["noise_intervals"] > 0.5  # (B, K)
+        return torch.gather(hot, 1, index.clamp(min=0)) & (index >= 0)
+    raise ValueError(f"region must be 'steps' or 'intervals', got {region!r}")
+
+
+def noisy_attention_mass(cls_attention: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """``cls_attention (B, layers, heads, T), region (B, T) bool`` -> ``(B,)`` mass on the region."""
+    on_region = torch.where(region[:, None, None, :], cls_attention.float(), 0.0).sum(
+        -1
+    )  # (B, layers, heads)
+    return on_region.mean(dim=(1, 2))
+
+
+def attention_penalty(
+    cls_attention: torch.Tensor, region: torch.Tensor, form: str = "mass", log_floor: float = 1e-4
+) -> torch.Tensor:
+    """Scalar penalty over the samples with a noisy step (0 when there are none)."""
+    if form not in PENALTY_FORMS:
+        raise ValueError(f"form must be one of {PENALTY_FORMS}, got {form!r}")
+    mass = noisy_attention_mass(cls_attention, region)  # (B,)
+    if form == "log":
+        per_sample = -torch.log((1.0 - mass).clamp(min=log_floor))
+    else:
+        per_sample = mass
+    has_noise = region.any(dim=1)  # (B,)
+    total = torch.where(has_noise, per_sample, 0.0).sum()
+    return total / has_noise.sum().clamp(min=1)

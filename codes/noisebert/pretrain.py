@@ -1,0 +1,327 @@
+"""NoiseBERT pretraining: masked reconstruction of vibrating sequences + the CLS-attention penalty.
+
+    python -m codes.noisebert.pretrain [hydra overrides]
+    python -m codes.noisebert.pretrain preset=quick                          # CPU, minutes
+    python -m codes.noisebert.pretrain preset=quick regularizer.weight=0     # no penalty
+    python -m codes.noisebert.pretrain run_name=r1 trainer.resume=true       # continue a run
+
+Data: every train sequence (labels unused) and, with ``data.include_test``, every test
+sequence; ``data.valid_fraction`` of the train subjects are held out for validation, whose
+noise and masks are drawn once (epoch 0) so that epochs compare. Writes
+``outputs/noisebert/<run>/``: config.yaml, git_commit.txt, train.log, normalizer.json, last.pt
+(resume state), best.pt (``{"model": state dict, ...}``, lowest validation masked MSE: what
+exp018's ``model.init_from`` takes), metrics.json, loss_curves.png, cls_attention.png.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import ConcatDataset, DataLoader
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from codes.common.checkpoint import load_checkpoint, save_atomically
+from codes.common.data_source import resolve_data_dir
+from codes.common.distributed import resolve_device
+from codes.common.features import FeatureSettings
+from codes.common.runs import REPO_ROOT, git_commit, seed_everything, setup_logging, write_json_atomically
+from codes.common.sequences import FeatureNormalizer, SequenceTable, load_sequence_table
+from codes.noisebert.config import register_configs
+from codes.noisebert.dataset import MaskingConfig, NoiseBERTDataset
+from codes.noisebert.loss import attention_penalty, masked_mse, noise_region, noisy_attention_mass
+from codes.noisebert.model import NoiseBERT
+from codes.noisebert.noise import VibrationNoiseConfig
+from codes.noisebert.plots import plot_cls_attention, plot_loss_curves
+
+logger = logging.getLogger("codes.noisebert.pretrain")
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised after ``trainer.interrupt_after_epochs`` epochs; continue with trainer.resume=true."""
+
+
+def repo_path(path: str) -> Path:
+    return Path(path) if Path(path).is_absolute() else REPO_ROOT / path
+
+
+def validation_subjects(subjects: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Bool per sequence: its subject is one of the ``fraction`` of subjects held out (at least one)."""
+    unique = np.unique(subjects)
+    if not 0.0 < fraction < 1.0 or len(unique) < 2:
+        raise ValueError(f"data.valid_fraction must be in (0, 1) with >= 2 subjects, got {fraction}")
+    n_valid = max(1, round(fraction * len(unique)))
+    held_out = np.random.default_rng(seed).choice(unique, size=n_valid, replace=False)
+    return np.isin(subjects, held_out)
+
+
+def interpolation_mse(dataset: NoiseBERTDataset) -> float:
+    """Masked MSE of linear interpolation across the masked spans from the visible (noisy) steps.
+
+    Each channel is interpolated from the unmasked real steps of the input; spans at either end
+    hold the nearest visible value. The same steps and targets as the model's masked MSE.
+    """
+    squared, count = 0.0, 0
+    for i in range(len(dataset)):
+        item = dataset[i]
+        real = item["padding_mask"].numpy()
+        masked = item["masked"].numpy() & real
+        if not masked.any():
+            continue
+        visible = real & ~masked
+        positions = np.arange(len(real))
+        inputs, targets = item["input"].numpy(), item["target"].numpy()
+        for channel in range(inputs.shape[1]):
+            if visible.any():
+                guess = np.interp(positions[masked], positions[visible], inputs[visible, channel])
+            else:
+                guess = np.zeros(masked.sum(), dtype=np.float32)
+            squared += float(np.square(guess - targets[masked, channel]).sum())
+        count += int(masked.sum()) * inputs.shape[1]
+    return squared / max(count, 1)
+
+
+def autocast_dtype(trainer_cfg, device: torch.device) -> torch.dtype | None:
+    if trainer_cfg.precision == "fp32":
+        return None
+    if trainer_cfg.precision == "bf16" or (trainer_cfg.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def build_datasets(cfg: DictConfig, run_dir: Path) -> tuple[ConcatDataset, NoiseBERTDataset, int]:
+    """Training data (train subjects + test), validation data, number of features."""
+    data = cfg.data
+    data_dir = resolve_data_dir(
+        source=data.source,
+        competition_dir=repo_path(cfg.paths.data_dir),
+        synthetic_dir=repo_path(cfg.paths.synthetic_dir),
+        synthetic_subjects=data.synthetic_subjects,
+        synthetic_seed=data.synthetic_seed,
+    )
+    settings = FeatureSettings(
+        use_thm=data.use_thm,
+        tof_mode=data.tof_mode,
+        mirror_left_handed=data.mirror_left_handed,
+        sampling_rate_hz=data.sampling_rate_hz,
+    )
+    train_table = load_sequence_table(data_dir, "train", settings)
+    is_valid = validation_subjects(train_table.subjects, data.valid_fraction, data.split_seed)
+    fit_table = train_table.subset(np.flatnonzero(~is_valid))
+    valid_table = train_table.subset(np.flatnonzero(is_valid))
+    tables: list[SequenceTable] = [fit_table]
+    if data.include_test:
+        tables.append(load_sequence_table(data_dir, "test", settings))
+    normalizer = FeatureNormalizer().fit(fit_table)
+    write_json_atomically(normalizer.state_dict(), run_dir / "normalizer.json")
+
+    noise_cfg = VibrationNoiseConfig(**OmegaConf.to_container(cfg.noise, resolve=True))
+    masking_cfg = MaskingConfig(**OmegaConf.to_container(cfg.masking, resolve=True))
+    seed = cfg.trainer.seed
+
+    def dataset(table: SequenceTable, offset: int) -> NoiseBERTDataset:
+        return NoiseBERTDataset.from_sequence_table(
+            table, normalizer, data.max_len, noise_cfg, masking_cfg, seed=seed + offset
+        )
+
+    train = ConcatDataset([dataset(table, offset) for offset, table in enumerate(tables)])
+    valid = dataset(valid_table, 1000)
+    logger.info(
+        "pretraining on %d sequences (%d train-file, %s test-file), validating on %d (%d subjects)",
+        len(train), fit_table.n_sequences, tables[1].n_sequences if len(tables) > 1 else 0, len(valid),
+        len(np.unique(valid_table.subjects)),
+    )  # fmt: skip
+    return train, valid, train_table.features.shape[1]
+
+
+def run_epoch(
+    model: NoiseBERT,
+    loader: DataLoader,
+    cfg: DictConfig,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler=None,
+    description: str = "",
+) -> dict[str, float]:
+    """One pass; returns mean total / masked-MSE / regularizer losses and the CLS mass on noisy steps."""
+    reg = cfg.regularizer
+    training = optimizer is not None
+    model.train(training)
+    sums = {"loss": 0.0, "masked_mse": 0.0, "regularizer": 0.0}
+    mass_sum, mass_count, n_batches = 0.0, 0, 0
+    with torch.set_grad_enabled(training):
+        for batch in tqdm(loader, desc=description, leave=False, mininterval=5.0):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                out = model(batch["input"], batch["padding_mask"], batch["masked"])
+            mse = masked_mse(out["reconstruction"], batch["target"], batch["masked"])
+            penalty = attention_penalty(
+                out["cls_attention"], noise_region(batch, reg.region), reg.form, reg.log_floor
+            )
+            loss = mse + reg.weight * penalty
+            if training:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.grad_clip)
+                optimizer.step()
+                scheduler.step()
+            with torch.no_grad():
+                noisy = batch["noisy"]
+                mass = noisy_attention_mass(out["cls_attention"].detach(), noisy)
+                has_noise = noisy.any(dim=1)
+                mass_sum += float(mass[has_noise].sum())
+                mass_count += int(has_noise.sum())
+            for key, value in (("loss", loss), ("masked_mse", mse), ("regularizer", penalty)):
+                sums[key] += float(value.detach())
+            n_batches += 1
+    if not math.isfinite(sums["loss"]):
+        raise FloatingPointError(f"non-finite NoiseBERT loss in {description}")
+    means = {key: value / max(n_batches, 1) for key, value in sums.items()}
+    means["cls_mass_on_noisy"] = mass_sum / max(mass_count, 1)
+    return means
+
+
+def prepare_run_dir(cfg: DictConfig) -> Path:
+    run_name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S")
+    run_dir = repo_path(cfg.paths.output_dir) / cfg.exp_name / run_name
+    started = (run_dir / "config.yaml").is_file()
+    if started and not cfg.trainer.resume:
+        raise FileExistsError(
+            f"{run_dir} already holds a run; continue it with trainer.resume=true run_name={run_name}, "
+            "or choose another run_name"
+        )
+    if cfg.trainer.resume and not started:
+        raise FileNotFoundError(f"trainer.resume=true but {run_dir} holds no run to continue")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (run_dir / "git_commit.txt").write_text(git_commit() + "\n")
+    return run_dir
+
+
+def pretrain(cfg: DictConfig) -> dict:
+    """The whole run; returns the metrics written to metrics.json."""
+    started = time.perf_counter()
+    run_dir = prepare_run_dir(cfg)
+    setup_logging(run_dir / "train.log")
+    device = resolve_device(cfg.trainer.device)
+    dtype = autocast_dtype(cfg.trainer, device)
+    logger.info("run folder %s, device %s, autocast %s", run_dir, device, dtype)
+    seed_everything(cfg.trainer.seed)
+    train, valid, n_features = build_datasets(cfg, run_dir)
+
+    model = NoiseBERT(n_features, cfg.model, cfg.data.max_len, cfg.regularizer.layers).to(device)
+    if cfg.trainer.compile:
+        model.encoder.compile()  # the Squeezeformer; the hooked BERT layers stay eager
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, fused=True
+    )
+    loader_kwargs = {
+        "batch_size": cfg.trainer.batch_size,
+        "num_workers": cfg.trainer.num_workers,
+        "pin_memory": device.type == "cuda",
+    }
+    generator = torch.Generator().manual_seed(cfg.trainer.seed)
+    train_loader = DataLoader(train, shuffle=True, drop_last=len(train) > cfg.trainer.batch_size,
+                              generator=generator, **loader_kwargs)  # fmt: skip
+    valid_loader = DataLoader(valid, shuffle=False, **loader_kwargs)
+    total_steps = len(train_loader) * cfg.trainer.epochs
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, int(cfg.trainer.warmup_ratio * total_steps), total_steps
+    )
+
+    history: list[dict[str, float]] = []
+    best_mse, bad_epochs, first_epoch = math.inf, 0, 0
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    if cfg.trainer.resume and last_path.is_file():
+        state = load_checkpoint(last_path, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        history, best_mse, bad_epochs = state["history"], state["best_mse"], state["bad_epochs"]
+        first_epoch = state["epoch"] + 1
+        logger.info("resumed after epoch %d", state["epoch"])
+    baseline = interpolation_mse(valid)
+    logger.info("validation masked MSE of linear interpolation: %.4f", baseline)
+
+    for epoch in range(first_epoch, cfg.trainer.epochs):
+        if bad_epochs >= cfg.trainer.early_stopping_patience:
+            break
+        for part in train.datasets:
+            part.set_epoch(epoch)
+        seed_everything(cfg.trainer.seed * 10000 + epoch)  # dropout masks, whether resumed or not
+        epoch_started = time.perf_counter()
+        train_metrics = run_epoch(
+            model, train_loader, cfg, device, dtype, optimizer, scheduler, f"epoch {epoch}"
+        )
+        valid_metrics = run_epoch(model, valid_loader, cfg, device, dtype, description="valid")
+        row = {"epoch": epoch, "seconds": time.perf_counter() - epoch_started}
+        row |= {f"train_{k}": v for k, v in train_metrics.items()}
+        row |= {f"valid_{k}": v for k, v in valid_metrics.items()}
+        history.append(row)
+        improved = valid_metrics["masked_mse"] < best_mse
+        if improved:
+            best_mse, bad_epochs = valid_metrics["masked_mse"], 0
+            save_atomically(
+                {"model": model.state_dict(), "epoch": epoch, "n_features": n_features,
+                 "model_config": OmegaConf.to_container(cfg.model, resolve=True)},
+                best_path,
+            )  # fmt: skip
+        else:
+            bad_epochs += 1
+        save_atomically(
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "generator": generator.get_state(), "history": history, "best_mse": best_mse,
+             "bad_epochs": bad_epochs, "epoch": epoch},
+            last_path,
+        )  # fmt: skip
+        logger.info(
+            "epoch %d: train loss %.4f (mse %.4f, reg %.4f) | valid mse %.4f, reg %.4f, CLS mass on noisy %.3f%s",
+            epoch, row["train_loss"], row["train_masked_mse"], row["train_regularizer"], row["valid_masked_mse"],
+            row["valid_regularizer"], row["valid_cls_mass_on_noisy"], " *" if improved else "",
+        )  # fmt: skip
+        if (
+            cfg.trainer.interrupt_after_epochs is not None
+            and epoch + 1 - first_epoch >= cfg.trainer.interrupt_after_epochs
+        ):
+            raise TrainingInterrupted(f"stopped after epoch {epoch}; continue with trainer.resume=true")
+
+    best = min(history, key=lambda row: row["valid_masked_mse"])
+    metrics = {
+        "history": history,
+        "best_epoch": best["epoch"],
+        "best": {k: v for k, v in best.items() if k.startswith("valid_")},
+        "valid_interpolation_mse": baseline,
+        "regularizer": OmegaConf.to_container(cfg.regularizer, resolve=True),
+        "wall_seconds": time.perf_counter() - started,
+    }
+    write_json_atomically(metrics, run_dir / "metrics.json")
+    plot_loss_curves(history, baseline, run_dir / "loss_curves.png")
+    model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
+    plot_cls_attention(model, valid, device, run_dir / "cls_attention.png")
+    logger.info(
+        "best epoch %d: valid masked MSE %.4f (interpolation %.4f), CLS mass on noisy steps %.3f; outputs in %s",
+        best["epoch"], best["valid_masked_mse"], baseline, best["valid_cls_mass_on_noisy"], run_dir,
+    )  # fmt: skip
+    return metrics
+
+
+register_configs()
+
+
+@hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="noisebert")
+def main(cfg: DictConfig) -> None:
+    pretrain(cfg)
+
+
+if __name__ == "__main__":
+    main()
