@@ -2,9 +2,11 @@
 
 - ``masked_mse``: the mean squared error over the masked steps and all features; unmasked and
   padded steps have no influence. A batch without masked steps gives 0.
-- ``noisy_attention_mass``: per sample, the CLS attention probability that falls on the noise
-  region (per-step bool ``(B, T)``: the noisy steps, or the steps of the noisy intervals),
-  averaged over heads and over the chosen layers: ``(B,)`` in [0, 1].
+- ``noisy_attention_mass``: per sample, the share of the CLS attention over the step keys that
+  falls on the noise region (per-step bool ``(B, T)``: the noisy steps, or the steps of the
+  noisy intervals), averaged over heads and over the chosen layers: ``(B,)`` in [0, 1]. The CLS
+  key's own probability is left out (the row is renormalised over the steps): otherwise the
+  penalty is met by the CLS attending only to itself, which carries no information.
 - ``attention_penalty``: the mean over the samples that have a noisy step of ``mass`` (form
   ``"mass"``) or ``-log(1 - mass)`` (form ``"log"``, with ``1 - mass`` clamped to at least
   ``log_floor`` so that it stays finite); samples without a noisy step contribute nothing, and a
@@ -40,11 +42,15 @@ def noise_region(batch: dict[str, torch.Tensor], region: str = "intervals") -> t
 
 
 def noisy_attention_mass(cls_attention: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-    """``cls_attention (B, layers, heads, T), region (B, T) bool`` -> ``(B,)`` mass on the region."""
-    on_region = torch.where(region[:, None, None, :], cls_attention.float(), 0.0).sum(
-        -1
-    )  # (B, layers, heads)
-    return on_region.mean(dim=(1, 2))
+    """``cls_attention (B, layers, heads, T), region (B, T) bool`` -> ``(B,)`` mass on the region.
+
+    The mass is taken among the step keys: the CLS key's own share is left out and the rest
+    renormalised, so attending to itself is no way around the penalty.
+    """
+    attention = cls_attention.float()
+    on_steps = attention.sum(-1).clamp(min=1e-12)  # (B, layers, heads)
+    on_region = torch.where(region[:, None, None, :], attention, 0.0).sum(-1)  # (B, layers, heads)
+    return (on_region / on_steps).mean(dim=(1, 2))
 
 
 def attention_penalty(
