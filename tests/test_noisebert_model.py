@@ -1,0 +1,217 @@
+"""NoiseBERT model, loss and pretraining run: the CLS row is exact, the penalty is safe and works,
+the masked MSE looks at masked steps only, the weights initialise exp018, runs resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from codes.common.checkpoint import load_matching_weights, save_atomically
+from codes.noisebert import config as noisebert_config
+from codes.noisebert.loss import attention_penalty, masked_mse, noise_region, noisy_attention_mass
+from codes.noisebert.model import NoiseBERT
+from codes.noisebert.pretrain import TrainingInterrupted, pretrain
+
+TINY = {"d_model": 32, "num_blocks": 3, "num_heads": 4, "ff_dim": 64, "conv_kernel": 5}
+TINY_BERT = {"num_layers": 2, "num_heads": 4}
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def tiny_model_cfg(**bert):
+    cfg = OmegaConf.structured(noisebert_config.ModelConfig)
+    cfg.merge_with(TINY)
+    cfg.bert.merge_with({**TINY_BERT, **bert})
+    return cfg
+
+
+def batch_inputs(n_features: int = 6, length: int = 20, lengths=(20, 13, 4)):
+    torch.manual_seed(0)
+    features = torch.randn(len(lengths), length, n_features)
+    mask = torch.arange(length)[None] < torch.tensor(lengths)[:, None]
+    return features * mask[..., None], mask
+
+
+@pytest.mark.parametrize("layers", ["last", "all"])
+def test_cls_row_equals_the_eager_attention_row_with_padding(layers):
+    features, mask = batch_inputs()
+    torch.manual_seed(1)
+    eager = NoiseBERT(6, tiny_model_cfg(attn_implementation="eager"), 20, layers).eval()
+    fused = NoiseBERT(6, tiny_model_cfg(attn_implementation="sdpa"), 20, layers).eval()
+    fused.load_state_dict(eager.state_dict())
+    stored = {}
+    original = eager.bert.forward
+
+    def with_attentions(*args, **kwargs):
+        out = original(*args, **{**kwargs, "output_attentions": True})
+        stored["attentions"] = out.attentions
+        return out
+
+    eager.bert.forward = with_attentions
+    with torch.no_grad():
+        row_eager = eager(features, mask)["cls_attention"]
+        row_fused = fused(features, mask)["cls_attention"]
+    layer_ids = [1] if layers == "last" else [0, 1]
+    reference = torch.stack([stored["attentions"][i][:, :, 0, 1:] for i in layer_ids], dim=1)
+    assert row_eager.shape == (3, len(layer_ids), 4, 20)
+    torch.testing.assert_close(row_eager, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(row_fused, reference, atol=1e-5, rtol=0)
+    assert torch.all(row_fused[~mask[:, None, None, :].expand_as(row_fused)] == 0)  # padded keys
+
+
+def test_masked_and_padded_inputs_have_no_influence():
+    features, mask = batch_inputs()
+    masked = torch.zeros_like(mask)
+    masked[:, 2:5] = True
+    model = NoiseBERT(6, tiny_model_cfg(), 20).eval()
+    changed = features.clone()
+    changed[masked] = 100.0  # values at masked steps are replaced by the MASK embedding
+    changed[~mask] = -50.0  # padded steps are never read
+    with torch.no_grad():
+        a = model(features, mask, masked)
+        b = model(changed, mask, masked)
+    torch.testing.assert_close(a["reconstruction"][mask], b["reconstruction"][mask])
+    torch.testing.assert_close(a["cls_attention"], b["cls_attention"])
+
+
+def test_masked_mse_ignores_unmasked_steps_and_matches_a_hand_computed_value():
+    target = torch.zeros(2, 4, 3)
+    prediction = torch.zeros(2, 4, 3)
+    masked = torch.tensor([[True, False, False, False], [False, False, True, False]])
+    prediction[0, 0] = torch.tensor([1.0, 2.0, 3.0])  # squared errors 1 + 4 + 9
+    prediction[1, 2] = torch.tensor([0.0, 0.0, 2.0])  # 4
+    expected = (1 + 4 + 9 + 4) / (2 * 3)
+    assert masked_mse(prediction, target, masked).item() == pytest.approx(expected)
+    prediction[~masked] = 1000.0
+    assert masked_mse(prediction, target, masked).item() == pytest.approx(expected)
+    assert masked_mse(prediction, target, torch.zeros_like(masked)).item() == 0.0
+
+
+def test_penalty_is_zero_without_noise_and_finite_for_full_mass():
+    attention = torch.softmax(torch.randn(3, 2, 4, 10, requires_grad=True), dim=-1)
+    no_noise = torch.zeros(3, 10, dtype=torch.bool)
+    for form in ("mass", "log"):
+        penalty = attention_penalty(attention, no_noise, form)
+        assert penalty.item() == 0.0
+        (grad,) = torch.autograd.grad(penalty, attention, retain_graph=True)
+        assert torch.all(grad == 0)
+    everything = torch.ones(3, 10, dtype=torch.bool)
+    assert noisy_attention_mass(attention, everything).tolist() == pytest.approx([1.0, 1.0, 1.0])
+    log_penalty = attention_penalty(attention, everything, "log")
+    assert torch.isfinite(log_penalty) and log_penalty.item() == pytest.approx(
+        -torch.log(torch.tensor(1e-4)).item()
+    )
+
+
+def test_penalty_averages_only_the_samples_with_noise_and_leaves_out_the_cls_key():
+    attention = torch.zeros(2, 1, 1, 4)
+    attention[0, 0, 0] = torch.tensor([0.1, 0.3, 0.0, 0.0])  # the CLS key holds the other 0.6
+    attention[1, 0, 0] = torch.tensor([0.25, 0.25, 0.25, 0.25])
+    region = torch.tensor([[True, False, False, False], [False, False, False, False]])
+    assert noisy_attention_mass(attention, region)[0].item() == pytest.approx(0.25)  # 0.1 / 0.4
+    assert attention_penalty(attention, region).item() == pytest.approx(0.25)  # sample 1 has no noise
+
+
+def test_noise_region_expands_the_intervals_to_steps():
+    batch = {
+        "noisy": torch.tensor([[False, True, False, False, False, False]]),
+        "noise_intervals": torch.tensor([[1.0, 0.0, 0.0]]),
+        "interval_index": torch.tensor([[0, 0, 1, 1, -1, -1]]),
+    }
+    assert noise_region(batch, "steps").tolist() == [[False, True, False, False, False, False]]
+    assert noise_region(batch, "intervals").tolist() == [[True, True, False, False, False, False]]
+    with pytest.raises(ValueError, match="region"):
+        noise_region(batch, "everywhere")
+
+
+def test_a_few_steps_on_the_penalty_lower_the_mass_on_noisy_steps():
+    features, mask = batch_inputs(lengths=(20, 16, 12))
+    region = torch.zeros_like(mask)
+    region[:, 3:9] = True
+    torch.manual_seed(0)
+    model = NoiseBERT(6, tiny_model_cfg(hidden_dropout=0.0, attention_dropout=0.0), 20).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    def mass() -> float:
+        with torch.no_grad():
+            return noisy_attention_mass(model.eval()(features, mask)["cls_attention"], region).mean().item()
+
+    before = mass()
+    for _ in range(15):
+        model.train()
+        penalty = attention_penalty(model(features, mask)["cls_attention"], region)
+        optimizer.zero_grad()
+        penalty.backward()
+        optimizer.step()
+    assert mass() < 0.5 * before
+
+
+def test_noisebert_weights_initialise_exp018(tmp_path):
+    from codes.exp.exp018 import config as exp018_config
+    from codes.exp.exp018.model import GestureClassifier
+
+    pretrained = NoiseBERT(6, tiny_model_cfg(), 20)
+    save_atomically({"model": pretrained.state_dict()}, tmp_path / "best.pt")
+    exp_cfg = OmegaConf.structured(exp018_config.ModelConfig)
+    exp_cfg.merge_with(TINY)
+    exp_cfg.bert.merge_with(TINY_BERT)
+    classifier = GestureClassifier(6, exp_cfg, 20)
+    report = load_matching_weights(classifier, tmp_path / "best.pt")
+    assert not report["mismatched"]
+    assert sorted(report["unused"]) == sorted(
+        ["mask_embedding", "reconstruction_head.weight", "reconstruction_head.bias"]
+    )
+    assert all(k.startswith(("gesture_head", "target_head", "demographics_encoder")) for k in report["new"])
+    state = classifier.state_dict()
+    for key in report["loaded"]:
+        assert torch.equal(state[key], pretrained.state_dict()[key])
+
+
+def pretrain_config(data_dir: Path, output_dir: Path, *overrides: str):
+    noisebert_config.register_configs()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        return compose(
+            config_name="noisebert",
+            overrides=[
+                "preset=quick",
+                "data=competition",
+                f"paths.data_dir={data_dir}",
+                f"paths.output_dir={output_dir}",
+                "data.include_test=false",
+                "data.valid_fraction=0.34",
+                "data.max_len=32",
+                "trainer.batch_size=32",
+                *[f"model.{k}={v}" for k, v in TINY.items()],
+                *[f"model.bert.{k}={v}" for k, v in TINY_BERT.items()],
+                *overrides,
+            ],
+        )
+
+
+def test_pretraining_run_writes_its_outputs_and_resumes_to_the_same_history(toy_data, tmp_path):
+    straight = pretrain(pretrain_config(toy_data, tmp_path, "trainer.epochs=2", "run_name=straight"))
+    run = tmp_path / "noisebert" / "straight"
+    for name in ("config.yaml", "normalizer.json", "best.pt", "last.pt", "metrics.json", "loss_curves.png",
+                 "cls_attention.png"):  # fmt: skip
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    row = metrics["history"][-1]
+    for key in ("train_loss", "train_masked_mse", "train_regularizer", "valid_loss", "valid_masked_mse",
+                "valid_regularizer", "valid_cls_mass_on_noisy"):  # fmt: skip
+        assert key in row and row[key] == row[key]  # present, not NaN
+    assert metrics["valid_interpolation_mse"] > 0
+
+    with pytest.raises(TrainingInterrupted):
+        pretrain(pretrain_config(toy_data, tmp_path, "trainer.epochs=2", "run_name=resumed",
+                                 "trainer.interrupt_after_epochs=1"))  # fmt: skip
+    with pytest.raises(FileExistsError, match=r"trainer\.resume=true"):
+        pretrain(pretrain_config(toy_data, tmp_path, "trainer.epochs=2", "run_name=resumed"))
+    resumed = pretrain(pretrain_config(toy_data, tmp_path, "trainer.epochs=2", "run_name=resumed",
+                                       "trainer.resume=true"))  # fmt: skip
+    for a, b in zip(straight["history"], resumed["history"], strict=True):
+        assert a["valid_masked_mse"] == pytest.approx(b["valid_masked_mse"], rel=1e-5)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
