@@ -88,7 +88,10 @@ class NoiseBERT(nn.Module):
         mask: torch.Tensor,
         masked_steps: torch.Tensor | None = None,
         return_cls_attention: bool = True,
+        from_output_attentions: bool = False,
     ) -> dict[str, torch.Tensor | None]:
+        """``from_output_attentions=True`` takes the CLS row from BERT's full ``output_attentions``
+        maps instead (needs ``attn_implementation=eager``; the slow reference the hooks replace)."""
         check_mask(features, mask)
         x = self.input_projection(features)  # (B, T, F) -> (B, T, D)
         if masked_steps is not None:
@@ -99,14 +102,21 @@ class NoiseBERT(nn.Module):
         x = torch.cat([cls, x], dim=1)  # (B, T, H) -> (B, 1 + T, H)
         full_mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)  # (B, 1 + T)
         self._captured.clear()
-        self._capturing = return_cls_attention
+        self._capturing = return_cls_attention and not from_output_attentions
         try:
-            hidden = self.bert(inputs_embeds=x, attention_mask=to_attention_mask(full_mask)).last_hidden_state
+            out = self.bert(
+                inputs_embeds=x,
+                attention_mask=to_attention_mask(full_mask),
+                output_attentions=return_cls_attention and from_output_attentions,
+            )
         finally:
             self._capturing = False
-        reconstruction = self.reconstruction_head(hidden[:, 1:])  # (B, T, H) -> (B, T, F)
+        reconstruction = self.reconstruction_head(out.last_hidden_state[:, 1:])  # (B, T, H) -> (B, T, F)
         cls_attention = None
-        if return_cls_attention:
+        if return_cls_attention and from_output_attentions:
+            rows = [out.attentions[i][:, :, 0] for i in self.attention_layer_indices]  # (B, heads, 1 + T)
+            cls_attention = torch.stack(rows, dim=1)[..., 1:]
+        elif return_cls_attention:
             rows = [
                 self.cls_attention_row(self._captured[(i, "query")], self._captured[(i, "key")], full_mask)
                 for i in self.attention_layer_indices
