@@ -21,7 +21,7 @@ def plot_loss_curves(history: list[dict[str, float]], interpolation_mse: float, 
     for axis, key, title in zip(
         axes,
         ("loss", "masked_mse", "regularizer", "cls_mass_on_noisy"),
-        ("total loss", "masked MSE", "regularizer", "CLS attention mass on noisy steps"),
+        ("total loss", "masked MSE", "penalty (before lambda)", "CLS attention mass on noisy steps"),
         strict=True,
     ):
         axis.plot(epochs, [row[f"train_{key}"] for row in history], label="train")
@@ -40,10 +40,16 @@ def plot_loss_curves(history: list[dict[str, float]], interpolation_mse: float, 
 def plot_cls_attention(
     model, dataset: NoiseBERTDataset, device: torch.device, path: Path, search: int = 256
 ) -> Path:
-    """The validation item (among the first ``search``) with the most noisy steps: an IMU channel,
-    noisy and clean, the noise intervals shaded, and the CLS attention (heads averaged) over it."""
-    noisy_counts = [int(dataset[i]["noisy"].sum()) for i in range(min(search, len(dataset)))]
-    index = int(np.argmax(noisy_counts)) if noisy_counts else 0
+    """A validation item (among the first ``search``) with many noisy steps but at least 40% clean
+    ones: an IMU channel, noisy and clean, the noise intervals shaded, and the CLS attention (heads
+    averaged) over it."""
+    # the item with the most noisy steps among those that keep at least 40% of their steps clean
+    scores = []
+    for i in range(min(search, len(dataset))):
+        item = dataset[i]
+        noisy, real = int(item["noisy"].sum()), int(item["padding_mask"].sum())
+        scores.append(noisy if noisy <= 0.6 * real else noisy - real)
+    index = int(np.argmax(scores)) if scores else 0
     item = dataset[index]
     model.eval()
     batch = {k: v[None].to(device) for k, v in item.items()}
