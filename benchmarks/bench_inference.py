@@ -103,6 +103,7 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quantize", action="store_true", help="int8 Linear layers (CPU)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (load_predictor precision='bf16')")
     parser.add_argument("--fold-threads", type=int, default=1, help="fold models run at once per call")
     parser.add_argument("--n-sequences", type=int, default=None, help="default: every test sequence")
     parser.add_argument("--warmup", type=int, default=10, help="predict() calls before timing")
@@ -130,7 +131,11 @@ def main() -> None:
 
     started = time.perf_counter()
     predictor = inference.load_predictor(
-        run_dir, device=args.device, quantize=args.quantize, fold_threads=args.fold_threads
+        run_dir,
+        device=args.device,
+        quantize=args.quantize,
+        fold_threads=args.fold_threads,
+        precision="bf16" if args.bf16 else None,
     )
     load_seconds = time.perf_counter() - started
 
@@ -159,7 +164,7 @@ def main() -> None:
     print(
         f"machine: {platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} torch thread(s), {args.fold_threads} fold thread(s), device {predictor.device}"
-        + (", int8 Linear layers" if args.quantize else ", fp32")
+        + (", int8 Linear layers" if args.quantize else ", bf16 autocast" if args.bf16 else ", fp32")
     )
     print(
         f"run: {shown(run_dir)} ({exp}, folds {predictor.folds}, {n_parameters / 1e6:.2f} M weights per fold, "

@@ -402,6 +402,22 @@ def test_int8_quantisation_is_a_cpu_option_close_to_fp32(
         inference.load_predictor(run_dir_of("exp018"), device=torch.device("cuda"), quantize=True)
 
 
+def test_bf16_precision_is_an_option_close_to_fp32(run_dir_of, predictor018, toy_sequences, toy_demographics):
+    bf16 = exp_module("exp018", "inference").load_predictor(
+        run_dir_of("exp018"), device="cpu", strict=True, precision="bf16"
+    )
+    assert bf16.autocast_dtype == torch.bfloat16 and predictor018.autocast_dtype is None
+    differences = []
+    for sequence_id in list(toy_sequences)[:10]:
+        sequence = toy_sequences[sequence_id]
+        demographics = demographics_of(toy_demographics, sequence)
+        fast = _probabilities(bf16, sequence, demographics)
+        reference = _probabilities(predictor018, sequence, demographics)
+        np.testing.assert_allclose(fast, reference, atol=0.05)
+        differences.append(np.abs(fast - reference).max())
+    assert max(differences) > 0  # bf16 really ran
+
+
 def test_fold_models_run_in_threads_give_the_same_probabilities(
     run_dir_of, predictor018, toy_sequences, toy_demographics
 ):
