@@ -1,4 +1,6 @@
-"""Bad input gets an error a user can act on."""
+"""Bad input gets an error a user can act on; the CSV readers' dtypes."""
+
+import logging
 
 import numpy as np
 import polars as pl
@@ -6,6 +8,7 @@ import pytest
 
 from codes.common.data_files import DataFileError, read_demographics, read_train
 from codes.common.data_source import resolve_data_dir
+from codes.common.schema import TOF_COLUMNS
 from codes.common.sequences import load_sequence_table
 from tests.helpers import make_demographics, make_frame, rest_sensors, write_dataset
 
@@ -66,3 +69,29 @@ def test_strict_competition_source_refuses_to_fall_back(tmp_path):
     _dataset(tmp_path / "data")
     assert resolve_data_dir("competition", tmp_path / "data", tmp_path / "synthetic") == tmp_path / "data"
     assert resolve_data_dir("auto", tmp_path / "data", tmp_path / "synthetic") == tmp_path / "data"
+
+
+def test_integer_tof_fields_are_read_as_int16_and_give_the_same_table(tmp_path, caplog):
+    rng = np.random.default_rng(1)
+    sensors = [rest_sensors(np.array([1.0, 0, 0, 0]), np.zeros(3), n, rng) for n in (80, 120)]
+    sensors[0][rng.random(80) < 0.2, 12:] = np.nan  # dropped ToF frames: empty fields
+    seqs = [(f"SEQ_{i:06d}", "SUBJ_000001", s) for i, s in enumerate(sensors)]
+    frame = make_frame(seqs, ["Wave hello", "Neck - scratch"])
+    demographics = make_demographics(["SUBJ_000001"])
+    as_floats = write_dataset(tmp_path / "floats", frame, demographics)  # ToF written as "100.0"
+    integer_frame = frame.with_columns(pl.col(TOF_COLUMNS).cast(pl.Int16))
+    as_integers = write_dataset(tmp_path / "integers", integer_frame, demographics)  # "100"
+    assert read_train(as_floats).schema["tof_1_v0"] == pl.Float32
+    assert read_train(as_integers).schema["tof_1_v0"] == pl.Int16
+    expected = load_sequence_table(as_floats, use_cache=False)
+    assert np.array_equal(load_sequence_table(as_integers, use_cache=False).features, expected.features)
+
+    # integers in the first lines, a decimal far below them: read again as float32
+    lines = (as_integers / "train.csv").read_text().splitlines()
+    lines[-1] = lines[-1].rsplit(",", 1)[0] + ",12.5"
+    (as_integers / "train.csv").write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.INFO, logger="codes.common.data_files"):
+        late_decimal = read_train(as_integers)
+    assert any("reading them as float32" in r.getMessage() for r in caplog.records)
+    assert late_decimal.schema["tof_5_v63"] == pl.Float32 and late_decimal["tof_5_v63"][-1] == 12.5
+    assert late_decimal.drop("tof_5_v63").equals(read_train(as_floats).drop("tof_5_v63"))

@@ -1,13 +1,34 @@
 """Per-step IMU / thermopile / ToF features and the missing-value rules."""
 
+import itertools
+from functools import partial
+
 import numpy as np
+import polars as pl
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.spatial.transform import Rotation
 
-from codes.common.features import IMU_FEATURE_NAMES, FeatureSettings, fill_within_segments
-from codes.common.schema import ACC_QUANTUM, GRAVITY, ROT_QUANTUM, SENSOR_COLUMNS, mirror_sensors
+from codes.common.features import (
+    IMU_FEATURE_NAMES,
+    FeatureSettings,
+    compute_step_features,
+    fill_within_segments,
+    gravity_in_body_frame,
+    imu_features,
+    relative_rotation_vectors,
+    tof_summary_features,
+)
+from codes.common.schema import (
+    ACC_QUANTUM,
+    GRAVITY,
+    IMU_COLUMNS,
+    ROT_QUANTUM,
+    SENSOR_COLUMNS,
+    TOF_COLUMNS,
+    mirror_sensors,
+)
 from codes.common.sequences import build_sequence_table
 from tests.helpers import make_demographics, make_frame, rest_sensors
 
@@ -166,3 +187,145 @@ def test_feature_settings_validate():
     with pytest.raises(ValueError, match="tof_mode"):
         FeatureSettings(tof_mode="pixels")
     assert FeatureSettings(use_thm=False, tof_mode="none").sensor_columns == SENSOR_COLUMNS[:7]
+
+
+# ---------------------------------------------------------------- closed-form IMU math vs scipy
+def scipy_imu_features(acc, quaternions, offsets, rate_hz):
+    """The IMU features computed with scipy ``Rotation`` objects (the reference)."""
+    quaternions = quaternions.copy()
+    for start, end in itertools.pairwise(offsets):  # sign continuity, one step at a time
+        for t in range(start + 1, end):
+            if quaternions[t] @ quaternions[t - 1] < 0:
+                quaternions[t] *= -1
+    rotation = Rotation.from_quat(quaternions, scalar_first=True)
+    linear = acc - rotation.apply([0.0, 0.0, GRAVITY], inverse=True)
+    previous = np.roll(quaternions, 1, axis=0)
+    previous[offsets[:-1]] = quaternions[offsets[:-1]]
+    rotvec = (Rotation.from_quat(previous, scalar_first=True).inv() * rotation).as_rotvec()
+
+    def jerk(values):
+        diff = np.diff(values, axis=0, prepend=values[:1])
+        diff[offsets[:-1]] = 0
+        return np.linalg.norm(diff, axis=1, keepdims=True) * rate_hz
+
+    norm = partial(np.linalg.norm, axis=1, keepdims=True)
+    return np.concatenate(
+        [
+            *(acc, quaternions, linear, rotvec * rate_hz, norm(rotvec), norm(acc), norm(linear)),
+            *(norm(rotvec * rate_hz), jerk(acc), jerk(linear)),
+        ],
+        axis=1,
+    )
+
+
+def random_quaternion_sequences(rng, lengths):
+    """Unit quaternions with random signs: random jumps, slow drifts (angles below 1e-3 rad, the
+    Taylor branch), repeats (zero rotation) and near half turns (an exact half turn has two
+    rotation vectors, +-pi times the axis, and rounding picks one)."""
+    n = sum(lengths)
+    q = Rotation.random(n, random_state=int(rng.integers(2**31))).as_quat(scalar_first=True)
+    for share, angle in ((0.3, 2e-4), (0.1, 0.0), (0.05, np.pi - 0.05)):
+        rows = np.flatnonzero(rng.random(n) < share)
+        rows = rows[rows > 0]
+        axes = rng.normal(size=(len(rows), 3))
+        steps = Rotation.from_rotvec(angle * axes / np.linalg.norm(axes, axis=1, keepdims=True))
+        q[rows] = (Rotation.from_quat(q[rows - 1], scalar_first=True) * steps).as_quat(scalar_first=True)
+    q *= np.where(rng.random(n) < 0.5, -1.0, 1.0)[:, None]
+    return q
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**31 - 1))
+def test_closed_form_imu_math_matches_scipy_rotation(seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 40, size=5)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    q = random_quaternion_sequences(rng, lengths)
+    acc = rng.normal(scale=5.0, size=(len(q), 3))
+    rotation = Rotation.from_quat(q, scalar_first=True)
+    assert np.allclose(gravity_in_body_frame(q), rotation.apply([0, 0, GRAVITY], inverse=True), atol=1e-12)
+    previous = np.roll(q, 1, axis=0)
+    expected = (Rotation.from_quat(previous, scalar_first=True).inv() * rotation).as_rotvec()
+    assert np.allclose(relative_rotation_vectors(previous, q), expected, rtol=1e-9, atol=1e-12)
+    ours = imu_features(acc, q, offsets, 10.0)
+    reference = scipy_imu_features(acc, q, offsets, 10.0)
+    assert ours.dtype == np.float32
+    assert np.allclose(ours, reference.astype(np.float32), rtol=1e-6, atol=1e-6)
+
+
+def test_imu_features_with_missing_rows_match_scipy_on_the_filled_readings():
+    """NaN rows (filled within the sequence), an all-zero quaternion (missing), a sequence without
+    any quaternion (identity) and a left-handed wearer, against the scipy reference."""
+    rng = np.random.default_rng(11)
+    lengths = [30, 12, 25]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    n = offsets[-1]
+    sensors = np.zeros((n, len(IMU_COLUMNS)))
+    sensors[:, 3:7] = random_quaternion_sequences(rng, lengths)
+    sensors[:, 0:3] = rng.normal(scale=5.0, size=(n, 3))
+    sensors[[0, 5, 6, 29], 3:7] = np.nan  # first and last rows of sequence 0 among them
+    sensors[7, 3:7] = 0.0  # no quaternion is all zeros: missing
+    sensors[[3, 4], 0] = np.nan
+    sensors[30:42, 3:7] = np.nan  # sequence 1: no quaternion at all
+    left = np.array([False, False, True])
+    imu_settings = FeatureSettings(use_thm=False, tof_mode="none")
+    ours = compute_step_features(sensors, offsets, left, imu_settings).features
+
+    filled = sensors.copy()
+    filled[offsets[2] :] = mirror_sensors(sensors[offsets[2] :], IMU_COLUMNS)  # the left-handed one
+    filled[7, 3:7] = np.nan
+    for start, end in itertools.pairwise(offsets):  # forward fill, then backward fill
+        for columns in (slice(0, 3), slice(3, 7)):
+            rows = list(range(start, end))
+            for order in (rows, rows[::-1]):
+                last = None
+                for t in order:
+                    if not np.isnan(filled[t, columns]).any():
+                        last = filled[t, columns]
+                    elif last is not None:
+                        filled[t, columns] = last
+    filled[30:42, 3:7] = [1.0, 0.0, 0.0, 0.0]
+    q = filled[:, 3:7] / np.linalg.norm(filled[:, 3:7], axis=1, keepdims=True)
+    reference = scipy_imu_features(filled[:, 0:3], q, offsets, 10.0)
+    assert np.allclose(ours, reference.astype(np.float32), rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- ToF dtypes
+def test_tof_summary_is_the_same_for_integer_and_float_grids():
+    rng = np.random.default_rng(3)
+    grid = rng.integers(-1, 255, size=(500, 64)).astype(np.int16)
+    grid[rng.random(500) < 0.3] = -1
+    expected = tof_summary_features(grid.astype(np.float32))
+    assert np.array_equal(tof_summary_features(grid), expected)  # the uint8 path
+    assert np.array_equal(tof_summary_features(np.asfortranarray(grid)), expected)
+    wide = grid.copy()
+    wide[0, 0] = 300  # outside the sensor's range: the general path, still distance 300
+    assert tof_summary_features(wide)[0, 2] == min(
+        300, grid[0, 1:].min() if (grid[0, 1:] >= 0).all() else 255
+    )
+    assert np.array_equal(tof_summary_features(wide), tof_summary_features(wide.astype(np.float32)))
+
+
+def test_integer_tof_columns_give_the_same_features_as_float_ones():
+    rng = np.random.default_rng(4)
+    lengths = [20, 35, 9]
+    sensor_list = []
+    for n in lengths:
+        s = rest_sensors(
+            Rotation.random(random_state=int(rng.integers(100))).as_quat(scalar_first=True),
+            rng.normal(size=3),
+            n,
+            rng,
+        )
+        s[rng.random(n) < 0.2, 12:] = np.nan  # dropped ToF frames
+        sensor_list.append(s)
+    sensor_list[2][:, 12 + 4 * 64 :] = np.nan  # tof_5 absent from a sequence
+    sequences = [(f"SEQ_{i:06d}", f"SUBJ_{i % 2:06d}", s) for i, s in enumerate(sensor_list)]
+    frame = make_frame(sequences, gestures=["Wave hello"] * len(sequences))
+    demographics = make_demographics(["SUBJ_000000", "SUBJ_000001"], {"SUBJ_000001"})
+    integer = frame.with_columns(pl.col(TOF_COLUMNS).cast(pl.Int16))
+    for tof_mode in ("summary", "raw"):
+        expected = build_sequence_table(frame, demographics, FeatureSettings(tof_mode=tof_mode))
+        table = build_sequence_table(integer, demographics, FeatureSettings(tof_mode=tof_mode))
+        assert np.array_equal(table.features, expected.features)
+        assert np.array_equal(table.feature_present, expected.feature_present)

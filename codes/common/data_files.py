@@ -7,6 +7,8 @@ label/demographics values that later code relies on.
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,9 +33,15 @@ TRAIN_DEMOGRAPHICS_FILE = "train_demographics.csv"
 TEST_DEMOGRAPHICS_FILE = "test_demographics.csv"
 TEST_LABELS_FILE = "test_labels.csv"  # written by the synthetic generator only
 
-# Sensor values are read as float32 (ToF and thermopiles included): halves memory and matches
-# what the models consume. Empty fields are nulls.
+logger = logging.getLogger(__name__)
+
+# IMU and thermopile values are read as float32 (what the models consume). ToF values are read
+# as int16 when the file writes them as integers (-1..254, as the synthetic files do): parsing
+# integers is much cheaper than parsing floats, and int16 holds them exactly in a quarter of the
+# memory of float64; a file with decimal ToF values is read as float32. Empty fields are nulls.
 _SENSOR_DTYPES = dict.fromkeys(SENSOR_COLUMNS, pl.Float32)
+_INTEGER_FIELD = re.compile(rb"-?[0-9]*")  # empty = null
+_SNIFFED_BYTES = 1 << 16
 _DEMOGRAPHICS_DTYPES = {
     "subject": pl.String,
     "adult_child": pl.Float64,
@@ -78,16 +86,44 @@ def check_columns(path: Path, present: Sequence[str], required: Sequence[str]) -
         raise DataFileError(f"{path} lacks required columns: {shown}")
 
 
+def integer_tof_fields(path: Path, header: Sequence[str]) -> bool:
+    """Whether the ToF fields of the first lines of ``path`` are written as integers (or empty)."""
+    positions = [i for i, name in enumerate(header) if name.startswith("tof_")]
+    with open(path, "rb") as handle:
+        lines = handle.read(_SNIFFED_BYTES).split(b"\n")[1:-1]  # whole data lines only
+    if not positions or not lines:
+        return False
+    for line in lines:
+        fields = line.rstrip(b"\r").split(b",")
+        if len(fields) != len(header) or not all(_INTEGER_FIELD.fullmatch(fields[i]) for i in positions):
+            return False
+    return True
+
+
 def read_sensor_csv(
     path: Path, required: Sequence[str], columns: Sequence[str] | None = None
 ) -> pl.DataFrame:
-    """Read ``columns`` (default: ``required``) of a train/test CSV after checking the header."""
+    """Read ``columns`` (default: ``required``) of a train/test CSV after checking the header.
+
+    Sensor columns are float32, except ToF columns written as integers: int16 (see
+    ``integer_tof_fields``; if a later line holds a decimal or out-of-range ToF value, the file
+    is read again with float32 ToF).
+    """
     path = require_file(path)
-    check_columns(path, read_header(path), required)
+    header = read_header(path)
+    check_columns(path, header, required)
     wanted = list(columns if columns is not None else required)
     dtypes = {c: t for c, t in _SENSOR_DTYPES.items() if c in wanted}
     dtypes["sequence_counter"] = pl.Int32
     dtypes.update({c: pl.String for c in ("row_id", "sequence_id", "subject") if c in wanted})
+    tof = [c for c in wanted if c.startswith("tof_")]
+    if tof and integer_tof_fields(path, header):
+        try:
+            return pl.read_csv(path, columns=wanted, schema_overrides=dtypes | dict.fromkeys(tof, pl.Int16))
+        except pl.exceptions.ComputeError as error:
+            logger.info(
+                "%s: ToF values are not all int16 (%s); reading them as float32", path, str(error)[:200]
+            )
     return pl.read_csv(path, columns=wanted, schema_overrides=dtypes)
 
 
@@ -96,19 +132,36 @@ def sensor_columns_to_read(include_thm: bool = True, include_tof: bool = True) -
     return IMU_COLUMNS + (THM_COLUMNS if include_thm else []) + (TOF_COLUMNS if include_tof else [])
 
 
-def read_train(data_dir: Path, include_thm: bool = True, include_tof: bool = True) -> pl.DataFrame:
-    """train.csv: metadata and labels plus the sensor columns asked for; gestures are checked."""
+def read_train(
+    data_dir: Path,
+    include_thm: bool = True,
+    include_tof: bool = True,
+    meta_columns: Sequence[str] | None = None,
+) -> pl.DataFrame:
+    """train.csv: metadata and labels plus the sensor columns asked for; gestures are checked.
+
+    ``meta_columns`` narrows the non-sensor columns read (default: all; gesture is always read).
+    """
     path = Path(data_dir) / TRAIN_FILE
     meta = [c for c in TRAIN_COLUMNS if c not in SENSOR_COLUMNS]
+    if meta_columns is not None:
+        meta = [c for c in meta if c in meta_columns or c == "gesture"]
     frame = read_sensor_csv(path, TRAIN_COLUMNS, meta + sensor_columns_to_read(include_thm, include_tof))
     check_gestures(frame["gesture"], path)
     return frame
 
 
-def read_test(data_dir: Path, include_thm: bool = True, include_tof: bool = True) -> pl.DataFrame:
-    """test.csv with the sensor columns asked for."""
+def read_test(
+    data_dir: Path,
+    include_thm: bool = True,
+    include_tof: bool = True,
+    meta_columns: Sequence[str] | None = None,
+) -> pl.DataFrame:
+    """test.csv with the sensor columns asked for (``meta_columns`` as in :func:`read_train`)."""
     path = Path(data_dir) / TEST_FILE
     meta = [c for c in TEST_COLUMNS if c not in SENSOR_COLUMNS]
+    if meta_columns is not None:
+        meta = [c for c in meta if c in meta_columns]
     return read_sensor_csv(path, TEST_COLUMNS, meta + sensor_columns_to_read(include_thm, include_tof))
 
 

@@ -18,15 +18,13 @@ Rules (documented in docs/data.md):
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from functools import partial
 
 import numpy as np
 import polars as pl
-from scipy.spatial.transform import Rotation
 
 from codes.common.schema import (
     ACC_COLUMNS,
@@ -57,6 +55,7 @@ IMU_FEATURE_NAMES: list[str] = [
 TOF_SUMMARY_STATISTICS: list[str] = ["mean", "std", "min", "no_reflection_fraction"]
 TOF_MODES = ("none", "summary", "raw")
 PARALLEL_MIN_ROWS = 20_000
+PIECE_ROWS = 65_536  # rows per piece of compute_step_features (whole sequences)
 
 
 @dataclass(frozen=True)
@@ -171,53 +170,142 @@ def _segment_any(flags: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- features
+def gravity_in_body_frame(quaternions: np.ndarray) -> np.ndarray:
+    """``R(q)^T (0, 0, GRAVITY)`` for unit quaternions ``(R, 4)`` (w, x, y, z) -> ``(R, 3)``.
+
+    The third row of the rotation matrix, so the same as scipy's
+    ``Rotation.from_quat(q, scalar_first=True).apply([0, 0, GRAVITY], inverse=True)``.
+    """
+    w, x, y, z = quaternions.T
+    gravity = np.empty((len(quaternions), 3), dtype=quaternions.dtype)
+    gravity[:, 0] = x * z - w * y
+    gravity[:, 1] = y * z + w * x
+    gravity[:, 2] = 0.5 - (x * x + y * y)
+    gravity *= 2 * GRAVITY
+    return gravity
+
+
+def relative_rotation_vectors(previous: np.ndarray, current: np.ndarray) -> np.ndarray:
+    """Rotation vectors of ``previous^-1 * current`` for unit quaternions ``(R, 4)`` (w, x, y, z).
+
+    The same as scipy's ``(Rotation.from_quat(previous, scalar_first=True).inv() *
+    Rotation.from_quat(current, scalar_first=True)).as_rotvec()``, computed in closed form:
+    the quaternion product ``conj(p) q``, made w >= 0, then angle / sin(angle / 2) times its
+    vector part (a Taylor series below 1e-3 rad, as scipy does).
+    """
+    pw, pv = previous[:, 0], previous[:, 1:]
+    qw, qv = current[:, 0], current[:, 1:]
+    w = pw * qw + np.einsum("ij,ij->i", pv, qv)
+    vector = pw[:, None] * qv - qw[:, None] * pv - np.cross(pv, qv)  # (R, 3)
+    vector[w < 0] *= -1  # q and -q: the same rotation; the angle must lie in [0, pi]
+    sine = np.sqrt(np.einsum("ij,ij->i", vector, vector))  # |v| = sin(angle / 2) for unit q
+    angle = 2 * np.arctan2(sine, np.abs(w))
+    small = angle <= 1e-3
+    angle_sq = angle * angle
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(small, 2 + angle_sq / 12 + 7 * angle_sq * angle_sq / 2880, angle / np.sin(angle / 2))
+    vector *= scale[:, None]
+    return vector
+
+
 def imu_features(
     acc: np.ndarray, quaternions: np.ndarray, offsets: np.ndarray, sampling_rate_hz: float
 ) -> np.ndarray:
     """The IMU_FEATURE_NAMES columns from filled acc ``(R, 3)`` and unit quaternions ``(R, 4)``."""
     quaternions = sign_continuous_quaternions(quaternions, offsets)
-    rotation = Rotation.from_quat(quaternions, scalar_first=True)
-    linear_acc = acc - rotation.apply([0.0, 0.0, GRAVITY], inverse=True)
+    linear_acc = acc - gravity_in_body_frame(quaternions)
     # body-frame rotation from step t-1 to step t; first step of each sequence: no rotation
-    previous = np.roll(quaternions, 1, axis=0)
+    previous = np.empty_like(quaternions)
+    previous[1:] = quaternions[:-1]
     first_rows = offsets[:-1][np.diff(offsets) > 0]
     previous[first_rows] = quaternions[first_rows]
-    step_rotvec = (Rotation.from_quat(previous, scalar_first=True).inv() * rotation).as_rotvec()
-    angular_distance = np.linalg.norm(step_rotvec, axis=1, keepdims=True)
+    step_rotvec = relative_rotation_vectors(previous, quaternions)
     angular_velocity = step_rotvec * sampling_rate_hz
-    acc_jerk = np.linalg.norm(previous_row_difference(acc, offsets), axis=1, keepdims=True) * sampling_rate_hz
-    linear_jerk = (
-        np.linalg.norm(previous_row_difference(linear_acc, offsets), axis=1, keepdims=True) * sampling_rate_hz
-    )
-    return np.concatenate(
-        [
-            acc,
-            quaternions,
-            linear_acc,
-            angular_velocity,
-            angular_distance,
-            np.linalg.norm(acc, axis=1, keepdims=True),
-            np.linalg.norm(linear_acc, axis=1, keepdims=True),
-            np.linalg.norm(angular_velocity, axis=1, keepdims=True),
-            acc_jerk,
-            linear_jerk,
-        ],
-        axis=1,
-    )
+    features = np.empty((len(acc), len(IMU_FEATURE_NAMES)), dtype=np.float32)
+    features[:, 0:3] = acc
+    features[:, 3:7] = quaternions
+    features[:, 7:10] = linear_acc
+    features[:, 10:13] = angular_velocity
+    features[:, 13] = _row_norm(step_rotvec)
+    features[:, 14] = _row_norm(acc)
+    features[:, 15] = _row_norm(linear_acc)
+    features[:, 16] = _row_norm(angular_velocity)
+    features[:, 17] = _row_norm(previous_row_difference(acc, offsets)) * sampling_rate_hz
+    features[:, 18] = _row_norm(previous_row_difference(linear_acc, offsets)) * sampling_rate_hz
+    return features
+
+
+def _row_norm(values: np.ndarray) -> np.ndarray:
+    """Euclidean norm of each row of ``(R, C)``."""
+    return np.sqrt(np.einsum("ij,ij->i", values, values))
 
 
 def tof_summary_features(grid: np.ndarray) -> np.ndarray:
     """Mean, std and min distance and the fraction of no-reflection pixels of one ToF sensor.
 
-    ``grid`` is ``(R, 64)`` with -1 for no reflection (already filled, no NaN) -> ``(R, 4)``.
+    ``grid`` is ``(R, 64)``, integers or floats, with -1 for no reflection -> ``(R, 4)`` float32;
+    a row holding NaN gets NaN statistics. The statistics are float32 sums of integer-valued
+    distances (exact below 2**24), so they do not depend on the grid's dtype or memory order.
     """
-    no_reflection = grid == TOF_NO_REFLECTION
-    distances = np.where(no_reflection, np.float32(TOF_MAX_DISTANCE + 1), grid)
-    mean = distances.mean(axis=1)
-    variance = np.maximum(np.einsum("ij,ij->i", distances, distances) / grid.shape[1] - mean * mean, 0.0)
-    return np.stack(
-        [mean, np.sqrt(variance), distances.min(axis=1), no_reflection.mean(axis=1, dtype=np.float32)], axis=1
-    ).astype(np.float32)
+    pixels = grid.T  # (64, R): contiguous rows for the column-major blocks of SensorBlocks, so
+    # the reductions over pixels below run along contiguous memory
+    n_pixels = np.float32(grid.shape[1])
+    no_reflection = pixels == TOF_NO_REFLECTION
+    if _fits_uint8_distances(pixels):
+        # -1 wraps to 255 = TOF_MAX_DISTANCE + 1 ("beyond range"); one byte per pixel
+        compact = pixels.astype(np.uint8)
+        distances = compact.astype(np.float32)
+        minimum = compact.min(axis=0)
+    else:
+        distances = np.where(no_reflection, np.float32(TOF_MAX_DISTANCE + 1), pixels).astype(
+            np.float32, copy=False
+        )
+        minimum = distances.min(axis=0)
+    mean = distances.sum(axis=0) / n_pixels
+    variance = np.maximum(np.einsum("ij,ij->j", distances, distances) / n_pixels - mean * mean, 0.0)
+    summary = np.empty((grid.shape[0], len(TOF_SUMMARY_STATISTICS)), dtype=np.float32)
+    summary[:, 0] = mean
+    summary[:, 1] = np.sqrt(variance)
+    summary[:, 2] = minimum
+    summary[:, 3] = np.count_nonzero(no_reflection, axis=0) / n_pixels
+    return summary
+
+
+def _fits_uint8_distances(pixels: np.ndarray) -> bool:
+    """Whether integer readings are all in -1..254, so that a uint8 cast maps them to distances."""
+    return (
+        pixels.dtype.kind == "i"
+        and pixels.size > 0
+        and TOF_NO_REFLECTION == -1
+        and TOF_MAX_DISTANCE == 254
+        and pixels.min() >= -1
+        and pixels.max() <= TOF_MAX_DISTANCE
+    )
+
+
+def tof_distances(grid: np.ndarray) -> np.ndarray:
+    """The raw ToF feature: ``(R, 64)`` float32 distances, no reflection = beyond range."""
+    return np.where(grid == TOF_NO_REFLECTION, np.float32(TOF_MAX_DISTANCE + 1), grid).astype(
+        np.float32, copy=False
+    )
+
+
+def tof_mirror_sources(columns: list[str]) -> dict[int, tuple[int, np.ndarray]]:
+    """For each ToF sensor: the sensor a mirrored wearer's reading comes from, and its pixel order.
+
+    Mirroring (``schema.mirror_permutation``) maps the pixels of one sensor onto those of one
+    sensor (tof_3 <-> tof_5, each grid flipped left-right), with sign +1.
+    """
+    perm, sign = mirror_permutation(columns)
+    index = {c: i for i, c in enumerate(columns)}
+    sources = {}
+    for k, names in TOF_COLUMNS_BY_SENSOR.items():
+        mirrored = [columns[perm[index[c]]] for c in names]
+        source_sensors = {int(c[4 : c.index("_v")]) for c in mirrored}
+        if len(source_sensors) != 1 or (sign[[index[c] for c in names]] != 1).any():
+            raise ValueError(f"mirroring ToF sensor {k} does not map one sensor's pixels onto it")
+        sources[k] = (source_sensors.pop(), np.array([int(c[c.index("_v") + 2 :]) for c in mirrored]))
+    return sources
 
 
 @dataclass
@@ -227,6 +315,94 @@ class StepFeatures:
     features: np.ndarray  # (R, F) float32
     step_valid: np.ndarray  # (R,) bool: acc and rot were both read at this step
     feature_present: np.ndarray  # (N, F) bool: the sequence had readings behind the feature
+
+
+@dataclass
+class SensorBlocks:
+    """The raw sensor columns of some rows as numpy blocks, one per column group (unmirrored)."""
+
+    imu: np.ndarray  # (R, 7) float64, IMU_COLUMNS, NaN = missing
+    thm: np.ndarray | None  # (R, 5) float32, THM_COLUMNS, NaN = missing
+    # (R, 320) TOF_COLUMNS: float32 with NaN = missing, or int16 straight from an integer
+    # frame, where the entries of missing frames are arbitrary (tof_missing says which)
+    tof: np.ndarray | None
+    tof_missing: np.ndarray | None  # (R, 5) bool: ToF sensor k's frame was not read (any pixel)
+
+    @classmethod
+    def from_sensors(cls, sensors: np.ndarray | pl.DataFrame, settings: FeatureSettings) -> SensorBlocks:
+        """Blocks of ``settings.sensor_columns`` given as ``(R, C)`` numbers or as a polars frame
+        (numeric columns; ToF columns may be integers)."""
+        use_tof = settings.tof_mode != "none"
+        if isinstance(sensors, pl.DataFrame):
+            frame = sensors.rechunk()  # one buffer per column (the CSV reader gives many small ones)
+
+            def numbers(names: list[str], dtype: pl.DataType, fill: float) -> np.ndarray:
+                part = pl.DataFrame([frame.get_column(c) for c in names])  # cheaper than select
+                if any(t != dtype for t in part.dtypes):
+                    part = part.cast(dtype)
+                if any(frame.get_column(c).null_count() for c in names):
+                    part = part.fill_null(fill)
+                values = part.to_numpy()
+                return values if values.flags.writeable else values.copy()  # not a view of polars memory
+
+            tof = tof_missing = None
+            schema = frame.schema
+            if use_tof and all(schema[c] == pl.Int16 for c in TOF_COLUMNS):
+                # the values buffers as they are, without a copy per null fill: (320, R) -> (R, 320)
+                tof = np.stack([_values_buffer(frame.get_column(c)) for c in TOF_COLUMNS]).T
+                tof_missing = np.zeros((frame.height, NUM_TOF_SENSORS), dtype=bool)
+                with_nulls = [
+                    k
+                    for k, names in TOF_COLUMNS_BY_SENSOR.items()
+                    if any(frame.get_column(c).null_count() for c in names)
+                ]
+                if with_nulls:
+                    flags = frame.select(
+                        pl.any_horizontal(pl.col(TOF_COLUMNS_BY_SENSOR[k]).is_null()).alias(str(k))
+                        for k in with_nulls
+                    )
+                    for k in with_nulls:
+                        tof_missing[:, k - 1] = flags.get_column(str(k)).to_numpy()
+            elif use_tof:
+                tof = numbers(TOF_COLUMNS, pl.Float32, np.nan)
+                tof_missing = _tof_nan_frames(tof)
+            return cls(
+                imu=numbers(IMU_COLUMNS, pl.Float64, np.nan),
+                thm=numbers(THM_COLUMNS, pl.Float32, np.nan) if settings.use_thm else None,
+                tof=tof,
+                tof_missing=tof_missing,
+            )
+        index = {c: i for i, c in enumerate(settings.sensor_columns)}
+
+        def numbers_of(names: list[str], dtype: type) -> np.ndarray:
+            return sensors[:, [index[c] for c in names]].astype(dtype, copy=False)  # fancy indexing copies
+
+        tof = numbers_of(TOF_COLUMNS, np.float32) if use_tof else None
+        return cls(
+            imu=numbers_of(IMU_COLUMNS, np.float64),
+            thm=numbers_of(THM_COLUMNS, np.float32) if settings.use_thm else None,
+            tof=tof,
+            tof_missing=_tof_nan_frames(tof),
+        )
+
+
+def _values_buffer(column: pl.Series) -> np.ndarray:
+    """A read-only view of a one-chunk integer column's values; entries under nulls are arbitrary."""
+    array = column.to_arrow()
+    dtype = np.dtype(array.type.to_pandas_dtype())
+    return np.frombuffer(
+        array.buffers()[1], dtype=dtype, count=len(array), offset=array.offset * dtype.itemsize
+    )
+
+
+def _tof_nan_frames(tof: np.ndarray | None) -> np.ndarray | None:
+    """``(R, 5)``: whether a float ToF block holds NaN in each sensor's frame."""
+    if tof is None:
+        return None
+    nan = np.isnan(tof)
+    return np.stack(
+        [nan[:, (k - 1) * TOF_PIXELS : k * TOF_PIXELS].any(axis=1) for k in TOF_COLUMNS_BY_SENSOR], axis=1
+    )
 
 
 def compute_step_features(
@@ -239,112 +415,156 @@ def compute_step_features(
     """Features of every row.
 
     sensors: ``(R, C)`` raw values of ``settings.sensor_columns`` (NaN or null = missing), as a
-    numpy array or a polars frame with those columns; offsets: ``(N + 1,)`` row offsets of the N
-    sequences; left_handed: ``(N,)`` bool. The column groups (IMU, thermopiles, each ToF sensor)
-    are processed in ``n_threads`` threads (default: the CPU count, at most 4, for tables of at
-    least ``PARALLEL_MIN_ROWS`` rows, else 1); numpy and polars release the GIL.
+    numpy array or a polars frame with those columns (numeric; ToF may be integers); offsets:
+    ``(N + 1,)`` row offsets of the N sequences; left_handed: ``(N,)`` bool.
+
+    Every feature of a row depends on its own sequence only, so the table is cut at sequence
+    boundaries into pieces of about ``PIECE_ROWS`` rows, computed in ``n_threads`` threads
+    (default: the CPU count, at most 4, for tables of at least ``PARALLEL_MIN_ROWS`` rows, else
+    1; numpy and polars release the GIL). A piece's columns become one numpy block per column
+    group (:class:`SensorBlocks`). Small pieces keep every temporary small: no time lost to
+    mapping fresh memory for full-length temporaries, and better use of the CPU caches.
     """
     columns = settings.sensor_columns
     width = sensors.width if isinstance(sensors, pl.DataFrame) else sensors.shape[1]
     if width != len(columns):
         raise ValueError(f"expected {len(columns)} sensor columns, got {width}")
-    index = {c: i for i, c in enumerate(columns)}
-    left_rows = np.repeat(left_handed, np.diff(offsets)) if settings.mirror_left_handed else None
-    mirror_left = left_rows is not None and bool(left_rows.any())
-    mirror_source, mirror_sign = mirror_permutation(columns)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    left_handed = np.asarray(left_handed, dtype=bool)
+    n_rows, n_features = int(offsets[-1]), len(feature_layout(settings)[0])
+    tof_mirror = (
+        tof_mirror_sources(columns) if settings.tof_mode != "none" and settings.mirror_left_handed else {}
+    )
+    result = StepFeatures(
+        features=np.empty((n_rows, n_features), dtype=np.float32),
+        step_valid=np.empty(n_rows, dtype=bool),
+        feature_present=np.empty((len(offsets) - 1, n_features), dtype=bool),
+    )
+    if n_threads is None:  # threads pay off on whole files, not on a single served sequence
+        n_threads = min(4, os.cpu_count() or 1) if n_rows >= PARALLEL_MIN_ROWS else 1
+    cuts = np.searchsorted(offsets, np.arange(PIECE_ROWS, n_rows, PIECE_ROWS))
+    bounds = np.unique(np.concatenate([[0], cuts, [len(offsets) - 1]]))
 
-    def block(names: list[str], dtype: type) -> np.ndarray:
-        """A copy of some sensor columns, mirrored for left-handed wearers (never the input)."""
-        wanted = np.array([index[c] for c in names])
-        if isinstance(sensors, pl.DataFrame):
-            values = sensors.select(names).to_numpy().astype(dtype, copy=False)
-            if not values.flags.writeable:  # a zero-copy view of polars memory
-                values = values.copy()
-            if mirror_left:
-                sources = [columns[i] for i in mirror_source[wanted]]
-                mirrored = sensors.select(sources).filter(pl.Series(left_rows)).to_numpy()
-                values[left_rows] = mirrored * mirror_sign[wanted]
-            return values
-        values = sensors[:, wanted].astype(dtype, copy=False)  # fancy indexing copies
-        if mirror_left:
-            values[left_rows] = sensors[np.ix_(left_rows, mirror_source[wanted])] * mirror_sign[wanted]
-        return values
-
-    def imu_block() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        imu = block(IMU_COLUMNS, np.float64)
-        acc_cols = [IMU_COLUMNS.index(c) for c in ACC_COLUMNS]
-        rot_cols = [IMU_COLUMNS.index(c) for c in ROT_COLUMNS]
-        acc_valid = np.isfinite(imu[:, acc_cols]).all(axis=1)
-        rot_valid = np.isfinite(imu[:, rot_cols]).all(axis=1) & (
-            np.abs(np.nan_to_num(imu[:, rot_cols])).sum(axis=1) > 0
+    def run(first: int, last: int) -> None:
+        """Sequences ``first:last`` into their rows of ``result``."""
+        start, end = int(offsets[first]), int(offsets[last])
+        part = sensors.slice(start, end - start) if isinstance(sensors, pl.DataFrame) else sensors[start:end]
+        _compute_piece(
+            SensorBlocks.from_sensors(part, settings),
+            offsets[first : last + 1] - start,
+            left_handed[first:last],
+            settings,
+            tof_mirror,
+            StepFeatures(
+                result.features[start:end], result.step_valid[start:end], result.feature_present[first:last]
+            ),
         )
-        acc = fill_nan(fill_within_segments(imu[:, acc_cols], acc_valid, offsets), 0.0)
-        rot = fill_within_segments(imu[:, rot_cols], rot_valid, offsets)
-        rot_missing = ~np.isfinite(rot).all(axis=1)
-        rot[rot_missing] = [1.0, 0.0, 0.0, 0.0]
-        rot /= np.linalg.norm(rot, axis=1, keepdims=True)
-        features = imu_features(acc, rot, offsets, settings.sampling_rate_hz).astype(np.float32)
-        imu_read = _segment_any((acc_valid | rot_valid)[:, None], offsets)
-        return features, np.repeat(imu_read, len(IMU_FEATURE_NAMES), axis=1), acc_valid & rot_valid
 
-    def thm_block() -> tuple[np.ndarray, np.ndarray]:
-        thm = block(THM_COLUMNS, np.float32)
+    pieces = [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+    if n_threads > 1 and len(pieces) > 1:
+        with ThreadPoolExecutor(max_workers=n_threads) as pool:
+            for future in [pool.submit(run, first, last) for first, last in pieces]:
+                future.result()
+    else:
+        for first, last in pieces:
+            run(first, last)
+    return result
+
+
+def _compute_piece(
+    blocks: SensorBlocks,
+    offsets: np.ndarray,
+    left_handed: np.ndarray,
+    settings: FeatureSettings,
+    tof_mirror: dict[int, tuple[int, np.ndarray]],
+    out: StepFeatures,
+) -> None:
+    """:func:`compute_step_features` of some whole sequences, written into ``out``.
+
+    Mirroring: IMU and thermopile columns are mirrored (in ``blocks``) before any feature is
+    computed. A ToF feature of a row depends on that row's grid only, so ToF features are
+    computed from the unmirrored grids and then taken, for left-handed wearers, from the
+    mirrored sensor (pixels reordered for the raw features; the summary statistics do not
+    depend on the pixel order): the same values, without copying the grids.
+    """
+    lengths = np.diff(offsets)
+    left_rows = np.repeat(left_handed, lengths) if settings.mirror_left_handed else None
+    if left_rows is not None and not left_rows.any():
+        left_rows = None
+
+    def store(start: int, values: np.ndarray, present: np.ndarray) -> None:
+        """Write a block into ``out``; features of a sensor absent from a sequence become 0."""
+        block_columns = slice(start, start + values.shape[1])
+        out.features[:, block_columns] = values
+        out.feature_present[:, block_columns] = present
+        if not present.all():
+            if (present == present[:, :1]).all():  # the usual case: the block is absent as a whole
+                out.features[np.repeat(~present[:, 0], lengths), block_columns] = 0.0
+            else:
+                for j in np.flatnonzero(~present.all(axis=0)):
+                    out.features[np.repeat(~present[:, j], lengths), start + j] = 0.0
+
+    # IMU
+    imu = _mirrored(blocks.imu, IMU_COLUMNS, left_rows)
+    acc_cols = [IMU_COLUMNS.index(c) for c in ACC_COLUMNS]
+    rot_cols = [IMU_COLUMNS.index(c) for c in ROT_COLUMNS]
+    acc_valid = np.isfinite(imu[:, acc_cols]).all(axis=1)
+    rot_valid = np.isfinite(imu[:, rot_cols]).all(axis=1) & (
+        np.abs(np.nan_to_num(imu[:, rot_cols])).sum(axis=1) > 0
+    )
+    acc = fill_nan(fill_within_segments(imu[:, acc_cols], acc_valid, offsets), 0.0)
+    rot = fill_within_segments(imu[:, rot_cols], rot_valid, offsets)
+    rot_missing = ~np.isfinite(rot).all(axis=1)
+    rot[rot_missing] = [1.0, 0.0, 0.0, 0.0]
+    rot /= np.linalg.norm(rot, axis=1, keepdims=True)
+    imu_read = _segment_any((acc_valid | rot_valid)[:, None], offsets)
+    out.step_valid[:] = acc_valid & rot_valid
+    store(
+        0,
+        imu_features(acc, rot, offsets, settings.sampling_rate_hz),
+        np.repeat(imu_read, len(IMU_FEATURE_NAMES), axis=1),
+    )
+    column = len(IMU_FEATURE_NAMES)
+
+    # thermopiles
+    if blocks.thm is not None:
+        thm = _mirrored(blocks.thm, THM_COLUMNS, left_rows)
         thm_valid = np.isfinite(thm)
         filled = np.column_stack(
             [fill_within_segments(thm[:, k], thm_valid[:, k], offsets) for k in range(thm.shape[1])]
         )
-        return fill_nan(filled, 0.0), _segment_any(thm_valid, offsets)
+        store(column, fill_nan(filled, 0.0), _segment_any(thm_valid, offsets))
+        column += len(THM_COLUMNS)
 
-    def tof_block(sensor_columns: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        tof = block(sensor_columns, np.float32)
-        missing = np.isnan(tof)
-        frame_valid = ~missing.any(axis=1)  # a ToF frame is read (or dropped) whole
-        tof = fill_within_segments(tof, frame_valid, offsets)
-        if missing.any():  # NaN left where a sequence has no frame at all
-            np.copyto(tof, np.float32(TOF_NO_REFLECTION), where=np.isnan(tof))
-        if settings.tof_mode == "summary":
-            features = tof_summary_features(tof)
-        else:
-            features = np.where(tof == TOF_NO_REFLECTION, np.float32(TOF_MAX_DISTANCE + 1), tof)
-        return features, np.repeat(_segment_any(frame_valid[:, None], offsets), features.shape[1], axis=1)
+    # ToF: features of the unmirrored grids, then those of the mirrored sensor for left-handed rows
+    if blocks.tof is None:
+        return
+    unmirrored = {}
+    for k in TOF_COLUMNS_BY_SENSOR:
+        grid = blocks.tof[:, (k - 1) * TOF_PIXELS : k * TOF_PIXELS]
+        features = tof_summary_features(grid) if settings.tof_mode == "summary" else tof_distances(grid)
+        unmirrored[k] = features, blocks.tof_missing[:, k - 1]
+    for k, (features, missing) in unmirrored.items():
+        if left_rows is not None:
+            source, pixels = tof_mirror[k]
+            source_features, source_missing = unmirrored[source]
+            from_source = source_features[left_rows]
+            features = features.copy()
+            features[left_rows] = from_source[:, pixels] if settings.tof_mode == "raw" else from_source
+            missing = np.where(left_rows, source_missing, missing)
+        valid = ~missing
+        # rows with a dropped frame take a read frame's features; a sequence without any read
+        # frame is absent (its features become 0 in store)
+        filled = fill_within_segments(features, valid, offsets)
+        present = np.repeat(_segment_any(valid[:, None], offsets), features.shape[1], axis=1)
+        store(column, filled, present)
+        column += features.shape[1]
 
-    # (task, number of feature columns it writes), in feature_layout order
-    tasks: list[tuple[Callable, int]] = [(imu_block, len(IMU_FEATURE_NAMES))]
-    if settings.use_thm:
-        tasks.append((thm_block, len(THM_COLUMNS)))
-    if settings.tof_mode != "none":
-        tof_width = TOF_PIXELS if settings.tof_mode == "raw" else len(TOF_SUMMARY_STATISTICS)
-        tasks += [(partial(tof_block, columns), tof_width) for columns in TOF_COLUMNS_BY_SENSOR.values()]
-    if n_threads is None:  # threads pay off on whole files, not on a single served sequence
-        n_threads = min(4, os.cpu_count() or 1) if offsets[-1] >= PARALLEL_MIN_ROWS else 1
-    names, _ = feature_layout(settings)
-    features = np.empty((int(offsets[-1]), len(names)), dtype=np.float32)
-    lengths = np.diff(offsets)
 
-    def store(start: int, values: np.ndarray, present: np.ndarray) -> np.ndarray:
-        """Write a block into ``features``; features of a sensor absent from a sequence become 0."""
-        block_columns = slice(start, start + values.shape[1])
-        features[:, block_columns] = values
-        if not present.all():
-            if (present == present[:, :1]).all():  # the usual case: the block is absent as a whole
-                features[np.repeat(~present[:, 0], lengths), block_columns] = 0.0
-            else:
-                for j in np.flatnonzero(~present.all(axis=0)):
-                    features[np.repeat(~present[:, j], lengths), start + j] = 0.0
-        return present
-
-    def run(task, start: int):
-        result = task()
-        store(start, result[0], result[1])
-        return result[1:]
-
-    starts = np.cumsum([0] + [width for _, width in tasks])
-    jobs = [(task, int(start)) for (task, _), start in zip(tasks, starts, strict=False)]
-    if n_threads > 1:
-        with ThreadPoolExecutor(max_workers=n_threads) as pool:
-            results = [future.result() for future in [pool.submit(run, task, start) for task, start in jobs]]
-    else:
-        results = [run(task, start) for task, start in jobs]
-    step_valid = results[0][1]
-    feature_present = np.concatenate([r[0] for r in results], axis=1)
-    return StepFeatures(features=features, step_valid=step_valid, feature_present=feature_present)
+def _mirrored(values: np.ndarray, names: list[str], left_rows: np.ndarray | None) -> np.ndarray:
+    """``values`` (columns ``names``, closed under the mirror map) with the rows of left-handed
+    wearers mirrored, in place."""
+    if left_rows is not None:
+        perm, sign = mirror_permutation(names)
+        values[left_rows] = values[left_rows][:, perm] * sign.astype(values.dtype)
+    return values

@@ -39,6 +39,8 @@ from codes.common.schema import DEMOGRAPHIC_FIELDS, GESTURE_TO_INDEX, GESTURES
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
+# the non-sensor columns a SequenceTable is built from (the other labels are not read)
+TABLE_META_COLUMNS = ("sequence_id", "sequence_counter", "subject", "gesture", "orientation")
 
 
 @dataclass
@@ -146,6 +148,13 @@ def _sequence_runs(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.sort(["sequence_id", "sequence_counter"], maintain_order=True)
 
 
+def _as_sensor_values(column: pl.Series) -> pl.Series:
+    """A sensor column as float32, or as it is when it holds integer ToF readings."""
+    if column.name.startswith("tof_") and column.dtype.is_integer():
+        return column
+    return column.cast(pl.Float32)
+
+
 def build_sequence_table(
     frame: pl.DataFrame,
     demographics: pl.DataFrame,
@@ -184,7 +193,8 @@ def build_sequence_table(
         )
     left_handed = handedness == 0  # NaN compares False: unknown handedness is not mirrored
 
-    sensors = frame.select(pl.col(settings.sensor_columns).cast(pl.Float32))
+    # float32 as the CSV reader gives; integer ToF columns (the reader's int16) are kept
+    sensors = pl.DataFrame([_as_sensor_values(frame.get_column(c)) for c in settings.sensor_columns])
     step = compute_step_features(sensors, offsets, left_handed, settings)
     names, groups = feature_layout(settings)
 
@@ -292,7 +302,12 @@ def load_sequence_table(
     reader = read_train if split == "train" else read_test
 
     def read_sensor_file() -> pl.DataFrame:
-        return reader(data_dir, include_thm=settings.use_thm, include_tof=settings.tof_mode != "none")
+        return reader(
+            data_dir,
+            include_thm=settings.use_thm,
+            include_tof=settings.tof_mode != "none",
+            meta_columns=TABLE_META_COLUMNS,
+        )
 
     def cached(key: str) -> SequenceTable | None:
         path = cache_dir / f"{split}-{key}.npz"
