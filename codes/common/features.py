@@ -18,6 +18,7 @@ Rules (documented in docs/data.md):
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -290,13 +291,16 @@ def tof_distances(grid: np.ndarray) -> np.ndarray:
     )
 
 
-def tof_mirror_sources(columns: list[str]) -> dict[int, tuple[int, np.ndarray]]:
+@functools.cache
+def tof_mirror_sources(columns: tuple[str, ...]) -> dict[int, tuple[int, np.ndarray]]:
     """For each ToF sensor: the sensor a mirrored wearer's reading comes from, and its pixel order.
 
     Mirroring (``schema.mirror_permutation``) maps the pixels of one sensor onto those of one
-    sensor (tof_3 <-> tof_5, each grid flipped left-right), with sign +1.
+    sensor (tof_3 <-> tof_5, each grid flipped left-right), with sign +1. Cached: the same for
+    every call with the same columns.
     """
-    perm, sign = mirror_permutation(columns)
+    columns = list(columns)
+    perm, sign = _mirror_map(tuple(columns))
     index = {c: i for i, c in enumerate(columns)}
     sources = {}
     for k, names in TOF_COLUMNS_BY_SENSOR.items():
@@ -372,10 +376,11 @@ class SensorBlocks:
                 tof=tof,
                 tof_missing=tof_missing,
             )
-        index = {c: i for i, c in enumerate(settings.sensor_columns)}
+        columns = tuple(settings.sensor_columns)
 
         def numbers_of(names: list[str], dtype: type) -> np.ndarray:
-            return sensors[:, [index[c] for c in names]].astype(dtype, copy=False)  # fancy indexing copies
+            # fancy indexing copies
+            return sensors[:, _positions(columns, tuple(names))].astype(dtype, copy=False)
 
         tof = numbers_of(TOF_COLUMNS, np.float32) if use_tof else None
         return cls(
@@ -433,7 +438,9 @@ def compute_step_features(
     left_handed = np.asarray(left_handed, dtype=bool)
     n_rows, n_features = int(offsets[-1]), len(feature_layout(settings)[0])
     tof_mirror = (
-        tof_mirror_sources(columns) if settings.tof_mode != "none" and settings.mirror_left_handed else {}
+        tof_mirror_sources(tuple(columns))
+        if settings.tof_mode != "none" and settings.mirror_left_handed
+        else {}
     )
     result = StepFeatures(
         features=np.empty((n_rows, n_features), dtype=np.float32),
@@ -565,6 +572,21 @@ def _mirrored(values: np.ndarray, names: list[str], left_rows: np.ndarray | None
     """``values`` (columns ``names``, closed under the mirror map) with the rows of left-handed
     wearers mirrored, in place."""
     if left_rows is not None:
-        perm, sign = mirror_permutation(names)
+        perm, sign = _mirror_map(tuple(names))
         values[left_rows] = values[left_rows][:, perm] * sign.astype(values.dtype)
     return values
+
+
+@functools.cache
+def _mirror_map(columns: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """``schema.mirror_permutation``, cached (it is called for every sequence served); read-only."""
+    perm, sign = mirror_permutation(list(columns))
+    perm.flags.writeable = sign.flags.writeable = False
+    return perm, sign
+
+
+@functools.cache
+def _positions(columns: tuple[str, ...], names: tuple[str, ...]) -> list[int]:
+    """Where ``names`` are among ``columns``, cached."""
+    index = {c: i for i, c in enumerate(columns)}
+    return [index[c] for c in names]
