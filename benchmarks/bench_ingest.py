@@ -108,6 +108,7 @@ def main() -> None:
         print(f"generating the synthetic dataset ({args.subjects} subjects) in {args.data} ...", flush=True)
         generate_dataset(args.data, n_subjects=args.subjects, seed=0)
     size_mb = (args.data / "train.csv").stat().st_size / 1e6
+    load_before = os.getloadavg()[0]
     results = []
     for _ in range(args.repeats):
         cache_dir = Path(tempfile.mkdtemp(prefix="ingest-cache-"))
@@ -123,18 +124,24 @@ def main() -> None:
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     )
-    print("| way | wall time (s) | peak memory (GB) |")
-    print("| --- | ---: | ---: |")
+    print(f"load average (1 min) before: {load_before:.2f}, after: {os.getloadavg()[0]:.2f}")
+    print("| way | wall time (s), best | each round (s) | peak memory (GB) |")
+    print("| --- | ---: | --- | ---: |")
     for mode in MODES:
         runs = [r for r in results if r["mode"] == mode]
         if runs:
             seconds = min(r["seconds"] for r in runs)
+            each = ", ".join(f"{r['seconds']:.2f}" for r in runs)
             memory = max(r["peak_rss_gb"] for r in runs)
-            print(f"| {mode} | {seconds:.2f} | {memory:.2f} |")
-    cold = min(r["seconds"] for r in results if r["mode"] == "polars-cold")
+            print(f"| {mode} | {seconds:.2f} | {each} | {memory:.2f} |")
+    colds = [r["seconds"] for r in results if r["mode"] == "polars-cold"]
     pandas_runs = [r["seconds"] for r in results if r["mode"] == "pandas-groupby"]
     if pandas_runs:
-        print(f"\npolars cold is {min(pandas_runs) / cold:.1f}x faster than pandas groupby")
+        per_round = [p / c for c, p in zip(colds, pandas_runs, strict=True)]
+        print(
+            f"\npolars cold is {min(pandas_runs) / min(colds):.1f}x faster than pandas groupby (best vs best); "
+            f"per round: {', '.join(f'{x:.1f}x' for x in per_round)}"
+        )
 
 
 if __name__ == "__main__":
