@@ -329,3 +329,29 @@ def test_integer_tof_columns_give_the_same_features_as_float_ones():
         table = build_sequence_table(integer, demographics, FeatureSettings(tof_mode=tof_mode))
         assert np.array_equal(table.features, expected.features)
         assert np.array_equal(table.feature_present, expected.feature_present)
+
+
+@pytest.mark.parametrize("tof_mode", ["summary", "raw"])
+def test_pieces_threads_and_input_kinds_do_not_change_the_features(monkeypatch, tof_mode):
+    """Numpy input, a polars frame with float ToF and one with int16 ToF; one piece or many
+    (cut at sequence boundaries), one thread or two: the same features."""
+    rng = np.random.default_rng(8)
+    lengths = rng.integers(1, 60, size=40)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    sensors = rest_sensors(np.array([1.0, 0, 0, 0]), np.zeros(3), int(offsets[-1]), rng)
+    sensors[:, 0:7] += rng.normal(scale=0.3, size=(len(sensors), 7))
+    sensors[rng.random(len(sensors)) < 0.1, 3:7] = np.nan
+    sensors[rng.random(len(sensors)) < 0.1, 12 + 64 : 12 + 128] = np.nan  # tof_2 frames dropped
+    sensors[offsets[3] : offsets[5], 12:] = np.nan  # two IMU-only sequences
+    left = rng.random(len(lengths)) < 0.4
+    settings = FeatureSettings(tof_mode=tof_mode)
+    expected = compute_step_features(sensors, offsets, left, settings, n_threads=1)
+    frame = pl.DataFrame(sensors, schema=SENSOR_COLUMNS).fill_nan(None)
+    integer = frame.with_columns(pl.col(TOF_COLUMNS).cast(pl.Int16))
+    monkeypatch.setattr("codes.common.features.PIECE_ROWS", 97)
+    for values in (sensors, frame, integer):
+        for n_threads in (1, 2):
+            step = compute_step_features(values, offsets, left, settings, n_threads=n_threads)
+            assert np.array_equal(step.features, expected.features)
+            assert np.array_equal(step.step_valid, expected.step_valid)
+            assert np.array_equal(step.feature_present, expected.feature_present)
