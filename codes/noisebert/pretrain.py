@@ -156,8 +156,9 @@ def run_epoch(
     reg = cfg.regularizer
     training = optimizer is not None
     model.train(training)
-    sums = {"loss": 0.0, "masked_mse": 0.0, "regularizer": 0.0}
-    mass_sum, mass_count, n_batches = 0.0, 0, 0
+    # running sums stay on the device: one host read per epoch, not several per step
+    sums = torch.zeros(5, device=device)  # loss, masked MSE, regularizer, mass on noisy, samples with noise
+    n_batches = 0
     with torch.set_grad_enabled(training):
         for batch in tqdm(loader, desc=description, leave=False, mininterval=5.0):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -178,15 +179,18 @@ def run_epoch(
                 noisy = batch["noisy"]
                 mass = noisy_attention_mass(out["cls_attention"].detach(), noisy)
                 has_noise = noisy.any(dim=1)
-                mass_sum += float(mass[has_noise].sum())
-                mass_count += int(has_noise.sum())
-            for key, value in (("loss", loss), ("masked_mse", mse), ("regularizer", penalty)):
-                sums[key] += float(value.detach())
+                step_sums = torch.stack([loss, mse, penalty, torch.where(has_noise, mass, 0.0).sum(),
+                                         has_noise.sum()])  # fmt: skip
+                sums += step_sums.detach().float()
             n_batches += 1
-    if not math.isfinite(sums["loss"]):
+    loss_sum, mse_sum, penalty_sum, mass_sum, mass_count = sums.tolist()
+    if not math.isfinite(loss_sum):
         raise FloatingPointError(f"non-finite NoiseBERT loss in {description}")
-    means = {key: value / max(n_batches, 1) for key, value in sums.items()}
-    means["cls_mass_on_noisy"] = mass_sum / max(mass_count, 1)
+    means = {
+        key: value / max(n_batches, 1)
+        for key, value in (("loss", loss_sum), ("masked_mse", mse_sum), ("regularizer", penalty_sum))
+    }
+    means["cls_mass_on_noisy"] = mass_sum / max(mass_count, 1.0)
     return means
 
 
