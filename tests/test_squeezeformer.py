@@ -170,6 +170,27 @@ def test_masked_batchnorm_equals_batchnorm_on_real_steps(momentum):
     assert ours.state_dict().keys() == reference.state_dict().keys()
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_masked_batchnorm_on_packed_rows_equals_the_masked_form(momentum):
+    """mask=None (every row real, the fused kernel) = the masked form on the same real steps."""
+    torch.manual_seed(0)
+    packed, masked = MaskedBatchNorm1d(5, momentum=momentum), MaskedBatchNorm1d(5, momentum=momentum)
+    for step in range(3):
+        x = torch.randn(3, 8, 5) * 2 + step
+        mask = lengths_to_mask(torch.tensor([8, 3, 5]), 8)
+        rows = x[mask].requires_grad_(True)
+        padded = x.clone().requires_grad_(True)
+        got, expected = packed(rows, None), masked(padded, mask)
+        torch.testing.assert_close(got, expected[mask], atol=TOL, rtol=TOL)
+        (got * torch.arange(5.0)).sum().backward()
+        (expected * torch.arange(5.0)).sum().backward()
+        torch.testing.assert_close(rows.grad, padded.grad[mask], atol=TOL, rtol=TOL)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(packed, name), getattr(masked, name), atol=TOL, rtol=TOL)
+    one_row = packed(torch.randn(1, 5), None)  # too few rows for the fused kernel: documented fallback
+    assert torch.isfinite(one_row).all()
+
+
 def test_masked_batchnorm_ignores_an_all_padding_batch():
     norm = MaskedBatchNorm1d(4).train()
     out = norm(torch.randn(2, 3, 4), torch.zeros(2, 3, dtype=torch.bool))
@@ -256,10 +277,11 @@ def test_every_parameter_gets_a_finite_nonzero_gradient(positional_encoding):
         assert parameter.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("time_reduction", [True, False])
 @pytest.mark.parametrize("length", [37, 38])
-def test_padding_invariance_and_batch_independence_in_eval(time_reduction, length):
-    encoder = warmed_up(small_encoder(time_reduction=time_reduction))
+def test_padding_invariance_and_batch_independence_in_eval(time_reduction, length, packed):
+    encoder = warmed_up(small_encoder(time_reduction=time_reduction, pack_padded_steps=packed))
     generator = torch.Generator().manual_seed(3)
     sequence = torch.randn(length, D, generator=generator)
     with torch.no_grad():
@@ -274,10 +296,13 @@ def test_padding_invariance_and_batch_independence_in_eval(time_reduction, lengt
                 torch.testing.assert_close(out[row, :length], alone[0], atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("time_reduction", [True, False])
-def test_values_at_padded_steps_change_nothing(training, time_reduction):
-    encoder = warmed_up(small_encoder(time_reduction=time_reduction)).train(training)
+def test_values_at_padded_steps_change_nothing(training, time_reduction, packed):
+    encoder = warmed_up(small_encoder(time_reduction=time_reduction, pack_padded_steps=packed)).train(
+        training
+    )
     x, mask = random_batch([13, 20, 7], 20)
     n_padded = int((~mask).sum())
     garbage = x.clone()
@@ -304,11 +329,14 @@ def test_training_statistics_are_the_same_with_garbage_padding():
         assert torch.equal(clean, dirty)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients_and_statistics():
+@pytest.mark.parametrize("packed", [True, False])
+def test_gradient_checkpointing_gives_the_same_gradients_and_statistics(packed):
     x, mask = random_batch([13, 20, 7], 20)
     results = []
     for checkpointing in (False, True):
-        encoder = small_encoder(seed=2, gradient_checkpointing=checkpointing).train()
+        encoder = small_encoder(
+            seed=2, gradient_checkpointing=checkpointing, pack_padded_steps=packed
+        ).train()
         out, _ = encoder(x, mask)
         out[mask].square().mean().backward()
         grads = {n: p.grad.clone() for n, p in encoder.named_parameters()}
@@ -317,6 +345,43 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_statistics():
         torch.testing.assert_close(results[1][0][name], grad, atol=TOL, rtol=TOL, msg=name)
     for name, buffer in results[0][1].items():
         assert torch.equal(results[1][1][name], buffer), name  # updated once per step, not twice
+
+
+@pytest.mark.parametrize("time_reduction", [True, False])
+def test_packed_and_padded_computations_agree(time_reduction):
+    """Running per-step layers on the real steps only changes nothing but float rounding: outputs,
+    gradients and BatchNorm statistics, in training and eval, including a mask with holes."""
+    x, mask = random_batch([13, 20, 7, 1], 20)
+    mask[2, 3:5] = False  # padding inside a sequence: a real step whose reduced step is padding
+    mask[2, 9] = False
+    results = []
+    for packed in (True, False):
+        encoder = small_encoder(seed=6, time_reduction=time_reduction, pack_padded_steps=packed).train()
+        train_out, _ = encoder(x, mask)
+        train_out.square().sum().backward()
+        eval_out, _ = encoder.eval()(x, mask)
+        grads = {n: p.grad.clone() for n, p in encoder.named_parameters()}
+        buffers = {n: b.clone() for n, b in encoder.named_buffers() if "running" in n}
+        results.append((train_out, eval_out, grads, buffers))
+    (packed_train, packed_eval, packed_grads, packed_buffers), (train, eval_, grads, buffers) = results
+    torch.testing.assert_close(packed_train, train, atol=TOL, rtol=TOL)
+    torch.testing.assert_close(packed_eval, eval_, atol=TOL, rtol=TOL)
+    assert torch.equal(packed_eval[~mask], torch.zeros_like(packed_eval[~mask]))
+    for name, grad in grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-4, rtol=1e-4, msg=name)
+    for name, buffer in buffers.items():
+        torch.testing.assert_close(packed_buffers[name], buffer, atol=TOL, rtol=TOL, msg=name)
+
+
+def test_packed_encoder_handles_a_batch_without_real_steps():
+    encoder = small_encoder().train()
+    x, mask = random_batch([3, 0], 6)
+    out, _ = encoder(x, mask)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.equal(out[1], torch.zeros_like(out[1]))
+    empty = torch.zeros(2, 6, dtype=torch.bool)
+    out, _ = encoder(x, empty)
+    assert torch.equal(out, torch.zeros_like(out))
 
 
 def test_saved_and_reloaded_encoder_gives_the_same_outputs():

@@ -77,6 +77,7 @@ def build_squeezeformer(cfg, max_len: int) -> SqueezeformerEncoder:
         time_reduction=cfg.time_reduction,
         positional_encoding=cfg.positional_encoding,
         max_len=max_len,
+        pack_padded_steps=cfg.pack_padded_steps,
     )
 
 

@@ -11,6 +11,10 @@ that way). Libraries that want something else get it from the helpers here, neve
 - :func:`sdpa_key_mask`: ``torch.nn.functional.scaled_dot_product_attention``
   (boolean ``(B, 1, 1, T)``, True = may attend).
 
+:class:`StepLayout` lets per-step layers skip padding altogether: in its packed form a batch is
+the ``(N, C)`` rows of its N real steps, and only the layers that mix steps (attention,
+convolution) see a padded ``(B, T, C)`` tensor, with zeros at the padded steps.
+
 Pooling over time (:func:`masked_mean`, :func:`masked_max`) selects real steps with
 ``torch.where`` rather than multiplying by the mask, so padded steps never enter a result, even
 when they hold huge values, ``inf`` or ``NaN``. A sequence with no real step at all is handled by
@@ -22,6 +26,8 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "StepLayout",
+    "as_step_layout",
     "check_mask",
     "downsample_mask",
     "lengths_to_mask",
@@ -111,3 +117,60 @@ def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     best = torch.where(m, x, lowest).amax(dim=1)  # (B, T, D) -> (B, D)
     any_real = mask.any(dim=1, keepdim=True)  # (B, 1)
     return torch.where(any_real, best, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+class StepLayout:
+    """Where the real steps of a padded batch are, and how its activations are stored.
+
+    Per-step layers (Linear, LayerNorm, activations, dropout) act on *rows*:
+
+    - packed (``packed=True``): rows are the ``(N, C)`` real steps only, in batch-major order
+      (``N = mask.sum()``), so no work is spent on padding;
+    - padded (``packed=False``): rows are the ``(B, T, C)`` tensor itself, padding included.
+
+    Layers that mix steps call :meth:`to_padded` (``(B, T, C)``; zeros at the padded steps in
+    packed form, arbitrary values in padded form, so they must still mask) and :meth:`to_rows`
+    to come back. Both are differentiable. Building a packed layout reads the number of real
+    steps (one host synchronisation on a GPU).
+    """
+
+    def __init__(self, mask: torch.Tensor, packed: bool) -> None:
+        if mask.dtype != torch.bool or mask.dim() != 2:
+            raise ValueError(f"mask must be a (B, T) bool tensor, got {tuple(mask.shape)} {mask.dtype}")
+        self.mask = mask
+        self.packed = packed
+        # flat positions (b * T + t) of the real steps
+        self.index = mask.reshape(-1).nonzero().squeeze(1) if packed else None
+
+    def to_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T, C)`` -> rows: ``(N, C)`` packed, ``x`` itself padded."""
+        if not self.packed:
+            return x
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.index)
+
+    def to_padded(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows -> ``(B, T, C)``; in packed form the padded steps are zeros."""
+        if not self.packed:
+            return rows
+        b, t = self.mask.shape
+        padded = rows.new_zeros(b * t, rows.shape[-1]).index_copy(0, self.index, rows)
+        return padded.view(b, t, rows.shape[-1])
+
+    def downsampled(self, stride: int = 2) -> StepLayout:
+        """The layout after a time reduction by ``stride`` (:func:`downsample_mask`), same form."""
+        return StepLayout(downsample_mask(self.mask, stride), self.packed)
+
+    def upsampling_index(self, reduced_length: int, stride: int = 2) -> torch.Tensor:
+        """Packed form: for each real step ``(b, t)``, the flat position ``b * T' + t // stride``
+        of its source in a padded reduced ``(B, T', C)`` tensor."""
+        if not self.packed:
+            raise ValueError("upsampling_index is defined for a packed layout only")
+        length = self.mask.shape[1]
+        return torch.div(self.index, length, rounding_mode="floor") * reduced_length + torch.div(
+            self.index % length, stride, rounding_mode="floor"
+        )
+
+
+def as_step_layout(mask: torch.Tensor | StepLayout) -> StepLayout:
+    """A :class:`StepLayout` as is; a ``(B, T)`` bool mask as a padded layout."""
+    return mask if isinstance(mask, StepLayout) else StepLayout(mask, packed=False)

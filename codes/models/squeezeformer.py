@@ -46,7 +46,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from codes.models.dropout import Dropout, dropout
-from codes.models.masking import check_mask, downsample_mask, sdpa_key_mask
+from codes.models.masking import StepLayout, as_step_layout, check_mask, sdpa_key_mask
 
 __all__ = [
     "ConvModule",
@@ -102,17 +102,30 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
         # training step updates the running statistics once
         self.update_running_stats = True
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """``(B, T, C), (B, T) -> (B, T, C)``, in ``x``'s dtype."""
-        check_mask(x, mask)
-        m = mask.unsqueeze(-1)  # (B, T) -> (B, T, 1)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+        """``(B, T, C), (B, T) -> (B, T, C)``, in ``x``'s dtype.
+
+        ``mask=None``: every row of ``x`` ``(..., C)`` is real (the packed rows of a
+        :class:`~codes.models.masking.StepLayout`); training then uses the fused batch-norm
+        kernel when there are at least two rows.
+        """
+        if mask is None and self.training and x.numel() >= 2 * x.shape[-1]:
+            return self._fused_training_forward(x)
+        if mask is not None:
+            check_mask(x, mask)
+        m = None if mask is None else mask.unsqueeze(-1)  # (B, T) -> (B, T, 1)
         xf = x.float()
         if self.training:
-            count = mask.sum().to(torch.float32)
+            rows = xf.reshape(-1, xf.shape[-1])
+            if m is None:
+                count = torch.tensor(float(rows.shape[0]), device=x.device)
+            else:
+                count = mask.sum().to(torch.float32)
+                rows = torch.where(m, xf, 0.0).reshape(-1, xf.shape[-1])
             n = count.clamp(min=1.0)
-            mean = torch.where(m, xf, 0.0).sum(dim=(0, 1)) / n  # (B, T, C) -> (C,)
-            centered = torch.where(m, xf - mean, 0.0)
-            var = centered.square().sum(dim=(0, 1)) / n  # (C,), biased, for normalisation
+            mean = rows.sum(dim=0) / n  # (..., C) -> (C,)
+            centered = xf - mean if m is None else torch.where(m, xf - mean, 0.0)
+            var = centered.square().reshape(-1, xf.shape[-1]).sum(dim=0) / n  # (C,), biased
             if self.update_running_stats:
                 self._update_running_stats(mean, var, count)
         else:
@@ -120,8 +133,24 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
             var = self.running_var.float()
         scale = self.weight.float() * torch.rsqrt(var + self.eps)  # (C,)
         shift = self.bias.float() - mean * scale
-        y = torch.where(m, torch.addcmul(shift, xf, scale), 0.0)
+        y = torch.addcmul(shift, xf, scale)
+        if m is not None:
+            y = torch.where(m, y, 0.0)
         return y.to(x.dtype)
+
+    def _fused_training_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Training on rows that are all real: ``F.batch_norm`` in float32, same statistics."""
+        rows = x.reshape(-1, x.shape[-1]).float()  # (N, C)
+        if self.update_running_stats:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            running_mean, running_var = self.running_mean, self.running_var
+        else:  # normalise with the batch statistics, update copies (same saved tensors as above)
+            factor, running_mean, running_var = 0.0, self.running_mean.clone(), self.running_var.clone()
+        y = F.batch_norm(
+            rows, running_mean, running_var, self.weight.float(), self.bias.float(), True, factor, self.eps
+        )
+        return y.view(x.shape).to(x.dtype)
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
@@ -217,7 +246,10 @@ class MaskedDepthwiseConv1d(nn.Conv1d):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """``(B, T, C), (B, T) -> (B, ceil(T / stride), C)``."""
-        x = _zero_padding(x, mask)
+        return self.convolve(_zero_padding(x, mask))
+
+    def convolve(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution of ``(B, T, C)`` whose padded steps are already zero."""
         if (
             self.stride[0] == 1
             and torch.is_grad_enabled()
@@ -278,12 +310,17 @@ class ConvModule(nn.Module):
         self.pointwise_out = nn.Linear(inner, d_model)
         self.dropout = Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``(B, T, D), (B, T) -> (B, T, D)``."""
-        x = F.silu(self.pointwise_in(x))  # (B, T, D) -> (B, T, E * D)
-        x = self.depthwise(x, mask)  # padded steps zeroed inside
-        x = F.silu(self.norm(x, mask))
-        x = self.pointwise_out(x)  # (B, T, E * D) -> (B, T, D)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | StepLayout) -> torch.Tensor:
+        """``(B, T, D), (B, T) -> (B, T, D)``, or rows of a :class:`StepLayout` ``(N, D) -> (N, D)``."""
+        layout = as_step_layout(mask)
+        x = F.silu(self.pointwise_in(x))  # (..., D) -> (..., E * D)
+        if layout.packed:  # the padded tensor has zeros at its padded steps
+            x = layout.to_rows(self.depthwise.convolve(layout.to_padded(x)))
+            x = F.silu(self.norm(x, None))  # every row is real
+        else:
+            x = self.depthwise(x, layout.mask)  # padded steps zeroed inside
+            x = F.silu(self.norm(x, layout.mask))
+        x = self.pointwise_out(x)  # (..., E * D) -> (..., D)
         return self.dropout(x)
 
 
@@ -307,11 +344,16 @@ class MultiHeadSelfAttention(nn.Module):
         self.out = nn.Linear(d_model, d_model)
         self.dropout = Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``(B, T, D), (B, T) -> (B, T, D)``."""
-        b, t, d = x.shape
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | StepLayout) -> torch.Tensor:
+        """``(B, T, D), (B, T) -> (B, T, D)``, or rows of a :class:`StepLayout` ``(N, D) -> (N, D)``."""
+        layout = as_step_layout(mask)
+        mask = layout.mask
+        b, t = mask.shape
+        d = x.shape[-1]
         h = self.num_heads
-        qkv = self.qkv(x).view(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)  # (B, T, 3D) -> (3, B, H, T, D/H)
+        qkv = (
+            layout.to_padded(self.qkv(x)).view(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        )  # (B, T, 3D) -> (3, B, H, T, D/H)
         q, k, v = qkv.unbind(0)
         dropout_p = self.attention_dropout if self.training else 0.0
         if dropout_p > 0.0 and x.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -329,7 +371,7 @@ class MultiHeadSelfAttention(nn.Module):
                 attn_mask=sdpa_key_mask(mask),  # (B, 1, 1, T), True = attend
                 dropout_p=dropout_p,
             )  # (B, H, T, D/H)
-        x = x.transpose(1, 2).reshape(b, t, d)  # (B, H, T, D/H) -> (B, T, D)
+        x = layout.to_rows(x.transpose(1, 2).reshape(b, t, d))  # (B, H, T, D/H) -> (B, T, D) -> rows
         return self.dropout(self.out(x))
 
 
@@ -360,8 +402,10 @@ class SqueezeformerBlock(nn.Module):
         self.ff2 = FeedForwardModule(d_model, ff_dim, dropout)
         self.ff2_norm = nn.LayerNorm(d_model)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``(B, T, D), (B, T) -> (B, T, D)``; values at padded steps are meaningless."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | StepLayout) -> torch.Tensor:
+        """``(B, T, D), (B, T) -> (B, T, D)`` (values at padded steps are meaningless), or rows of
+        a :class:`StepLayout` ``(N, D) -> (N, D)``."""
+        mask = as_step_layout(mask)
         x = self.attention_norm(x + self.attention(self.attention_scale(x), mask))
         x = self.ff1_norm(x + self.ff1(self.ff1_scale(x)))
         x = self.conv_norm(x + self.conv(self.conv_scale(x), mask))
@@ -381,28 +425,52 @@ class TimeReduction(nn.Module):
         self.depthwise = MaskedDepthwiseConv1d(d_model, kernel_size=3, stride=2)
         self.pointwise = nn.Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, T, D), (B, T) -> (B, ceil(T / 2), D), (B, ceil(T / 2))``."""
-        reduced_mask = downsample_mask(mask, stride=2)  # (B, T) -> (B, ceil(T / 2))
-        x = self.depthwise(x, mask)  # (B, T, D) -> (B, ceil(T / 2), D)
-        x = self.pointwise(x)
-        return _zero_padding(x, reduced_mask), reduced_mask
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | StepLayout
+    ) -> tuple[torch.Tensor, torch.Tensor | StepLayout]:
+        """``(B, T, D), (B, T) -> (B, ceil(T / 2), D), (B, ceil(T / 2))``; given a
+        :class:`StepLayout` instead of a mask: its rows -> the reduced rows and reduced layout."""
+        layout = as_step_layout(mask)
+        reduced = layout.downsampled(stride=2)  # (B, T) -> (B, ceil(T / 2))
+        if layout.packed:
+            x = reduced.to_rows(self.depthwise.convolve(layout.to_padded(x)))
+            return self.pointwise(x), reduced
+        x = self.depthwise(x, layout.mask)  # (B, T, D) -> (B, ceil(T / 2), D)
+        x = _zero_padding(self.pointwise(x), reduced.mask)
+        return x, (reduced if isinstance(mask, StepLayout) else reduced.mask)
 
 
 class TimeRecovery(nn.Module):
     """Undo :class:`TimeReduction`: repeat each step twice, crop to ``T``, Linear, add the skip.
 
     The Linear is applied before the repetition, which gives the same result (it acts on each
-    step alone) at half the cost.
+    step alone) at half the cost. Given the layouts, a padded reduced step contributes zero (a
+    real step ``t`` whose reduced step ``t // 2`` is padding, possible only when the padding is
+    not at the end, gets its skip alone), in packed and padded form alike.
     """
 
     def __init__(self, d_model: int) -> None:
         super().__init__()
         self.linear = nn.Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        """``(B, ceil(T / 2), D), skip (B, T, D) -> (B, T, D)``."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        skip: torch.Tensor,
+        reduced: StepLayout | None = None,
+        layout: StepLayout | None = None,
+    ) -> torch.Tensor:
+        """``(B, ceil(T / 2), D), skip (B, T, D) -> (B, T, D)``, or with packed layouts the
+        reduced rows and the full-rate skip rows -> full-rate rows."""
         x = self.linear(x)
+        if reduced is not None and reduced.packed:
+            if layout is None:
+                raise ValueError("a packed reduced layout needs the full-rate layout too")
+            padded = reduced.to_padded(x)  # zeros at padded reduced steps
+            source = layout.upsampling_index(padded.shape[1])
+            return skip + padded.reshape(-1, padded.shape[-1]).index_select(0, source)
+        if reduced is not None:
+            x = _zero_padding(x, reduced.mask)
         x = x.repeat_interleave(2, dim=1)[:, : skip.shape[1]]  # (B, ceil(T / 2), D) -> (B, T, D)
         return skip + x
 
@@ -489,6 +557,11 @@ class SqueezeformerEncoder(nn.Module):
         max_len: longest sequence of the learned encoding (the sinusoidal table's size).
         gradient_checkpointing: recompute each block in the backward pass to save memory
             (training only; the BatchNorm running statistics are still updated once per step).
+        pack_padded_steps: run the per-step layers on the real steps only (a packed
+            :class:`~codes.models.masking.StepLayout`); attention and convolutions still see the
+            padded batch. Same results as the padded computation up to float rounding, less
+            work the more padding there is. Off inside ``torch.compile`` (the number of real
+            steps is data-dependent).
 
     Outputs at padded steps are zero; the returned mask is the input mask (same ``T``).
     """
@@ -509,6 +582,7 @@ class SqueezeformerEncoder(nn.Module):
         positional_encoding: str = "sinusoidal",
         max_len: int = 1024,
         gradient_checkpointing: bool = False,
+        pack_padded_steps: bool = True,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -555,6 +629,7 @@ class SqueezeformerEncoder(nn.Module):
         self.reduce_after_block = reduce_after_block
         self.recover_before_block = recover_before_block
         self.gradient_checkpointing = gradient_checkpointing
+        self.pack_padded_steps = pack_padded_steps
         if positional_encoding == "sinusoidal":
             self.positional_encoding: nn.Module | None = SinusoidalPositionalEncoding(d_model, max_len)
         elif positional_encoding == "learned":
@@ -571,12 +646,12 @@ class SqueezeformerEncoder(nn.Module):
         self.time_reduce = TimeReduction(d_model) if time_reduction else None
         self.time_recover = TimeRecovery(d_model) if time_reduction else None
 
-    def _run_block(self, block: SqueezeformerBlock, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _run_block(self, block: SqueezeformerBlock, x: torch.Tensor, mask: StepLayout) -> torch.Tensor:
         if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
             return block(x, mask)
         calls = 0
 
-        def run(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        def run(x: torch.Tensor, mask: StepLayout) -> torch.Tensor:
             nonlocal calls
             calls += 1
             if calls == 1:
@@ -595,15 +670,18 @@ class SqueezeformerEncoder(nn.Module):
         x = _zero_padding(x, mask)
         if self.positional_encoding is not None:
             x = x + self.positional_encoding(x.shape[1]).to(x.dtype)  # (T, D) broadcast over B
-        x = self.input_dropout(x)
+        full = StepLayout(mask, packed=self.pack_padded_steps and not torch.compiler.is_compiling())
+        layout = full
+        x = self.input_dropout(full.to_rows(x))  # (B, T, D) -> rows
         skip = None
         for i, block in enumerate(self.blocks):
             if self.time_recover is not None and i == self.recover_before_block:
-                x, mask = self.time_recover(x, skip), full_mask  # (B, T', D) -> (B, T, D)
-            x = self._run_block(block, x, mask)
+                x, layout = self.time_recover(x, skip, layout, full), full  # reduced -> full rate
+            x = self._run_block(block, x, layout)
             if self.time_reduce is not None and i == self.reduce_after_block:
                 skip = x
-                x, mask = self.time_reduce(x, mask)  # (B, T, D) -> (B, ceil(T / 2), D)
+                x, layout = self.time_reduce(x, layout)  # T -> ceil(T / 2) steps
         if self.time_recover is not None and self.recover_before_block == len(self.blocks):
-            x, mask = self.time_recover(x, skip), full_mask
-        return _zero_padding(x, mask), mask
+            x, layout = self.time_recover(x, skip, layout, full), full
+        x = full.to_padded(x) if full.packed else _zero_padding(x, full_mask)
+        return x, full_mask

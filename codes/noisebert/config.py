@@ -66,6 +66,8 @@ class ModelConfig:
     attention_dropout: float = 0.1
     time_reduction: bool = True
     positional_encoding: str = "sinusoidal"
+    # per-step layers run on the real steps only (attention and convolutions see the padded batch)
+    pack_padded_steps: bool = True
     bert: BertHeadConfig = field(default_factory=BertHeadConfig)
 
 

@@ -67,6 +67,8 @@ class ModelConfig:
     attention_dropout: float = 0.1
     time_reduction: bool = True  # the Squeezeformer's temporal U-Net
     positional_encoding: str = "sinusoidal"  # sinusoidal | learned | none
+    # per-step layers run on the real steps only (attention and convolutions see the padded batch)
+    pack_padded_steps: bool = True
     demographics_dim: int = 32
     use_demographics: bool = True
     head_dropout: float = 0.2
