@@ -8,8 +8,9 @@ softmax math with a ``bernoulli_`` mask, the slow part of CPU dropout
 
 - delegates to the library's ``"sdpa"`` function unchanged on GPU, in eval mode, without
   dropout, and inside ``torch.compile``;
-- otherwise (training on CPU with dropout) computes the same softmax attention itself with the
-  cheap mask of :func:`codes.models.dropout.dropout`.
+- otherwise (training on CPU with dropout) computes the same softmax attention itself with
+  :func:`codes.models.attention_dropout.attention_with_dropout` (the cheap mask of
+  :mod:`codes.models.dropout`, fewer passes over the scores).
 
 The mask function registered under the same name is the library's SDPA one, so masks are built
 exactly as for ``"sdpa"``.
@@ -22,6 +23,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from codes.models.attention_dropout import attention_with_dropout
 from codes.models.dropout import dropout as cheap_dropout
 
 __all__ = ["SDPA_CHEAP_CPU_DROPOUT", "sdpa_with_cheap_cpu_dropout"]
@@ -49,16 +51,14 @@ def sdpa_with_cheap_cpu_dropout(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    scores = torch.matmul(query, key.transpose(-2, -1)) * scaling  # (B, H, Q, K)
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:  # True = attend
-            scores = scores.masked_fill(~attention_mask, float("-inf"))
-        else:  # additive
-            scores = scores + attention_mask
-    probs = cheap_dropout(torch.softmax(scores, dim=-1), dropout)
-    output = torch.matmul(probs.to(value.dtype), value)  # (B, H, Q, d)
+    if attention_mask is not None and attention_mask.dtype != torch.bool:  # additive: keep as given
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        scores = torch.matmul(query, key.transpose(-2, -1)) * scaling + attention_mask  # (B, H, Q, K)
+        probs = cheap_dropout(torch.softmax(scores, dim=-1), dropout)
+        output = torch.matmul(probs.to(value.dtype), value)  # (B, H, Q, d)
+    else:  # a boolean mask (True = attend) or none
+        output = attention_with_dropout(query, key, value, attention_mask, dropout, scaling)
     return output.transpose(1, 2).contiguous(), None
 
 

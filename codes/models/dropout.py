@@ -21,18 +21,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Dropout", "dropout", "replace_dropout_modules"]
+__all__ = ["Dropout", "drop_levels_of", "drop_mask", "dropout", "replace_dropout_modules"]
 
 _LEVELS = 1 << 16  # int16 values
 
 
-def _keep_mask(shape: torch.Size, drop_levels: int, device: torch.device) -> torch.Tensor:
-    """A bool tensor of ``shape``, each element False with probability ``drop_levels / 65536``."""
+def _random_int16(shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """Uniform int16 values of ``shape``: 64 random bits per four elements."""
     numel = shape.numel()
     words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
     words.random_(-(1 << 63), None)  # the full 64-bit range: every bit uniform
-    bits = words.view(torch.int16)[:numel].view(shape)
-    return bits >= (drop_levels - (1 << 15))  # int16 values are uniform on [-32768, 32767]
+    return words.view(torch.int16)[:numel].view(shape)
+
+
+def _keep_mask(shape: torch.Size, drop_levels: int, device: torch.device) -> torch.Tensor:
+    """A bool tensor of ``shape``, each element False with probability ``drop_levels / 65536``."""
+    return _random_int16(shape, device) >= (drop_levels - (1 << 15))  # uniform on [-32768, 32767]
+
+
+def drop_mask(shape: torch.Size, drop_levels: int, device: torch.device) -> torch.Tensor:
+    """A bool tensor of ``shape``, each element True (dropped) with probability ``drop_levels / 65536``."""
+    return _random_int16(shape, device) < (drop_levels - (1 << 15))
+
+
+def drop_levels_of(p: float) -> int:
+    """``p`` in units of 1/65536 (checked to be in ``[0, 1)``); the cheap mask runs for ``0 < levels < 65536``."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    return round(p * _LEVELS)
 
 
 class _BitMaskDropout(torch.autograd.Function):
@@ -53,11 +69,9 @@ class _BitMaskDropout(torch.autograd.Function):
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``F.dropout(x, p, training)`` with the cheap CPU mask described in the module docstring."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    drop_levels = drop_levels_of(p)
     if not training or p == 0.0:
         return x
-    drop_levels = round(p * _LEVELS)
     if x.device.type != "cpu" or torch.compiler.is_compiling() or not 0 < drop_levels < _LEVELS:
         return F.dropout(x, p, training=True)
     return _BitMaskDropout.apply(x, drop_levels)

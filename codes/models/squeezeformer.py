@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from codes.models.dropout import Dropout, dropout
+from codes.models.attention_dropout import attention_with_dropout
+from codes.models.dropout import Dropout
 from codes.models.masking import StepLayout, as_step_layout, check_mask, sdpa_key_mask
 
 __all__ = [
@@ -357,12 +358,9 @@ class MultiHeadSelfAttention(nn.Module):
         q, k, v = qkv.unbind(0)
         dropout_p = self.attention_dropout if self.training else 0.0
         if dropout_p > 0.0 and x.device.type == "cpu" and not torch.compiler.is_compiling():
-            # SDPA on CPU has no fused kernel with dropout: it runs this same math with the
-            # costly bernoulli mask, so the cheap mask of codes.models.dropout is used instead
-            scores = torch.matmul(q, k.transpose(-2, -1)) * (d // h) ** -0.5  # (B, H, T, T)
-            scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))  # padded keys
-            probs = dropout(torch.softmax(scores, dim=-1), dropout_p)
-            x = torch.matmul(probs, v)  # (B, H, T, D/H)
+            # SDPA on CPU has no fused kernel with dropout: it runs plain math with the costly
+            # bernoulli mask; codes.models.attention_dropout does it in fewer passes
+            x = attention_with_dropout(q, k, v, sdpa_key_mask(mask), dropout_p)  # (B, H, T, D/H)
         else:
             x = F.scaled_dot_product_attention(
                 q,
