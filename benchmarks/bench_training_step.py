@@ -1,11 +1,14 @@
 """Training throughput of an experiment's model: forward + backward + AdamW step, sequences/s.
 
     python benchmarks/bench_training_step.py --exp exp013 [--batch-size 32 --length 128 --features 16]
-        [--device cpu|cuda] [--bf16] [--compile] [--no-time-reduction] [model.key=value ...]
+        [--min-length 29] [--steps 10 --repeats 3] [--device cpu|cuda] [--bf16] [--compile]
+        [--no-time-reduction] [model.key=value ...]
 
 The model is built from the experiment's default ``ModelConfig`` (the full dims); trailing
-``model.key=value`` arguments override fields. Lengths are random in [29, length] with the mask
-set accordingly; the loss is the experiment's training loss.
+``model.key=value`` arguments override fields. Lengths are random in [min-length, length] with
+the mask set accordingly (``--min-length`` equal to ``--length``: no padding at all); the loss is
+the experiment's training loss. After the warm-up, ``--repeats`` rounds of ``--steps`` steps are
+timed; each round's throughput and their median are printed.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import platform
+import statistics
 import time
 
 import torch
@@ -29,6 +33,8 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--min-length", type=int, default=29)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="torch.autocast with bfloat16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -55,7 +61,9 @@ def main() -> None:
 
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(args.batch_size, args.length, args.features, generator=generator)
-    lengths = torch.randint(29, args.length + 1, (args.batch_size,), generator=generator)
+    if not 1 <= args.min_length <= args.length:
+        parser.error(f"--min-length must be in [1, --length={args.length}], got {args.min_length}")
+    lengths = torch.randint(args.min_length, args.length + 1, (args.batch_size,), generator=generator)
     mask = torch.arange(args.length)[None, :] < lengths[:, None]
     features = (features * mask[..., None]).to(device)
     mask = mask.to(device)
@@ -75,15 +83,19 @@ def main() -> None:
     model.train()
     for _ in range(args.warmup):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
+    rounds = []
+    for _ in range(args.repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rounds.append(time.perf_counter() - started)
+    seconds = statistics.median(rounds)
     throughput = args.steps * args.batch_size / seconds
+    per_round = ", ".join(f"{args.steps * args.batch_size / r:.1f}" for r in rounds)
     name = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -92,8 +104,9 @@ def main() -> None:
     print(
         f"{args.exp} | {name} | time_reduction={cfg.model.time_reduction} bf16={args.bf16} compile={args.compile} "
         f"{' '.join(args.overrides)} | "
-        f"params {n_parameters / 1e6:.2f} M | batch {args.batch_size} x length {args.length} | "
-        f"{throughput:.1f} sequences/s ({seconds / args.steps * 1000:.0f} ms/step)"
+        f"params {n_parameters / 1e6:.2f} M | batch {args.batch_size} x length {args.length} "
+        f"(real {args.min_length}-{args.length}) | rounds {per_round} | "
+        f"median {throughput:.1f} sequences/s ({seconds / args.steps * 1000:.0f} ms/step)"
     )
 
 

@@ -141,11 +141,15 @@ class StepLayout:
         self.packed = packed
         # flat positions (b * T + t) of the real steps
         self.index = mask.reshape(-1).nonzero().squeeze(1) if packed else None
+        # no padding at all: packing is a reshape, no copy
+        self.all_real = packed and self.index.numel() == mask.numel()
 
     def to_rows(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, T, C)`` -> rows: ``(N, C)`` packed, ``x`` itself padded."""
         if not self.packed:
             return x
+        if self.all_real:
+            return x.reshape(-1, x.shape[-1])
         return x.reshape(-1, x.shape[-1]).index_select(0, self.index)
 
     def to_padded(self, rows: torch.Tensor) -> torch.Tensor:
@@ -153,6 +157,8 @@ class StepLayout:
         if not self.packed:
             return rows
         b, t = self.mask.shape
+        if self.all_real:
+            return rows.reshape(b, t, rows.shape[-1])
         padded = rows.new_zeros(b * t, rows.shape[-1]).index_copy(0, self.index, rows)
         return padded.view(b, t, rows.shape[-1])
 
