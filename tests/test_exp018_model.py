@@ -120,6 +120,24 @@ def test_sdpa_and_eager_attention_agree():
     assert torch.all(cls_row[~bert_mask[:, None, :].expand_as(cls_row)] == 0)
 
 
+def test_packed_and_padded_squeezeformer_give_the_same_training_step():
+    """model.pack_padded_steps only changes how much work padding costs: same logits and
+    gradients (dropout off, so that both runs are deterministic)."""
+    no_dropout = {"dropout": 0.0, "attention_dropout": 0.0}
+    bert = {"hidden_dropout": 0.0, "attention_dropout": 0.0}
+    features, mask, demographics = random_batch([30, 18, 5])
+    results = []
+    for packed in (True, False):
+        model = make_model(bert=bert, pack_padded_steps=packed, head_dropout=0.0, **no_dropout).train()
+        logits = model(features, mask, demographics)["gesture_logits"]
+        logits.logsumexp(-1).sum().backward()
+        results.append((logits, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    assert results[0][1].keys() == results[1][1].keys()
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], atol=1e-4, rtol=1e-4, msg=name)
+
+
 def test_works_without_demographics_and_on_imu_only_input():
     features, mask, demographics = random_batch([20, 31])
     without = make_model(use_demographics=False).eval()

@@ -28,7 +28,11 @@ Deviations, on purpose:
 - **masking**: padded steps are zeroed before every convolution and excluded from the
   BatchNorm statistics and from attention keys (:class:`MaskedBatchNorm1d`,
   :class:`MaskedDepthwiseConv1d`), so in eval mode the outputs of a sequence at its real steps
-  depend neither on its padding length nor on the other sequences of the batch.
+  depend neither on its padding length nor on the other sequences of the batch;
+- **packed steps** (``pack_padded_steps``, default on): the per-step layers (Linear, LayerNorm,
+  Swish, dropout, residuals, BatchNorm) run on the real steps only, packed as ``(N, D)`` rows by
+  :class:`~codes.models.masking.StepLayout`; attention and the depthwise convolutions get the
+  padded batch with zeros at its padded steps. Same results up to float rounding.
 
 The mask convention is the repository's one (``codes.models.masking``): ``(B, T)`` bool, True =
 real step. Outputs at padded steps are zeroed.
