@@ -418,6 +418,36 @@ def test_bf16_precision_is_an_option_close_to_fp32(run_dir_of, predictor018, toy
     assert max(differences) > 0  # bf16 really ran
 
 
+def test_a_run_saved_before_pack_padded_steps_existed_loads_and_predicts_the_same(
+    run_dir_of, predictor018, toy_sequences, toy_demographics, tmp_path
+):
+    """``model.pack_padded_steps`` is a speed setting: a run folder whose config.yaml predates
+    it loads (packed by default), and ``false`` in the config gives the same probabilities."""
+    import shutil
+
+    import yaml
+
+    inference = exp_module("exp018", "inference")
+    for setting in (None, False):
+        old = tmp_path / f"run-{setting}"
+        shutil.copytree(run_dir_of("exp018"), old)
+        config = yaml.safe_load((old / "config.yaml").read_text())
+        if setting is None:
+            del config["model"]["pack_padded_steps"]
+        else:
+            config["model"]["pack_padded_steps"] = setting
+        (old / "config.yaml").write_text(yaml.safe_dump(config))
+        loaded = inference.load_predictor(old, device="cpu", strict=True)
+        for sequence_id in list(toy_sequences)[:4]:
+            sequence = toy_sequences[sequence_id]
+            demographics = demographics_of(toy_demographics, sequence)
+            np.testing.assert_allclose(
+                _probabilities(loaded, sequence, demographics),
+                _probabilities(predictor018, sequence, demographics),
+                atol=1e-5,
+            )
+
+
 def test_fold_models_run_in_threads_give_the_same_probabilities(
     run_dir_of, predictor018, toy_sequences, toy_demographics
 ):

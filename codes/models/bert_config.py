@@ -77,7 +77,9 @@ def build_squeezeformer(cfg, max_len: int) -> SqueezeformerEncoder:
         time_reduction=cfg.time_reduction,
         positional_encoding=cfg.positional_encoding,
         max_len=max_len,
-        pack_padded_steps=cfg.pack_padded_steps,
+        # a speed setting only (same weights, same results): run configs saved before it existed
+        # have no such key, and they still load, packed
+        pack_padded_steps=cfg.get("pack_padded_steps", True),
     )
 
 
