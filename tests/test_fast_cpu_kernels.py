@@ -58,14 +58,17 @@ def test_replace_dropout_modules_swaps_plain_dropouts_only():
 TINY_P = 1 / 65536
 
 
+@pytest.mark.parametrize("additive", [False, True])
 @pytest.mark.parametrize("queries", [11, 1])
-def test_attention_with_dropout_equals_the_plain_composition_with_the_same_mask(queries):
+def test_attention_with_dropout_equals_the_plain_composition_with_the_same_mask(queries, additive):
     """The fast path (float32) against the plain softmax -> dropout -> matmul in float64, fed
     the same random bits: outputs and all three input gradients."""
     generator = torch.Generator().manual_seed(0)
     q = torch.randn(3, 4, queries, 8, generator=generator, requires_grad=True)
     k, v = (torch.randn(3, 4, 11, 8, generator=generator, requires_grad=True) for _ in range(2))
     attend = (torch.arange(11)[None] < torch.tensor([11, 6, 1])[:, None])[:, None, None, :]
+    if additive:  # the same mask as a 0 / -inf bias
+        attend = torch.where(attend, 0.0, float("-inf"))
     grad = torch.randn(3, 4, queries, 8, generator=generator)
     torch.manual_seed(7)
     fast = attention_with_dropout(q, k, v, attend, 0.3, scale=0.4)

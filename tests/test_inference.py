@@ -9,6 +9,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+import yaml
 from torch.optim.swa_utils import AveragedModel
 
 from codes.common.checkpoint import load_checkpoint
@@ -206,6 +208,18 @@ def _probabilities(predictor, sequence, demographics):
     assert probabilities.sum() == pytest.approx(1.0, abs=1e-5)
     assert predictor.predict(sequence, demographics) == GESTURES[int(probabilities.argmax())]
     return probabilities
+
+
+def assert_same_probabilities(predictor, reference, sequences, demographics, count: int, atol: float) -> None:
+    """The two predictors give the same probabilities on the first ``count`` sequences."""
+    for sequence_id in list(sequences)[:count]:
+        sequence = sequences[sequence_id]
+        sequence_demographics = demographics_of(demographics, sequence)
+        np.testing.assert_allclose(
+            _probabilities(predictor, sequence, sequence_demographics),
+            _probabilities(reference, sequence, sequence_demographics),
+            atol=atol,
+        )
 
 
 def test_nan_rows_are_filled_from_their_neighbours_with_a_warning(
@@ -423,10 +437,6 @@ def test_a_run_saved_before_pack_padded_steps_existed_loads_and_predicts_the_sam
 ):
     """``model.pack_padded_steps`` is a speed setting: a run folder whose config.yaml predates
     it loads (packed by default), and ``false`` in the config gives the same probabilities."""
-    import shutil
-
-    import yaml
-
     inference = exp_module("exp018", "inference")
     for setting in (None, False):
         old = tmp_path / f"run-{setting}"
@@ -438,14 +448,7 @@ def test_a_run_saved_before_pack_padded_steps_existed_loads_and_predicts_the_sam
             config["model"]["pack_padded_steps"] = setting
         (old / "config.yaml").write_text(yaml.safe_dump(config))
         loaded = inference.load_predictor(old, device="cpu", strict=True)
-        for sequence_id in list(toy_sequences)[:4]:
-            sequence = toy_sequences[sequence_id]
-            demographics = demographics_of(toy_demographics, sequence)
-            np.testing.assert_allclose(
-                _probabilities(loaded, sequence, demographics),
-                _probabilities(predictor018, sequence, demographics),
-                atol=1e-5,
-            )
+        assert_same_probabilities(loaded, predictor018, toy_sequences, toy_demographics, 4, atol=1e-5)
 
 
 def test_fold_models_run_in_threads_give_the_same_probabilities(
@@ -455,14 +458,7 @@ def test_fold_models_run_in_threads_give_the_same_probabilities(
         run_dir_of("exp018"), device="cpu", strict=True, fold_threads=2
     )
     assert parallel.restricted_to([0, 1]).fold_threads == 2
-    for sequence_id in list(toy_sequences)[:8]:
-        sequence = toy_sequences[sequence_id]
-        demographics = demographics_of(toy_demographics, sequence)
-        np.testing.assert_allclose(
-            _probabilities(parallel, sequence, demographics),
-            _probabilities(predictor018, sequence, demographics),
-            atol=1e-6,
-        )
+    assert_same_probabilities(parallel, predictor018, toy_sequences, toy_demographics, 8, atol=1e-6)
 
 
 # ---------------------------------------------------------------- gateway stand-in and batch mode

@@ -132,6 +132,14 @@ def sensor_columns_to_read(include_thm: bool = True, include_tof: bool = True) -
     return IMU_COLUMNS + (THM_COLUMNS if include_thm else []) + (TOF_COLUMNS if include_tof else [])
 
 
+def _meta_columns_to_read(
+    columns: Sequence[str], wanted: Sequence[str] | None, always: Sequence[str] = ()
+) -> list[str]:
+    """The non-sensor columns of a file to read: all of them, or those ``wanted`` plus ``always``."""
+    meta = [c for c in columns if c not in SENSOR_COLUMNS]
+    return meta if wanted is None else [c for c in meta if c in wanted or c in always]
+
+
 def read_train(
     data_dir: Path,
     include_thm: bool = True,
@@ -143,9 +151,7 @@ def read_train(
     ``meta_columns`` narrows the non-sensor columns read (default: all; gesture is always read).
     """
     path = Path(data_dir) / TRAIN_FILE
-    meta = [c for c in TRAIN_COLUMNS if c not in SENSOR_COLUMNS]
-    if meta_columns is not None:
-        meta = [c for c in meta if c in meta_columns or c == "gesture"]
+    meta = _meta_columns_to_read(TRAIN_COLUMNS, meta_columns, always=("gesture",))
     frame = read_sensor_csv(path, TRAIN_COLUMNS, meta + sensor_columns_to_read(include_thm, include_tof))
     check_gestures(frame["gesture"], path)
     return frame
@@ -159,9 +165,7 @@ def read_test(
 ) -> pl.DataFrame:
     """test.csv with the sensor columns asked for (``meta_columns`` as in :func:`read_train`)."""
     path = Path(data_dir) / TEST_FILE
-    meta = [c for c in TEST_COLUMNS if c not in SENSOR_COLUMNS]
-    if meta_columns is not None:
-        meta = [c for c in meta if c in meta_columns]
+    meta = _meta_columns_to_read(TEST_COLUMNS, meta_columns)
     return read_sensor_csv(path, TEST_COLUMNS, meta + sensor_columns_to_read(include_thm, include_tof))
 
 

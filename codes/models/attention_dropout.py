@@ -6,7 +6,7 @@ softmax, ``bernoulli_`` mask, multiply) and as many again backward. :func:`atten
 computes the same attention with fewer passes:
 
 - the scale multiplies the queries ``(B, H, Q, d)``, not the scores (``K / d`` times smaller);
-- the key mask is an additive ``0 / -inf`` bias added in place;
+- the mask is an additive bias (a boolean mask becomes ``0 / -inf``) added in place;
 - dropped probabilities are zeroed with the cheap bit mask of :mod:`codes.models.dropout`
   (``masked_fill`` with a bool mask, no float mask), and the ``1 / (1 - p)`` rescaling is applied
   to the ``(B, H, Q, d)`` output instead of the probabilities;
@@ -28,11 +28,12 @@ from codes.models.dropout import drop_levels_of, drop_mask, dropout
 __all__ = ["attention_with_dropout", "key_mask_bias"]
 
 
-def key_mask_bias(attend: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """A boolean mask (True = attend) as an additive bias: 0 where attended, ``-inf`` elsewhere."""
-    if attend is None:
-        return None
-    return torch.zeros(attend.shape, dtype=dtype, device=attend.device).masked_fill_(~attend, float("-inf"))
+def key_mask_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """An attention mask as an additive bias: a boolean one (True = attend) becomes 0 where
+    attended and ``-inf`` elsewhere; an additive one is returned as is (in ``dtype``)."""
+    if mask is None or mask.dtype != torch.bool:
+        return None if mask is None else mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 class _AttentionWithDropout(torch.autograd.Function):
@@ -74,15 +75,16 @@ def attention_with_dropout(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    attend: torch.Tensor | None,
+    mask: torch.Tensor | None,
     dropout_p: float,
     scale: float | None = None,
 ) -> torch.Tensor:
     """``softmax(q k^T * scale, masked) -> dropout -> @ v`` for training.
 
-    ``q`` ``(B, H, Q, d)``, ``k``/``v`` ``(B, H, K, d)``; ``attend`` a boolean mask broadcastable to
-    ``(B, H, Q, K)`` (True = may attend) or None. Returns ``(B, H, Q, d)``. A query with no key to
-    attend gets NaN, as in plain softmax attention: callers keep at least one key per query.
+    ``q`` ``(B, H, Q, d)``, ``k``/``v`` ``(B, H, K, d)``; ``mask`` broadcastable to ``(B, H, Q, K)``:
+    boolean (True = may attend), additive (added to the scaled scores), or None. Returns
+    ``(B, H, Q, d)``. A query with no key to attend gets NaN, as in plain softmax attention:
+    callers keep at least one key per query.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
@@ -95,9 +97,9 @@ def attention_with_dropout(
         and not torch.compiler.is_compiling()
     )
     if fast:
-        return _AttentionWithDropout.apply(q, k, v, key_mask_bias(attend, q.dtype), levels, scale)
+        return _AttentionWithDropout.apply(q, k, v, key_mask_bias(mask, q.dtype), levels, scale)
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
-    if attend is not None:
-        scores = scores.masked_fill(~attend, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = dropout(torch.softmax(scores, dim=-1), dropout_p)
     return torch.matmul(probs.to(v.dtype), v)

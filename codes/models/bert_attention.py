@@ -24,7 +24,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from codes.models.attention_dropout import attention_with_dropout
-from codes.models.dropout import dropout as cheap_dropout
 
 __all__ = ["SDPA_CHEAP_CPU_DROPOUT", "sdpa_with_cheap_cpu_dropout"]
 
@@ -51,14 +50,8 @@ def sdpa_with_cheap_cpu_dropout(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    if attention_mask is not None and attention_mask.dtype != torch.bool:  # additive: keep as given
-        if scaling is None:
-            scaling = query.shape[-1] ** -0.5
-        scores = torch.matmul(query, key.transpose(-2, -1)) * scaling + attention_mask  # (B, H, Q, K)
-        probs = cheap_dropout(torch.softmax(scores, dim=-1), dropout)
-        output = torch.matmul(probs.to(value.dtype), value)  # (B, H, Q, d)
-    else:  # a boolean mask (True = attend) or none
-        output = attention_with_dropout(query, key, value, attention_mask, dropout, scaling)
+    # the mask: boolean (True = attend), additive, or None
+    output = attention_with_dropout(query, key, value, attention_mask, dropout, scaling)  # (B, H, Q, d)
     return output.transpose(1, 2).contiguous(), None
 
 
