@@ -10,6 +10,7 @@ import polars as pl
 from codes.common.schema import (
     BEHAVIOR_PERFORMS,
     DEMOGRAPHICS_COLUMNS,
+    GESTURES,
     PHASE_GESTURE,
     SENSOR_COLUMNS,
     TEST_COLUMNS,
@@ -84,6 +85,23 @@ def write_dataset(
     frame.write_csv(directory / f"{split}.csv")
     demographics.write_csv(directory / f"{split}_demographics.csv")
     return directory
+
+
+def write_toy_data(directory: Path) -> Path:
+    """6 subjects x 18 gestures in the competition format; each gesture a different noise level."""
+    rng = np.random.default_rng(0)
+    subjects = [f"SUBJ_{i:06d}" for i in range(6)]
+    sequences, gestures = [], []
+    for s, subject in enumerate(subjects):
+        for g, gesture in enumerate(GESTURES):
+            n = int(rng.integers(29, 90))
+            sensors = rest_sensors(np.array([1.0, 0, 0, 0]), np.array([0, 0, 9.8]), n, rng)
+            sensors[:, :3] += rng.normal(size=(n, 3)) * (0.2 + g / 4)
+            sequences.append((f"SEQ_{s * 100 + g:06d}", subject, sensors))
+            gestures.append(gesture)
+    return write_dataset(
+        directory, make_frame(sequences, gestures), make_demographics(subjects, {subjects[1]})
+    )
 
 
 def training_config(exp: str, data_dir: Path, output_dir: Path, model: dict, *overrides: str):
