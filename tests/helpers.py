@@ -117,7 +117,8 @@ def training_config(exp: str, data_dir: Path, output_dir: Path, model: dict, *ov
         return compose(
             config_name="experiment",
             overrides=[
-                "preset=quick",
+                "variant=quick",
+                "machine=cpu",
                 "data=competition",
                 f"paths.data_dir={data_dir}",
                 f"paths.output_dir={output_dir}",

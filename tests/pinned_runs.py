@@ -37,9 +37,10 @@ TINY_BERT = {"num_layers": 2, "num_heads": 4}
 
 
 def pinned_overrides(exp: str, data_dir: Path, output_dir: Path) -> list[str]:
-    """The quick variant on the CPU, 2 folds x 2 epochs of a tiny model on the toy data."""
+    """The quick variant on the CPU, 2 folds x 3 epochs (batch 8) of a tiny model on the toy data."""
     overrides = [
-        "preset=quick",
+        "variant=quick",
+        "machine=cpu",
         "data=competition",
         f"paths.data_dir={data_dir}",
         f"paths.output_dir={output_dir}",

@@ -15,6 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from codes.common.machine import autocast_dtype
 from codes.common.schema import GESTURES, NUM_GESTURES
 from tests.helpers import training_config as _training_config
 
@@ -178,7 +179,7 @@ def test_two_process_gloo_run_completes(toy_data, tmp_path):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
         str(REPO_ROOT / "codes" / "exp" / EXP / "train.py"),
-        "preset=quick", "data=competition", f"paths.data_dir={toy_data}", f"paths.output_dir={tmp_path}",
+        "variant=quick", "machine=cpu", "data=competition", f"paths.data_dir={toy_data}", f"paths.output_dir={tmp_path}",
         "run_name=ddp", "data.n_folds=2", "data.folds=[0]", "data.max_len=64", "trainer.epochs=1",
         "trainer.batch_size=16", *[f"model.{k}={v}" for k, v in TINY_MODEL.items()],
     ]  # fmt: skip
@@ -214,9 +215,9 @@ def test_a_non_finite_loss_stops_the_fold_naming_epoch_and_step_and_keeps_the_ch
 
 def test_bf16_autocast_path_runs_on_cpu(toy_data, tmp_path):
     cfg = training_config(
-        toy_data, tmp_path, "run_name=bf16", "trainer.epochs=1", "data.folds=[0]", "trainer.precision=bf16"
+        toy_data, tmp_path, "run_name=bf16", "trainer.epochs=1", "data.folds=[0]", "machine.precision=bf16"
     )
-    assert train_module.autocast_dtype(cfg.trainer, torch.device("cpu")) == torch.bfloat16
+    assert autocast_dtype(cfg.machine.precision, torch.device("cpu")) == torch.bfloat16
     metrics = train_module.run_training(cfg)
     assert 0.0 <= metrics["overall"]["score"] <= 1.0
 

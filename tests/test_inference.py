@@ -36,10 +36,12 @@ from codes.common.schema import (
     mirror_sensors,
 )
 from codes.common.sequences import load_sequence_table
+from codes.common.training import predict_probabilities
 from codes.inference.batch import run_batch, score_predictions
+from codes.inference.experiment import run_precision
 from codes.inference.gateway import GatewayError, LocalGateway, latency_summary
 from codes.inference.kaggle_package import stage_code_dataset, stage_run_dataset
-from codes.inference.predictor import FALLBACK_GESTURE, InputColumnsError, evaluation_autocast_dtype
+from codes.inference.predictor import FALLBACK_GESTURE, InputColumnsError
 from codes.inference.run_folder import (
     ConfigView,
     RunFolderError,
@@ -163,7 +165,7 @@ def test_imu_only_sequences_take_the_imu_only_path_training_evaluated(
 ):
     """Thermopiles and ToF all null -> the probabilities training computed with those inputs zeroed."""
     run_dir = run_dir_of(exp)
-    train_module, dataset_module, model_module = (exp_module(exp, n) for n in ("train", "dataset", "model"))
+    dataset_module, model_module = (exp_module(exp, n) for n in ("dataset", "model"))
     cfg = load_run_config(run_dir)
     table = load_sequence_table(toy_data, "train", dataset_module.feature_settings(cfg.data))
     folds = assign_folds(table.gestures, table.subjects, cfg.data.n_folds, cfg.data.fold_seed)
@@ -173,7 +175,7 @@ def test_imu_only_sequences_take_the_imu_only_path_training_evaluated(
     model = model_module.GestureClassifier(valid.features.shape[-1], cfg.model, cfg.data.max_len)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn_with_warmup(0.9), use_buffers=True)
     ema.load_state_dict(load_checkpoint(run_dir / "fold1" / "best.pt")["ema"])
-    expected, _ = train_module.predict_probabilities(
+    expected, _ = predict_probabilities(
         ema, valid.imu_only(dataset_module.non_imu_columns(table)), 32, torch.device("cpu"), None
     )
     got = np.stack(
@@ -190,15 +192,11 @@ def test_imu_only_sequences_take_the_imu_only_path_training_evaluated(
     assert not np.allclose(full, predictor.predict_probabilities(imu_only(sequence), demographics))
 
 
-def test_the_evaluation_autocast_rule_is_training_s():
-    for exp in EXPERIMENTS:
-        train_module = exp_module(exp, "train")
-        for precision in ("auto", "fp32", "bf16"):
-            for device in ("cpu", "cuda"):
-                trainer_cfg = ConfigView({"precision": precision})
-                assert evaluation_autocast_dtype(
-                    precision, torch.device(device)
-                ) == train_module.autocast_dtype(trainer_cfg, torch.device(device))
+def test_inference_takes_the_precision_the_run_trained_with():
+    assert run_precision(ConfigView({"machine": {"precision": "bf16"}, "trainer": {}})) == "bf16"
+    # run folders written before the machine section: trainer.precision, else auto
+    assert run_precision(ConfigView({"trainer": {"precision": "fp32"}})) == "fp32"
+    assert run_precision(ConfigView({"trainer": {}})) == "auto"
 
 
 # ---------------------------------------------------------------- odd sequences

@@ -5,13 +5,20 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class PeerRankError(RuntimeError):
+    """Another rank failed; this one stops too instead of waiting for it."""
 
 
 @dataclass(frozen=True)
@@ -44,10 +51,11 @@ def resolve_device(requested: str) -> torch.device:
     return device
 
 
-def init_distributed(requested_device: str = "auto") -> DistributedContext:
+def init_distributed(requested_device: str = "auto", timeout_s: float = 1800) -> DistributedContext:
     """Join the process group when started by ``torchrun`` (WORLD_SIZE > 1), else a single process.
 
-    Backend: NCCL on CUDA, gloo on CPU. Each process uses GPU ``LOCAL_RANK``.
+    Backend: NCCL on CUDA, gloo on CPU. Each process uses GPU ``LOCAL_RANK``. A collective that
+    waits longer than ``timeout_s`` for another rank fails instead of hanging.
     """
     device = resolve_device(requested_device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -58,7 +66,9 @@ def init_distributed(requested_device: str = "auto") -> DistributedContext:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s)
+        )
     logger.info("process %d of %d on %s", rank, world_size, device)
     return DistributedContext(device=device, rank=rank, world_size=world_size, local_rank=local_rank)
 
@@ -80,3 +90,53 @@ def barrier(context: DistributedContext) -> None:
 def shutdown_distributed(context: DistributedContext) -> None:
     if context.is_distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_from_main(obj: T, context: DistributedContext) -> T:
+    """Rank 0's ``obj`` on every rank (``obj`` itself without distribution): one rank decides."""
+    if not context.is_distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def raise_if_any_rank_failed(error: BaseException | None, context: DistributedContext) -> None:
+    """Every rank learns whether any rank failed; all of them raise, so none waits for a dead peer.
+
+    The failing rank re-raises its own ``error``; the others raise :class:`PeerRankError` naming
+    it. Call it at the same point on every rank.
+    """
+    if context.is_distributed:
+        messages = gather_objects(None if error is None else f"{type(error).__name__}: {error}", context)
+        failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
+        if failed and error is None:
+            rank, message = failed[0]
+            raise PeerRankError(f"rank {rank} failed: {message}")
+    if error is not None:
+        raise error
+
+
+def run_on_main(function: Callable[[], T], context: DistributedContext) -> T:
+    """``function()`` on rank 0 only; its result (or its failure) reaches every rank."""
+    result, error = None, None
+    if context.is_main:
+        try:
+            result = function()
+        except Exception as caught:  # shared with the other ranks, then re-raised
+            error = caught
+    raise_if_any_rank_failed(error, context)
+    return broadcast_from_main(result, context)
+
+
+def shard_indices(order: torch.Tensor, context: DistributedContext) -> torch.Tensor:
+    """This rank's share of ``order``, padded like ``DistributedSampler``: every rank gets
+    ``ceil(len / world_size)`` indices (the first ones repeated), so no rank runs out of batches
+    first. Without distribution, ``order`` itself."""
+    if not context.is_distributed:
+        return order
+    per_rank = -(-len(order) // context.world_size)
+    padding = per_rank * context.world_size - len(order)
+    if padding:
+        order = torch.cat([order, order.repeat(-(-padding // max(len(order), 1)))[:padding]])
+    return order[context.rank :: context.world_size]

@@ -57,16 +57,6 @@ class InputColumnsError(DataFileError):
     """The sequence frame lacks columns the model needs (the message lists them)."""
 
 
-def evaluation_autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype training evaluated with: bf16 on CUDA (``auto``/``bf16``) or when ``bf16``
-    was asked for; none (fp32) otherwise. The same rule as the experiments' ``train.autocast_dtype``."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16" or device.type == "cuda":
-        return torch.bfloat16
-    return None
-
-
 def quantize_for_cpu(model: torch.nn.Module) -> torch.nn.Module:
     """The model with its ``nn.Linear`` layers as dynamically quantised int8 (CPU only).
 

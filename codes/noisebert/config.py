@@ -1,8 +1,9 @@
 """NoiseBERT pretraining settings, as dataclasses registered with Hydra's ConfigStore.
 
 ``configs/noisebert.yaml`` starts from this schema and adds the shared groups (paths, data
-source, hardware presets). The ``model`` section has exp018's names and defaults, so the same
-preset (e.g. ``preset=quick``) gives weights of the shapes exp018 builds with that preset.
+source, machine). The ``model`` section has exp018's names and defaults, and the ``quick``
+variant exp018's quick sizes, so ``variant=quick`` here gives weights of the shapes exp018
+builds with ``variant=quick`` (a test checks it).
 """
 
 from __future__ import annotations
@@ -11,17 +12,11 @@ from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 
+from codes.common.machine import MachineConfig, PathsConfig
 from codes.noisebert.dataset import MaskingConfig
 from codes.noisebert.noise import VibrationNoiseConfig
 
-__all__ = ["NoiseBERTRunConfig", "register_configs"]
-
-
-@dataclass
-class PathsConfig:
-    data_dir: str = "data"
-    synthetic_dir: str = "data/synthetic"
-    output_dir: str = "outputs"
+__all__ = ["VARIANTS", "NoiseBERTRunConfig", "register_configs"]
 
 
 @dataclass
@@ -84,17 +79,13 @@ class RegularizerConfig:
 
 @dataclass
 class TrainerConfig:
-    device: str = "auto"  # auto | cpu | cuda
     epochs: int = 30
     batch_size: int = 64
-    num_workers: int = 4
     lr: float = 1e-3
     weight_decay: float = 1e-2
     warmup_ratio: float = 0.05
     grad_clip: float = 1.0
     early_stopping_patience: int = 10  # epochs without a better validation masked MSE
-    compile: bool = False
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     seed: int = 42
     resume: bool = False
     interrupt_after_epochs: int | None = None  # stop as if interrupted (tests, session limits)
@@ -105,6 +96,7 @@ class NoiseBERTRunConfig:
     exp_name: str = "noisebert"
     run_name: str = ""  # default: a timestamp; give it to resume a run
     paths: PathsConfig = field(default_factory=PathsConfig)
+    machine: MachineConfig = field(default_factory=MachineConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     noise: VibrationNoiseConfig = field(default_factory=VibrationNoiseConfig)
@@ -113,6 +105,21 @@ class NoiseBERTRunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
+# Named variants: `python -m codes.noisebert.pretrain variant=NAME` sets these values over the defaults.
+VARIANTS: dict[str, dict] = {
+    # CPU-sized; the model section matches exp018's quick variant (fine-tune with variant=quick)
+    "quick": {
+        "data": {"max_len": 64},
+        "model": {"d_model": 64, "num_blocks": 4, "num_heads": 4, "ff_dim": 128, "conv_kernel": 15},
+        "trainer": {"epochs": 9, "lr": 2.0e-3, "early_stopping_patience": 5},
+    },
+}
+
+
 def register_configs() -> None:
-    """Store the schema under the name ``configs/noisebert.yaml`` starts from."""
-    ConfigStore.instance().store(name="noisebert_schema", node=NoiseBERTRunConfig)
+    """Store the schema and the variants under the names ``configs/noisebert.yaml`` uses."""
+    store = ConfigStore.instance()
+    store.repo.pop("variant", None)
+    store.store(name="noisebert_schema", node=NoiseBERTRunConfig)
+    for name, values in VARIANTS.items():
+        store.store(group="variant", name=name, node=values, package="_global_")

@@ -1,16 +1,20 @@
 """NoiseBERT pretraining: masked reconstruction of vibrating sequences + the CLS-attention penalty.
 
     python -m codes.noisebert.pretrain [hydra overrides]
-    python -m codes.noisebert.pretrain preset=quick                          # CPU, minutes
-    python -m codes.noisebert.pretrain preset=quick regularizer.weight=0     # no penalty
+    python -m codes.noisebert.pretrain variant=quick                         # CPU-sized, minutes
+    python -m codes.noisebert.pretrain variant=quick regularizer.weight=0    # no penalty
     python -m codes.noisebert.pretrain run_name=r1 trainer.resume=true       # continue a run
+    torchrun --nproc_per_node=2 -m codes.noisebert.pretrain ...              # DistributedDataParallel
 
 Data: every train sequence (labels unused) and, with ``data.include_test``, every test
 sequence; ``data.valid_fraction`` of the train subjects are held out for validation, whose
 noise and masks are drawn once (epoch 0) so that epochs compare. Writes
-``outputs/noisebert/<run>/``: config.yaml, git_commit.txt, train.log, normalizer.json, last.pt
-(resume state), best.pt (``{"model": state dict, ...}``, lowest validation masked MSE: what
-exp018's ``model.init_from`` takes), metrics.json, loss_curves.png, cls_attention.png.
+``outputs/noisebert/<run>/``: config.yaml, overrides.txt, git_commit.txt, packages.txt,
+train.log, normalizer.json, last.pt (resume state), best.pt (``{"model": state dict, ...}``,
+lowest validation masked MSE: what exp018's ``model.init_from`` takes), metrics.json,
+loss_curves.png, cls_attention.png. Under ``torchrun`` each rank trains on its
+``DistributedSampler`` shard, every rank validates on the whole validation set, rank 0's
+validation MSE decides (best, early stop) and rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -23,16 +27,33 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from codes.common.checkpoint import load_checkpoint, save_atomically
 from codes.common.data_source import resolve_data_dir
-from codes.common.distributed import resolve_device
+from codes.common.distributed import (
+    DistributedContext,
+    barrier,
+    broadcast_from_main,
+    init_distributed,
+    shutdown_distributed,
+)
 from codes.common.features import FeatureSettings
-from codes.common.runs import REPO_ROOT, git_commit, seed_everything, setup_logging, write_json_atomically
+from codes.common.machine import apply_num_threads, autocast, autocast_dtype
+from codes.common.runs import (
+    REPO_ROOT,
+    TrainingInterrupted,
+    prepare_run_dir,
+    repo_path,
+    seed_everything,
+    setup_logging,
+    write_json_atomically,
+)
 from codes.common.sequences import FeatureNormalizer, SequenceTable, load_sequence_table
 from codes.noisebert.config import register_configs
 from codes.noisebert.dataset import MaskingConfig, NoiseBERTDataset
@@ -42,15 +63,6 @@ from codes.noisebert.noise import VibrationNoiseConfig
 from codes.noisebert.plots import plot_cls_attention, plot_loss_curves
 
 logger = logging.getLogger("codes.noisebert.pretrain")
-CONFIG_DIR = REPO_ROOT / "configs"
-
-
-class TrainingInterrupted(RuntimeError):
-    """Raised after ``trainer.interrupt_after_epochs`` epochs; continue with trainer.resume=true."""
-
-
-def repo_path(path: str) -> Path:
-    return Path(path) if Path(path).is_absolute() else REPO_ROOT / path
 
 
 def validation_subjects(subjects: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -89,15 +101,9 @@ def interpolation_mse(dataset: NoiseBERTDataset) -> float:
     return squared / max(count, 1)
 
 
-def autocast_dtype(trainer_cfg, device: torch.device) -> torch.dtype | None:
-    if trainer_cfg.precision == "fp32":
-        return None
-    if trainer_cfg.precision == "bf16" or (trainer_cfg.precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
-def build_datasets(cfg: DictConfig, run_dir: Path) -> tuple[ConcatDataset, NoiseBERTDataset, int]:
+def build_datasets(
+    cfg: DictConfig, run_dir: Path, context: DistributedContext
+) -> tuple[ConcatDataset, NoiseBERTDataset, int]:
     """Training data (train subjects + test), validation data, number of features."""
     data = cfg.data
     data_dir = resolve_data_dir(
@@ -113,6 +119,8 @@ def build_datasets(cfg: DictConfig, run_dir: Path) -> tuple[ConcatDataset, Noise
         mirror_left_handed=data.mirror_left_handed,
         sampling_rate_hz=data.sampling_rate_hz,
     )
+    if not context.is_main:  # rank 0 generates the synthetic data and fills the cache first
+        barrier(context)
     train_table = load_sequence_table(data_dir, "train", settings)
     is_valid = validation_subjects(train_table.subjects, data.valid_fraction, data.split_seed)
     fit_table = train_table.subset(np.flatnonzero(~is_valid))
@@ -120,8 +128,11 @@ def build_datasets(cfg: DictConfig, run_dir: Path) -> tuple[ConcatDataset, Noise
     tables: list[SequenceTable] = [fit_table]
     if data.include_test:
         tables.append(load_sequence_table(data_dir, "test", settings))
+    if context.is_main:
+        barrier(context)
     normalizer = FeatureNormalizer().fit(fit_table)
-    write_json_atomically(normalizer.state_dict(), run_dir / "normalizer.json")
+    if context.is_main:
+        write_json_atomically(normalizer.state_dict(), run_dir / "normalizer.json")
 
     noise_cfg = VibrationNoiseConfig(**OmegaConf.to_container(cfg.noise, resolve=True))
     masking_cfg = MaskingConfig(**OmegaConf.to_container(cfg.masking, resolve=True))
@@ -143,16 +154,21 @@ def build_datasets(cfg: DictConfig, run_dir: Path) -> tuple[ConcatDataset, Noise
 
 
 def run_epoch(
-    model: NoiseBERT,
+    model: torch.nn.Module,
     loader: DataLoader,
     cfg: DictConfig,
-    device: torch.device,
-    dtype: torch.dtype | None,
+    context: DistributedContext,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler=None,
     description: str = "",
 ) -> dict[str, float]:
-    """One pass; returns mean total / masked-MSE / regularizer losses and the CLS mass on noisy steps."""
+    """One pass; returns mean total / masked-MSE / regularizer losses and the CLS mass on noisy steps.
+
+    ``model`` is what is called (DDP-wrapped when training under torchrun); training sums are
+    added over every rank, so every rank returns the same means.
+    """
+    device = context.device
+    dtype = autocast_dtype(cfg.machine.precision, device)
     reg = cfg.regularizer
     training = optimizer is not None
     model.train(training)
@@ -160,9 +176,11 @@ def run_epoch(
     sums = torch.zeros(5, device=device)  # loss, masked MSE, regularizer, mass on noisy, samples with noise
     n_batches = 0
     with torch.set_grad_enabled(training):
-        for batch in tqdm(loader, desc=description, leave=False, mininterval=5.0):
+        for batch in tqdm(
+            loader, desc=description, leave=False, mininterval=5.0, disable=not context.is_main
+        ):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with autocast(device, dtype):
                 out = model(batch["input"], batch["padding_mask"], batch["masked"])
             mse = masked_mse(out["reconstruction"], batch["target"], batch["masked"])
             penalty = attention_penalty(
@@ -183,6 +201,10 @@ def run_epoch(
                                          has_noise.sum()])  # fmt: skip
                 sums += step_sums.detach().float()
             n_batches += 1
+    if training and context.is_distributed:
+        sums = torch.cat([sums, torch.tensor([float(n_batches)], device=device)])
+        dist.all_reduce(sums)
+        sums, n_batches = sums[:5], int(sums[5].item())
     loss_sum, mse_sum, penalty_sum, mass_sum, mass_count = sums.tolist()
     if not math.isfinite(loss_sum):
         raise FloatingPointError(f"non-finite NoiseBERT loss in {description}")
@@ -194,48 +216,54 @@ def run_epoch(
     return means
 
 
-def prepare_run_dir(cfg: DictConfig) -> Path:
-    run_name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S")
-    run_dir = repo_path(cfg.paths.output_dir) / cfg.exp_name / run_name
-    started = (run_dir / "config.yaml").is_file()
-    if started and not cfg.trainer.resume:
-        raise FileExistsError(
-            f"{run_dir} already holds a run; continue it with trainer.resume=true run_name={run_name}, "
-            "or choose another run_name"
-        )
-    if cfg.trainer.resume and not started:
-        raise FileNotFoundError(f"trainer.resume=true but {run_dir} holds no run to continue")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    (run_dir / "git_commit.txt").write_text(git_commit() + "\n")
-    return run_dir
+def pretrain(cfg: DictConfig, overrides: list[str] | None = None) -> dict | None:
+    """The whole run; returns the metrics written to metrics.json (on rank 0; None elsewhere)."""
+    apply_num_threads(cfg.machine.num_threads)
+    context = init_distributed(cfg.machine.device, cfg.machine.distributed_timeout_s)
+    try:
+        return _pretrain(cfg, context, overrides)
+    finally:
+        shutdown_distributed(context)
 
 
-def pretrain(cfg: DictConfig) -> dict:
-    """The whole run; returns the metrics written to metrics.json."""
+def _pretrain(cfg: DictConfig, context: DistributedContext, overrides: list[str] | None) -> dict | None:
     started = time.perf_counter()
-    run_dir = prepare_run_dir(cfg)
-    setup_logging(run_dir / "train.log")
-    device = resolve_device(cfg.trainer.device)
-    dtype = autocast_dtype(cfg.trainer, device)
-    logger.info("run folder %s, device %s, autocast %s", run_dir, device, dtype)
+    run_dir = prepare_run_dir(cfg, context, overrides)
+    setup_logging(run_dir / "train.log", context.is_main)
+    device = context.device
+    logger.info(
+        "run folder %s, device %s, autocast %s, %d process(es)",
+        run_dir, device, autocast_dtype(cfg.machine.precision, device), context.world_size,
+    )  # fmt: skip
     seed_everything(cfg.trainer.seed)
-    train, valid, n_features = build_datasets(cfg, run_dir)
+    train, valid, n_features = build_datasets(cfg, run_dir, context)
 
     model = NoiseBERT(n_features, cfg.model, cfg.data.max_len, cfg.regularizer.layers).to(device)
-    if cfg.trainer.compile:
+    if device.type == "cpu" and cfg.machine.cpu_fast_paths:
+        from codes.models.cpu_fast_paths import enable_cpu_fast_paths
+
+        enable_cpu_fast_paths(model)
+    if cfg.machine.compile:
         model.encoder.compile()  # the Squeezeformer; the hooked BERT layers stay eager
+    trained = DistributedDataParallel(model) if context.is_distributed else model
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, fused=True
     )
     loader_kwargs = {
         "batch_size": cfg.trainer.batch_size,
-        "num_workers": cfg.trainer.num_workers,
+        "num_workers": cfg.machine.num_workers,
         "pin_memory": device.type == "cuda",
     }
     generator = torch.Generator().manual_seed(cfg.trainer.seed)
-    train_loader = DataLoader(train, shuffle=True, drop_last=len(train) > cfg.trainer.batch_size,
-                              generator=generator, **loader_kwargs)  # fmt: skip
+    drop_last = len(train) > cfg.trainer.batch_size * context.world_size
+    if context.is_distributed:  # each rank its shard, reshuffled every epoch (set_epoch)
+        sampler = DistributedSampler(train, context.world_size, context.rank, seed=cfg.trainer.seed)
+        train_loader = DataLoader(train, sampler=sampler, drop_last=drop_last, **loader_kwargs)
+    else:
+        sampler = None
+        train_loader = DataLoader(
+            train, shuffle=True, drop_last=drop_last, generator=generator, **loader_kwargs
+        )
     valid_loader = DataLoader(valid, shuffle=False, **loader_kwargs)
     total_steps = len(train_loader) * cfg.trainer.epochs
     scheduler = get_cosine_schedule_with_warmup(
@@ -262,12 +290,13 @@ def pretrain(cfg: DictConfig) -> dict:
             break
         for part in train.datasets:
             part.set_epoch(epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         seed_everything(cfg.trainer.seed * 10000 + epoch)  # dropout masks, whether resumed or not
         epoch_started = time.perf_counter()
-        train_metrics = run_epoch(
-            model, train_loader, cfg, device, dtype, optimizer, scheduler, f"epoch {epoch}"
-        )
-        valid_metrics = run_epoch(model, valid_loader, cfg, device, dtype, description="valid")
+        train_metrics = run_epoch(trained, train_loader, cfg, context, optimizer, scheduler, f"epoch {epoch}")
+        valid_metrics = run_epoch(model, valid_loader, cfg, context, description="valid")
+        valid_metrics = broadcast_from_main(valid_metrics, context)  # rank 0's validation decides
         row = {"epoch": epoch, "seconds": time.perf_counter() - epoch_started}
         row |= {f"train_{k}": v for k, v in train_metrics.items()}
         row |= {f"valid_{k}": v for k, v in valid_metrics.items()}
@@ -275,19 +304,22 @@ def pretrain(cfg: DictConfig) -> dict:
         improved = valid_metrics["masked_mse"] < best_mse
         if improved:
             best_mse, bad_epochs = valid_metrics["masked_mse"], 0
+        else:
+            bad_epochs += 1
+        if improved and context.is_main:
             save_atomically(
                 {"model": model.state_dict(), "epoch": epoch, "n_features": n_features,
                  "model_config": OmegaConf.to_container(cfg.model, resolve=True)},
                 best_path,
             )  # fmt: skip
-        else:
-            bad_epochs += 1
-        save_atomically(
-            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "generator": generator.get_state(), "history": history, "best_mse": best_mse,
-             "bad_epochs": bad_epochs, "epoch": epoch},
-            last_path,
-        )  # fmt: skip
+        if context.is_main:
+            save_atomically(
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "history": history,
+                 "best_mse": best_mse, "bad_epochs": bad_epochs, "epoch": epoch},
+                last_path,
+            )  # fmt: skip
+        barrier(context)
         logger.info(
             "epoch %d: train loss %.4f (mse %.4f, reg %.4f) | valid mse %.4f, reg %.4f, CLS mass on noisy %.3f%s",
             epoch, row["train_loss"], row["train_masked_mse"], row["train_regularizer"], row["valid_masked_mse"],
@@ -299,6 +331,8 @@ def pretrain(cfg: DictConfig) -> dict:
         ):
             raise TrainingInterrupted(f"stopped after epoch {epoch}; continue with trainer.resume=true")
 
+    if not context.is_main:
+        return None
     best = min(history, key=lambda row: row["valid_masked_mse"])
     metrics = {
         "history": history,
@@ -322,7 +356,7 @@ def pretrain(cfg: DictConfig) -> dict:
 register_configs()
 
 
-@hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="noisebert")
+@hydra.main(version_base=None, config_path=str(REPO_ROOT / "configs"), config_name="noisebert")
 def main(cfg: DictConfig) -> None:
     pretrain(cfg)
 

@@ -67,3 +67,8 @@ class GestureClassifier(nn.Module):
             "gesture_logits": self.gesture_head(pooled),
             "target_logit": self.target_head(pooled).squeeze(-1),
         }
+
+
+def build_model(cfg, n_features: int) -> GestureClassifier:
+    """The model of a fold from a run's config, as training and inference build it."""
+    return GestureClassifier(n_features, cfg.model, cfg.data.max_len)

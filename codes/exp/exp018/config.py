@@ -1,8 +1,11 @@
 """Hyper-parameters of this experiment, as dataclasses registered with Hydra's ConfigStore.
 
-Every value is overridable from the command line, e.g.
-``python codes/exp/<exp>/train.py preset=quick trainer.epochs=3 model.num_blocks=2``.
-Shared groups (paths, data source, hardware presets) live in ``configs/``.
+This file is the truth about what a run of this experiment does: nothing in ``configs/``
+overrides a value defined here (``configs/`` holds only the machine: paths, data source,
+device, precision, compile, threads; see ``codes/common/machine.py``). Every value is
+overridable from the command line, e.g.
+``python codes/exp/<exp>/train.py trainer.epochs=3 model.num_blocks=2``, and the named variants
+below change the values they list: ``python codes/exp/<exp>/train.py variant=quick``.
 """
 
 from __future__ import annotations
@@ -12,19 +15,14 @@ from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 
+from codes.common.machine import MachineConfig, PathsConfig
+
 EXP_NAME = Path(__file__).resolve().parent.name  # the folder name: a copied folder is a new experiment
 
 
 @dataclass
-class PathsConfig:
-    data_dir: str = "data"
-    synthetic_dir: str = "data/synthetic"
-    output_dir: str = "outputs"
-
-
-@dataclass
 class DataConfig:
-    source: str = "auto"  # auto | competition | synthetic
+    source: str = "auto"  # auto | competition | synthetic (set by configs/data/, the machine's choice)
     synthetic_subjects: int = 20
     synthetic_seed: int = 0
     max_len: int = 128  # longer sequences keep their LAST max_len steps
@@ -80,10 +78,8 @@ class ModelConfig:
 
 @dataclass
 class TrainerConfig:
-    device: str = "auto"  # auto | cpu | cuda
     epochs: int = 60
     batch_size: int = 64
-    num_workers: int = 4
     lr: float = 1e-3
     weight_decay: float = 1e-2
     warmup_ratio: float = 0.05  # share of the optimizer steps spent warming up
@@ -94,8 +90,6 @@ class TrainerConfig:
     # EMA weights (decay warmed up as min(decay, (1 + n) / (10 + n))) are evaluated and saved; 0 = off
     ema_decay: float = 0.999
     early_stopping_patience: int = 10
-    compile: bool = False
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     seed: int = 42  # fold k uses seed + k
     resume: bool = False
     # stop this process after N epochs as if interrupted (Kaggle session limits, tests); resume later
@@ -108,11 +102,31 @@ class Config:
     exp_name: str = EXP_NAME
     run_name: str = ""  # default: a timestamp; give it to resume a run
     paths: PathsConfig = field(default_factory=PathsConfig)
+    machine: MachineConfig = field(default_factory=MachineConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
+# Named variants: `train.py variant=NAME` sets the values listed here over the defaults above.
+VARIANTS: dict[str, dict] = {
+    # a whole 5-fold run on the 20-subject synthetic data in minutes on 2 CPU cores
+    "quick": {
+        "data": {"max_len": 64},
+        "model": {"d_model": 64, "num_blocks": 4, "num_heads": 4, "ff_dim": 128, "conv_kernel": 15},
+        "trainer": {"epochs": 9, "lr": 2.0e-3, "early_stopping_patience": 5},
+    },
+}
+
+
 def register_configs() -> None:
-    """Store the schema under the name ``configs/experiment.yaml`` starts from."""
-    ConfigStore.instance().store(name="experiment_schema", node=Config)
+    """Store the schema and the variants under the names ``configs/experiment.yaml`` uses.
+
+    Every experiment stores under the same names; the last one stored is composed (tests that
+    compose two experiments call this before each). Variants of another experiment are dropped.
+    """
+    store = ConfigStore.instance()
+    store.repo.pop("variant", None)
+    store.store(name="experiment_schema", node=Config)
+    for name, values in VARIANTS.items():
+        store.store(group="variant", name=name, node=values, package="_global_")

@@ -19,7 +19,7 @@ from codes.models.bert_config import ModelConfigError, build_bert, build_bert_co
 from codes.models.demographics import DemographicsEncoder
 from codes.models.masking import check_mask, to_attention_mask
 
-__all__ = ["GestureClassifier", "ModelConfigError", "classification_head"]
+__all__ = ["GestureClassifier", "ModelConfigError", "build_model", "classification_head"]
 
 
 def classification_head(in_dim: int, hidden_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
@@ -74,3 +74,8 @@ class GestureClassifier(nn.Module):
             "gesture_logits": self.gesture_head(pooled),
             "target_logit": self.target_head(pooled).squeeze(-1),
         }
+
+
+def build_model(cfg, n_features: int) -> GestureClassifier:
+    """The model of a fold from a run's config, as training and inference build it."""
+    return GestureClassifier(n_features, cfg.model, cfg.data.max_len)

@@ -1,0 +1,516 @@
+"""The k-fold training plumbing every experiment calls: a function library, not a base class.
+
+An experiment's ``train.py`` keeps what its idea changes (the model, the loss, the optimizer,
+the training step in ``train_fold``) and calls these functions for the rest:
+
+- :func:`run_kfold`: distributed set-up, the run folder, the data, the folds, the outputs;
+- :class:`FoldRun`: what one fold's loop needs from the run (device, precision, this rank's
+  shuffled shard, the model placed on the device with the CPU fast paths, DDP and compile);
+- :class:`FoldCheckpoints`: ``last.pt`` (resume) and ``best.pt`` (atomic writes);
+- :class:`EpochLosses`: the progress bar and the loss, read every few steps and checked finite
+  on every rank;
+- :func:`end_epoch`: evaluation, the decision of rank 0 (improved, early stop) shared with every
+  rank, checkpoints, the interruption rule; :func:`fold_predictions` at the end of a fold;
+- :func:`write_outputs`: ``oof.parquet``, ``metrics.json`` and the plots.
+
+Changing a function here changes every experiment that calls it: ``tests/test_pinned_runs.py``
+pins what exp013 and exp018 compute.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
+from tqdm.auto import tqdm
+
+from codes.common.checkpoint import load_checkpoint, load_matching_weights, save_atomically
+from codes.common.data_source import resolve_data_dir
+from codes.common.distributed import (
+    DistributedContext,
+    barrier,
+    broadcast_from_main,
+    gather_objects,
+    init_distributed,
+    raise_if_any_rank_failed,
+    shard_indices,
+    shutdown_distributed,
+)
+from codes.common.ema import get_ema_multi_avg_fn_with_warmup
+from codes.common.features import FeatureSettings
+from codes.common.folds import assign_folds
+from codes.common.machine import apply_num_threads, autocast, autocast_dtype
+from codes.common.metric import binary_f1, competition_score, macro_f1
+from codes.common.plots import plot_confusion_matrix, plot_fold_curves
+from codes.common.runs import (
+    TrainingInterrupted,
+    prepare_run_dir,
+    repo_path,
+    setup_logging,
+    write_json_atomically,
+)
+from codes.common.schema import GESTURES
+from codes.common.sequences import SequenceTable, load_sequence_table
+
+logger = logging.getLogger("codes.common.training")
+LOSS_READ_EVERY = 20  # training steps between reads of the loss (finiteness check, progress bar)
+
+__all__ = [
+    "EpochLosses",
+    "FoldCheckpoints",
+    "FoldRun",
+    "FoldState",
+    "NonFiniteLossError",
+    "TrainingInterrupted",
+    "build_ema",
+    "end_epoch",
+    "fold_predictions",
+    "initialise_from",
+    "predict_probabilities",
+    "run_kfold",
+    "score_probabilities",
+    "write_outputs",
+]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or Inf; the fold stops and its last good checkpoint is kept."""
+
+
+@dataclass
+class FoldState:
+    """What ``last.pt`` holds besides the weights: enough to continue exactly."""
+
+    epoch: int = 0  # epochs completed
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    epochs_without_improvement: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    finished: bool = False
+
+
+@dataclass
+class FoldRun:
+    """One fold of a run, as its training loop sees it."""
+
+    cfg: DictConfig
+    fold: int
+    fold_dir: Path
+    context: DistributedContext
+    non_imu_columns: list[int]  # feature indices an IMU-only sequence lacks (thermopiles, ToF)
+    epochs_this_process: int = 0
+    _imu_only: dict[int, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.context.device
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return autocast_dtype(self.cfg.machine.precision, self.device)
+
+    def autocast(self) -> torch.autocast:
+        """The forward pass's autocast (bf16 on CUDA by default, none on CPU)."""
+        return autocast(self.device, self.autocast_dtype)
+
+    @property
+    def resuming(self) -> bool:
+        """``trainer.resume=true`` and this fold has a ``last.pt`` to continue from."""
+        return bool(self.cfg.trainer.resume) and (self.fold_dir / "last.pt").is_file()
+
+    def steps_per_epoch(self, n_sequences: int, batch_size: int) -> int:
+        """Batches per epoch of every rank (the shards are padded to the same size)."""
+        per_rank = math.ceil(n_sequences / self.context.world_size)
+        return math.ceil(per_rank / batch_size)
+
+    def epoch_order(self, n_sequences: int, epoch_seed: int) -> torch.Tensor:
+        """This rank's shard of a permutation drawn from ``epoch_seed`` (the same on every rank)."""
+        order = torch.randperm(n_sequences, generator=torch.Generator().manual_seed(epoch_seed))
+        return shard_indices(order, self.context)
+
+    def imu_only(self, tensors):
+        """``tensors`` with the thermopile and ToF inputs removed (made once per fold)."""
+        if id(tensors) not in self._imu_only:
+            self._imu_only[id(tensors)] = tensors.imu_only(self.non_imu_columns)
+        return self._imu_only[id(tensors)]
+
+    def place(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model on the device, with the CPU fast paths there (``machine.cpu_fast_paths``)."""
+        model = model.to(self.device)
+        if self.device.type == "cpu" and self.cfg.machine.cpu_fast_paths:
+            from codes.models.cpu_fast_paths import enable_cpu_fast_paths
+
+            enable_cpu_fast_paths(model)
+        return model
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What the training step calls: DDP under ``torchrun``, ``torch.compile`` when asked for."""
+        trained = DistributedDataParallel(model) if self.context.is_distributed else model
+        return torch.compile(trained) if self.cfg.machine.compile else trained
+
+
+def build_ema(model: torch.nn.Module, decay: float) -> AveragedModel | None:
+    """EMA weights (decay warmed up as ``min(decay, (1 + n) / (10 + n))``); None when ``decay`` is 0."""
+    if decay <= 0:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn_with_warmup(decay), use_buffers=True)
+
+
+def initialise_from(model: torch.nn.Module, path: str, fold: int) -> None:
+    """Copy the tensors of a checkpoint (e.g. NoiseBERT pretraining) that fit, and log the rest."""
+    report = load_matching_weights(model, repo_path(path))
+    logger.info(
+        "fold %d: initialised from %s: %d tensors loaded, %d new (%s), %d with another shape (%s), %d unused",
+        fold, path, len(report["loaded"]), len(report["new"]), ", ".join(report["new"][:8]),
+        len(report["mismatched"]), ", ".join(report["mismatched"][:8]), len(report["unused"]),
+    )  # fmt: skip
+
+
+class FoldCheckpoints:
+    """``fold{k}/last.pt`` (weights, optimizer, scheduler, :class:`FoldState`) and ``best.pt``."""
+
+    def __init__(self, run: FoldRun, model, ema, optimizer, scheduler) -> None:
+        self.run, self.model, self.ema, self.optimizer, self.scheduler = run, model, ema, optimizer, scheduler
+        self.last_path, self.best_path = run.fold_dir / "last.pt", run.fold_dir / "best.pt"
+
+    def resume(self) -> FoldState:
+        """The saved state when resuming (weights, optimizer and scheduler restored), else a new one."""
+        if not self.run.resuming:
+            return FoldState()
+        checkpoint = load_checkpoint(self.last_path, map_location=self.run.device)
+        self.model.load_state_dict(checkpoint["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(checkpoint["ema"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        logger.info("fold %d: resumed after epoch %d", self.run.fold, checkpoint["state"]["epoch"])
+        return FoldState(**checkpoint["state"])
+
+    def save(self, state: FoldState, improved: bool, score: float) -> None:
+        """Rank 0 writes ``best.pt`` when improved, then ``last.pt``."""
+        if not self.run.context.is_main:
+            return
+        weights = {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+        }
+        if improved:
+            save_atomically({**weights, "epoch": state.epoch - 1, "score": score}, self.best_path)
+        save_atomically(
+            {
+                **weights,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "state": state.__dict__,
+            },
+            self.last_path,
+        )
+
+    def load_best(self) -> None:
+        """The best weights into the evaluated model (the EMA when used)."""
+        best = load_checkpoint(self.best_path, map_location=self.run.device)
+        if self.ema is not None:
+            self.ema.load_state_dict(best["ema"])
+        else:
+            self.model.load_state_dict(best["model"])
+
+
+class EpochLosses:
+    """The steps of an epoch with a progress bar, and the mean training loss over every rank.
+
+    Losses stay on the device and are read every :data:`LOSS_READ_EVERY` steps (one host
+    synchronisation, not one per step); a non-finite one stops every rank with
+    :class:`NonFiniteLossError` naming the epoch and step.
+    """
+
+    def __init__(self, run: FoldRun, epoch: int, steps_per_epoch: int) -> None:
+        self.run, self.epoch, self.steps_per_epoch = run, epoch, steps_per_epoch
+        self.pending: list[torch.Tensor] = []
+        self.loss_sum, self.n_seen = 0.0, 0
+        self.progress = tqdm(
+            range(steps_per_epoch),
+            desc=f"fold {run.fold} epoch {epoch}",
+            leave=False,
+            disable=not run.context.is_main,
+        )
+
+    def steps(self) -> Iterator[int]:
+        return iter(self.progress)
+
+    def add(self, step: int, loss: torch.Tensor, batch_size: int) -> None:
+        self.pending.append(loss.detach() * batch_size)
+        self.n_seen += batch_size
+        if (step + 1) % LOSS_READ_EVERY != 0 and step + 1 != self.steps_per_epoch:
+            return
+        read = torch.stack(self.pending).float().cpu()
+        bad = torch.nonzero(~torch.isfinite(read)).flatten()
+        error = None
+        if len(bad):
+            error = NonFiniteLossError(
+                f"fold {self.run.fold}: the loss became {read[bad[0]].item()} at epoch {self.epoch}, "
+                f"step {step + 1 - len(read) + int(bad[0])}; the last good checkpoint is kept in "
+                f"{self.run.fold_dir / 'last.pt'}"
+            )
+        raise_if_any_rank_failed(error, self.run.context)
+        self.loss_sum += float(read.sum())
+        self.pending.clear()
+        self.progress.set_postfix(loss=f"{self.loss_sum / self.n_seen:.4f}")
+
+    def mean(self) -> float:
+        """The epoch's mean loss per sequence over every rank."""
+        context = self.run.context
+        return sum(gather_objects(self.loss_sum, context)) / max(sum(gather_objects(self.n_seen, context)), 1)
+
+
+@torch.inference_mode()
+def predict_probabilities(
+    model: torch.nn.Module, tensors, batch_size: int, device: torch.device, dtype: torch.dtype | None
+) -> tuple[np.ndarray, float]:
+    """(N, 18) gesture probabilities and the mean cross-entropy of ``tensors`` (features, mask,
+    demographics, labels)."""
+    model.eval()
+    probabilities, losses = [], []
+    for start in range(0, len(tensors), batch_size):
+        batch = slice(start, start + batch_size)
+        features = tensors.features[batch].to(device)
+        mask = tensors.mask[batch].to(device)
+        demographics = tensors.demographics[batch].to(device)
+        labels = tensors.labels[batch].to(device)
+        with autocast(device, dtype):
+            outputs = model(features, mask, demographics)
+        losses.append(float(F.cross_entropy(outputs["gesture_logits"].float(), labels, reduction="sum")))
+        probabilities.append(outputs["gesture_logits"].float().softmax(-1).cpu().numpy())
+    return np.concatenate(probabilities), sum(losses) / max(len(tensors), 1)
+
+
+def score_probabilities(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The competition score and its two halves for argmax predictions."""
+    names = np.array(GESTURES)
+    y_true, y_pred = names[labels], names[probabilities.argmax(1)]
+    return {
+        "score": competition_score(y_true, y_pred),
+        "binary_f1": binary_f1(y_true, y_pred),
+        "macro_f1": macro_f1(y_true, y_pred),
+    }
+
+
+def _evaluate(run: FoldRun, evaluated: torch.nn.Module, valid) -> dict[str, Any]:
+    batch_size = run.cfg.trainer.batch_size
+    dtype = run.autocast_dtype
+    probabilities, valid_loss = predict_probabilities(evaluated, valid, batch_size, run.device, dtype)
+    imu_probabilities, _ = predict_probabilities(
+        evaluated, run.imu_only(valid), batch_size, run.device, dtype
+    )
+    labels = valid.labels.numpy()
+    return {
+        "probabilities": probabilities,
+        "imu_probabilities": imu_probabilities,
+        "valid_loss": valid_loss,
+        "score": score_probabilities(probabilities, labels)["score"],
+        "imu_score": score_probabilities(imu_probabilities, labels)["score"],
+    }
+
+
+def end_epoch(
+    run: FoldRun,
+    state: FoldState,
+    checkpoints: FoldCheckpoints,
+    evaluated: torch.nn.Module,
+    valid,
+    train_loss: float,
+    lr: float,
+    started: float,
+) -> None:
+    """Evaluate, record, decide (rank 0, shared with every rank), save, and stop when asked to.
+
+    Every rank evaluates, but rank 0's scores decide whether the epoch improved and whether
+    training stops early (the ranks' EMA BatchNorm statistics may differ by rounding), so every
+    rank takes the same path. Raises :class:`TrainingInterrupted` after
+    ``trainer.interrupt_after_epochs`` epochs of this process.
+    """
+    trainer_cfg = run.cfg.trainer
+    epoch = state.epoch
+    evaluation = _evaluate(run, evaluated, valid)
+    valid_loss, score, imu_score = broadcast_from_main(
+        (evaluation["valid_loss"], evaluation["score"], evaluation["imu_score"]), run.context
+    )
+    state.train_seconds += time.perf_counter() - started
+    state.history.append({
+        "epoch": epoch, "train_loss": train_loss, "valid_loss": valid_loss, "valid_score": score,
+        "valid_score_imu_only": imu_score, "lr": lr,
+    })  # fmt: skip
+    improved = score > state.best_score
+    if improved:
+        state.best_score, state.best_epoch, state.epochs_without_improvement = score, epoch, 0
+    else:
+        state.epochs_without_improvement += 1
+    state.epoch = epoch + 1
+    if state.epochs_without_improvement >= trainer_cfg.early_stopping_patience:
+        state.finished = True
+        logger.info("fold %d: early stop after epoch %d (best epoch %d)", run.fold, epoch, state.best_epoch)
+    if state.epoch >= trainer_cfg.epochs:
+        state.finished = True
+    if run.context.is_main:
+        logger.info(
+            "fold %d epoch %d: train_loss %.4f valid_loss %.4f score %.4f imu_only %.4f%s (%.1f s)",
+            run.fold, epoch, train_loss, valid_loss, score, imu_score, " *" if improved else "",
+            time.perf_counter() - started,
+        )  # fmt: skip
+    checkpoints.save(state, improved, score)
+    barrier(run.context)
+    run.epochs_this_process += 1
+    interrupt_after = trainer_cfg.interrupt_after_epochs
+    if interrupt_after is not None and run.epochs_this_process >= interrupt_after and not state.finished:
+        raise TrainingInterrupted(
+            f"fold {run.fold}: stopped after {run.epochs_this_process} epoch(s) as asked "
+            "(trainer.interrupt_after_epochs); continue with trainer.resume=true"
+        )
+
+
+def fold_predictions(
+    run: FoldRun, state: FoldState, checkpoints: FoldCheckpoints, evaluated: torch.nn.Module, valid
+) -> dict[str, Any]:
+    """Out-of-fold probabilities of the best weights (EMA when used), with the fold's history."""
+    checkpoints.load_best()
+    evaluation = _evaluate(run, evaluated, valid)
+    return {
+        "probabilities": evaluation["probabilities"],
+        "imu_probabilities": evaluation["imu_probabilities"],
+        "history": state.history,
+        "best_epoch": state.best_epoch,
+        "train_seconds": state.train_seconds,
+    }
+
+
+def write_outputs(
+    run_dir: Path, table: SequenceTable, folds: np.ndarray, results: dict[int, dict], wall_seconds: float
+) -> dict:
+    """``oof.parquet``, ``metrics.json`` and the plots; returns the metrics."""
+    names = np.array(GESTURES)
+    parts, per_fold = [], {}
+    all_true, all_pred, all_imu = [], [], []
+    for fold, result in sorted(results.items()):
+        index = np.flatnonzero(folds == fold)
+        true = names[table.labels[index]]
+        pred = names[result["probabilities"].argmax(1)]
+        imu_pred = names[result["imu_probabilities"].argmax(1)]
+        all_true.append(true), all_pred.append(pred), all_imu.append(imu_pred)
+        frame = pl.DataFrame({
+            "sequence_id": table.sequence_ids[index], "fold": np.full(len(index), fold),
+            "gesture": true, "predicted_gesture": pred, "predicted_gesture_imu_only": imu_pred,
+        })  # fmt: skip
+        probabilities = pl.DataFrame(result["probabilities"], schema=[f"prob_{g}" for g in GESTURES])
+        parts.append(pl.concat([frame, probabilities], how="horizontal"))
+        per_fold[fold] = {
+            "score": competition_score(true, pred), "binary_f1": binary_f1(true, pred), "macro_f1": macro_f1(true, pred),
+            "score_imu_only": competition_score(true, imu_pred), "best_epoch": result["best_epoch"],
+            "train_seconds": result["train_seconds"], "epochs": len(result["history"]),
+        }  # fmt: skip
+    pl.concat(parts).write_parquet(run_dir / "oof.parquet")
+    y_true, y_pred, y_imu = np.concatenate(all_true), np.concatenate(all_pred), np.concatenate(all_imu)
+    metrics = {
+        "overall": {
+            "score": competition_score(y_true, y_pred), "binary_f1": binary_f1(y_true, y_pred),
+            "macro_f1": macro_f1(y_true, y_pred), "score_imu_only": competition_score(y_true, y_imu),
+            "n_sequences": len(y_true), "wall_seconds": wall_seconds,
+        },
+        "folds": {str(k): v for k, v in per_fold.items()},
+        "history": {str(k): r["history"] for k, r in results.items()},
+    }  # fmt: skip
+    write_json_atomically(metrics, run_dir / "metrics.json")
+    plot_fold_curves({k: r["history"] for k, r in results.items()}, run_dir / "curves.png")
+    plot_confusion_matrix(y_true, y_pred, GESTURES, run_dir / "confusion_matrix.png")
+    return metrics
+
+
+TrainFold = Callable[[DictConfig, FoldRun, Any, Any], dict]
+SplitFold = Callable[[SequenceTable, np.ndarray, int, int], tuple]
+
+
+def run_kfold(
+    cfg: DictConfig,
+    train_fold: TrainFold,
+    split_fold: SplitFold,
+    settings: FeatureSettings,
+    non_imu_columns: Callable[[SequenceTable], list[int]],
+    overrides: Sequence[str] | None = None,
+) -> dict | None:
+    """The whole k-fold run of an experiment; returns the metrics on rank 0 (None elsewhere).
+
+    ``split_fold(table, folds, fold, max_len)`` gives (train tensors, validation tensors,
+    validation indices, fitted normalizer); ``train_fold(cfg, run, train, valid)`` trains a fold
+    and returns :func:`fold_predictions`' dict.
+    """
+    started = time.perf_counter()
+    apply_num_threads(cfg.machine.num_threads)
+    context = init_distributed(cfg.machine.device, cfg.machine.distributed_timeout_s)
+    try:
+        run_dir = prepare_run_dir(cfg, context, overrides)
+        setup_logging(run_dir / "train.log", context.is_main)
+        logger.info("run folder %s, device %s, %d process(es)", run_dir, context.device, context.world_size)
+        wandb_run = start_wandb(cfg, run_dir) if context.is_main and cfg.trainer.wandb else None
+
+        data_dir_kwargs = {
+            "source": cfg.data.source, "competition_dir": repo_path(cfg.paths.data_dir),
+            "synthetic_dir": repo_path(cfg.paths.synthetic_dir), "synthetic_subjects": cfg.data.synthetic_subjects,
+            "synthetic_seed": cfg.data.synthetic_seed,
+        }  # fmt: skip
+        if context.is_main:  # rank 0 generates the synthetic data and fills the cache first
+            table = load_sequence_table(resolve_data_dir(**data_dir_kwargs), "train", settings)
+        barrier(context)
+        if not context.is_main:
+            table = load_sequence_table(resolve_data_dir(**data_dir_kwargs), "train", settings)
+        folds = assign_folds(table.gestures, table.subjects, cfg.data.n_folds, cfg.data.fold_seed)
+        selected = list(cfg.data.folds) if cfg.data.folds is not None else list(range(cfg.data.n_folds))
+        columns = non_imu_columns(table)
+
+        results = {}
+        for fold in selected:
+            train, valid, _, normalizer = split_fold(table, folds, fold, cfg.data.max_len)
+            fold_dir = run_dir / f"fold{fold}"
+            if context.is_main:
+                fold_dir.mkdir(parents=True, exist_ok=True)
+                write_json_atomically(normalizer.state_dict(), fold_dir / "normalizer.json")
+            run = FoldRun(cfg=cfg, fold=fold, fold_dir=fold_dir, context=context, non_imu_columns=columns)
+            results[fold] = train_fold(cfg, run, train, valid)
+            if wandb_run is not None:
+                for row in results[fold]["history"]:
+                    wandb_run.log({f"fold{fold}/{k}": v for k, v in row.items()})
+        metrics = None
+        if context.is_main:
+            metrics = write_outputs(run_dir, table, folds, results, time.perf_counter() - started)
+            overall = metrics["overall"]
+            logger.info(
+                "CV score %.4f (binary F1 %.4f, macro F1 %.4f), IMU-only %.4f; outputs in %s",
+                overall["score"], overall["binary_f1"], overall["macro_f1"], overall["score_imu_only"], run_dir,
+            )  # fmt: skip
+            if wandb_run is not None:
+                wandb_run.summary.update(overall)
+                wandb_run.finish()
+        return metrics
+    finally:
+        shutdown_distributed(context)
+
+
+def start_wandb(cfg: DictConfig, run_dir: Path):
+    """A Weights & Biases run when the package is installed; never required."""
+    try:
+        import wandb
+    except ImportError:
+        logger.warning("trainer.wandb=true but wandb is not installed; logging locally only")
+        return None
+    return wandb.init(project="cmi-bfrb", name=f"{cfg.exp_name}/{run_dir.name}", dir=str(run_dir),
+                      config=OmegaConf.to_container(cfg, resolve=True))  # fmt: skip

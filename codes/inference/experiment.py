@@ -1,0 +1,149 @@
+"""What every experiment's ``inference.py`` does, given how the experiment builds its model.
+
+An experiment folder's ``inference.py`` keeps only what is its own (``build_model`` and
+``feature_settings``, imported from its ``model.py`` and ``dataset.py``) and calls
+:func:`load_run_predictor` and :func:`batch_main` with them.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from codes.common.distributed import resolve_device
+from codes.common.features import FeatureSettings, feature_layout
+from codes.common.machine import apply_num_threads, autocast_dtype
+from codes.common.runs import REPO_ROOT, setup_logging
+from codes.inference.batch import SUBMISSION_FILE, resolve_test_dir, run_batch
+from codes.inference.predictor import EnsemblePredictor, FoldMember, quantize_for_cpu
+from codes.inference.run_folder import (
+    ConfigView,
+    RunFolderError,
+    load_fold_weights,
+    load_normalizer,
+    load_run_config,
+    select_folds,
+)
+
+logger = logging.getLogger(__name__)
+
+BuildModel = Callable[[ConfigView, int], torch.nn.Module]
+
+
+def run_precision(cfg: ConfigView) -> str:
+    """The precision a run trained with: ``machine.precision`` (``trainer.precision`` in run
+    folders written before the machine section existed)."""
+    if "machine" in cfg:
+        return cfg.machine.precision
+    return cfg.trainer.get("precision", "auto")
+
+
+def load_run_predictor(
+    run_dir: str | Path,
+    exp_name: str,
+    build_model: BuildModel,
+    feature_settings: Callable[[ConfigView], FeatureSettings],
+    folds: Iterable[int] | None = None,
+    device: str | torch.device = "auto",
+    strict: bool = False,
+    quantize: bool = False,
+    fold_threads: int = 1,
+    precision: str | None = None,
+) -> EnsemblePredictor:
+    """Every trained fold of ``run_dir`` (or only ``folds``) as one :class:`EnsemblePredictor`.
+
+    ``build_model(cfg, n_features)`` builds the model exactly as training did for a fold.
+    ``quantize=True`` (CPU only) turns the Linear layers into dynamic int8 ones: faster, with
+    probabilities that differ slightly from training's (see ``quantize_for_cpu``).
+    ``fold_threads=2`` runs two fold models at once (on a CPU, with ``torch.set_num_threads(1)``).
+    ``precision``: None = training's rule for the run (bf16 autocast on CUDA, fp32 on CPU unless
+    the run trained in bf16); ``"bf16"`` forces bf16 autocast (on a CPU with AVX-512 BF16 the
+    matrix products run about twice as fast), ``"fp32"`` none.
+    """
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    trained_by = cfg.get("exp_name")
+    if trained_by != exp_name:
+        logger.warning("%s was trained by %s; loading it with %s's model code", run_dir, trained_by, exp_name)
+    settings = feature_settings(cfg.data)
+    n_features = len(feature_layout(settings)[0])
+    device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    if quantize and device.type != "cpu":
+        raise ValueError(f"quantize=true is a CPU setting; the device is {device}")
+    members, kinds = [], set()
+    for fold in select_folds(run_dir, folds):
+        weights, kind = load_fold_weights(run_dir, fold)
+        try:
+            model = build_model(cfg, n_features)
+            model.load_state_dict(weights)
+        except (AttributeError, KeyError, RuntimeError, ValueError) as error:
+            raise RunFolderError(
+                f"{run_dir}/fold{fold}: the checkpoint does not fit {exp_name}'s model built from the run's "
+                f"config (trained by {trained_by}; use codes/exp/{trained_by}/inference.py): {error}"
+            ) from error
+        model = quantize_for_cpu(model) if quantize else model
+        members.append(FoldMember(fold, model, load_normalizer(run_dir, fold)))
+        kinds.add(kind)
+    predictor = EnsemblePredictor(
+        members,
+        settings,
+        cfg.data.max_len,
+        device=device,
+        autocast_dtype=autocast_dtype(precision or run_precision(cfg), device),
+        strict=strict,
+        fold_threads=fold_threads,
+    )
+    logger.info(
+        "loaded %s folds %s (%s weights%s) on %s in %.2f s",
+        run_dir,
+        predictor.folds,
+        "/".join(sorted(kinds)),
+        ", int8 Linear layers" if quantize else "",
+        device,
+        time.perf_counter() - started,
+    )
+    return predictor
+
+
+@dataclass
+class InferenceConfig:
+    """Batch mode's command-line settings (``key=value``, as in training)."""
+
+    run_dir: str = ""
+    data: str = "auto"  # auto | competition | synthetic | a folder with test.csv, test_demographics.csv
+    output: str = ""  # default: <run_dir>/submission.csv
+    device: str = "auto"
+    batch_size: int = 64
+    folds: list[int] | None = None  # default: every trained fold
+    num_threads: int | None = None  # torch CPU threads; default: torch's own choice
+    quantize: bool = False  # CPU: int8 Linear layers (faster, slightly different probabilities)
+    fold_threads: int = 1  # fold models run at once for a single sequence (predict(); not batch mode)
+    precision: str | None = None  # None = training's rule; bf16 | fp32 to force autocast on or off
+
+
+def batch_main(
+    load_predictor: Callable[..., EnsemblePredictor], exp_name: str, argv: Sequence[str] | None = None
+) -> dict | None:
+    """Batch mode of an experiment's ``inference.py``: test.csv -> submission.csv (+ the score)."""
+    from omegaconf import OmegaConf
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    cfg = OmegaConf.merge(OmegaConf.structured(InferenceConfig), OmegaConf.from_cli(args))
+    setup_logging(None)
+    if not cfg.run_dir:
+        raise SystemExit(f"run_dir=outputs/{exp_name}/<run> is required (a folder train.py wrote)")
+    apply_num_threads(cfg.num_threads)
+    run_dir = Path(cfg.run_dir)
+    predictor = load_predictor(run_dir, cfg.folds, cfg.device, quantize=cfg.quantize, precision=cfg.precision)
+    data_dir = resolve_test_dir(cfg.data, load_run_config(run_dir), REPO_ROOT)
+    output = Path(cfg.output) if cfg.output else run_dir / SUBMISSION_FILE
+    scores = run_batch(predictor, data_dir, output, batch_size=cfg.batch_size)
+    print(f"submission: {output}")
+    return scores
