@@ -104,6 +104,19 @@ def write_toy_data(directory: Path) -> Path:
     )
 
 
+def experiment_config(exp: str, *overrides: str):
+    """Experiment ``exp``'s config composed as its ``train.py`` composes it, with ``overrides``."""
+    import importlib
+
+    from hydra import compose, initialize_config_dir
+
+    # each experiment stores its own schema under the same name: the last one stored is used
+    importlib.import_module(f"codes.exp.{exp}.config").register_configs()
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base=None):
+        return compose(config_name="experiment", overrides=list(overrides))
+
+
 def training_config(exp: str, data_dir: Path, output_dir: Path, model: dict, *overrides: str):
     """Experiment ``exp``'s composed config: quick preset, the given data folder, 2 folds, a tiny model."""
     import importlib

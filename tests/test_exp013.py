@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -87,38 +84,6 @@ def test_outputs_do_not_depend_on_padding_or_the_rest_of_the_batch(time_reductio
             assert torch.allclose(padded_more["gesture_logits"][0], together[i], atol=1e-5)
 
 
-def test_values_at_padded_steps_change_nothing():
-    model = make_model().eval()
-    features, mask, demographics = random_batch([25, 40], max_len=48)
-    garbage = features.clone()
-    garbage[~mask] = 1e4
-    with torch.no_grad():
-        assert torch.allclose(
-            model(features, mask, demographics)["gesture_logits"],
-            model(garbage, mask, demographics)["gesture_logits"],
-            atol=1e-5,
-        )
-
-
-def test_a_tiny_batch_is_overfit():
-    model = make_model(dropout=0.0, attention_dropout=0.0, head_dropout=0.0)
-    features, mask, demographics = random_batch([30, 22, 41, 17, 35, 28, 40, 19], seed=1)
-    labels = torch.tensor([0, 3, 8, 12, 17, 5, 9, 1])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    trainer_cfg = OmegaConf.structured(config_module.TrainerConfig())
-    for _ in range(200):
-        optimizer.zero_grad()
-        loss = train_module.compute_loss(model(features, mask, demographics), labels, trainer_cfg)
-        loss.backward()
-        optimizer.step()
-        if loss.item() < 0.02:
-            break
-    assert loss.item() < 0.05
-    model.eval()
-    with torch.no_grad():
-        assert (model(features, mask, demographics)["gesture_logits"].argmax(-1) == labels).all()
-
-
 # ---------------------------------------------------------------- training run
 def training_config(toy_data: Path, output_dir: Path, *overrides: str):
     return _training_config(EXP, toy_data, output_dir, TINY_MODEL, *overrides)
@@ -157,40 +122,6 @@ def test_a_run_writes_every_output(toy_data, tmp_path):
     # a finished run folder is never silently overwritten
     with pytest.raises(FileExistsError, match=r"trainer\.resume=true"):
         train_module.run_training(cfg)
-
-
-def test_resume_ends_with_the_same_metrics(toy_data, tmp_path):
-    common = ("trainer.epochs=3", "data.folds=[0]", "trainer.early_stopping_patience=10")
-    reference = train_module.run_training(training_config(toy_data, tmp_path, "run_name=straight", *common))
-    with pytest.raises(train_module.TrainingInterrupted):
-        train_module.run_training(
-            training_config(toy_data, tmp_path, "run_name=cut", "trainer.interrupt_after_epochs=1", *common)
-        )
-    assert not (tmp_path / EXP / "cut" / "metrics.json").exists()
-    resumed = train_module.run_training(
-        training_config(toy_data, tmp_path, "run_name=cut", "trainer.resume=true", *common)
-    )
-    for key in ("score", "binary_f1", "macro_f1", "score_imu_only"):
-        assert resumed["overall"][key] == reference["overall"][key]
-    assert resumed["history"]["0"] == reference["history"]["0"]
-
-
-def test_two_process_gloo_run_completes(toy_data, tmp_path):
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-        str(REPO_ROOT / "codes" / "exp" / EXP / "train.py"),
-        "variant=quick", "machine=cpu", "data=competition", f"paths.data_dir={toy_data}", f"paths.output_dir={tmp_path}",
-        "run_name=ddp", "data.n_folds=2", "data.folds=[0]", "data.max_len=64", "trainer.epochs=1",
-        "trainer.batch_size=16", *[f"model.{k}={v}" for k, v in TINY_MODEL.items()],
-    ]  # fmt: skip
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, env=environment, cwd=REPO_ROOT
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((tmp_path / EXP / "ddp" / "metrics.json").read_text())
-    assert 0.0 <= metrics["overall"]["score"] <= 1.0
-    assert "2 process(es)" in (tmp_path / EXP / "ddp" / "train.log").read_text()
 
 
 def test_a_non_finite_loss_stops_the_fold_naming_epoch_and_step_and_keeps_the_checkpoint(

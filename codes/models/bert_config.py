@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from transformers import BertConfig, BertModel
 
-from codes.models.bert_attention import SDPA_CHEAP_CPU_DROPOUT
-from codes.models.dropout import replace_dropout_modules
 from codes.models.squeezeformer import SqueezeformerEncoder
 
 __all__ = [
@@ -57,9 +55,7 @@ def build_bert_config(cfg, max_len: int) -> BertConfig:
         hidden_dropout_prob=bert.hidden_dropout,
         attention_probs_dropout_prob=bert.attention_dropout,
         max_position_embeddings=positions,
-        # "sdpa" runs as the library's SDPA, except for training on CPU where attention dropout
-        # uses the cheap mask (codes.models.bert_attention)
-        attn_implementation=SDPA_CHEAP_CPU_DROPOUT if bert.attn_implementation == "sdpa" else "eager",
+        attn_implementation=bert.attn_implementation,
     )
 
 
@@ -84,9 +80,14 @@ def build_squeezeformer(cfg, max_len: int) -> SqueezeformerEncoder:
 
 
 def build_bert(cfg, max_len: int) -> BertModel:
-    """``BertModel`` without pooler, random weights, cheap CPU dropout, optional gradient checkpointing."""
+    """``BertModel`` without pooler, random weights, optional gradient checkpointing.
+
+    The input is always ``inputs_embeds``: the word-embedding table is never used, so it is
+    frozen (DistributedDataParallel would otherwise wait for its gradient forever; the optimizer
+    skips it either way, so the numbers are the same).
+    """
     bert = BertModel(build_bert_config(cfg, max_len), add_pooling_layer=False)
-    replace_dropout_modules(bert)  # the cheap CPU dropout mask, same probabilities
+    bert.get_input_embeddings().weight.requires_grad_(False)
     if cfg.bert.gradient_checkpointing:
         bert.gradient_checkpointing_enable()
     return bert

@@ -95,6 +95,19 @@ VARIANTS: dict[str, dict] = {
         "model": {"d_model": 64, "num_blocks": 4, "num_heads": 4, "ff_dim": 128, "conv_kernel": 15},
         "trainer": {"epochs": 9, "lr": 2.0e-3, "early_stopping_patience": 5},
     },
+    # seconds on a CPU: checks that the code runs end to end (the contract tests use it), not that it learns
+    "smoke": {
+        "data": {"max_len": 64, "n_folds": 2},
+        "model": {
+            "d_model": 32,
+            "num_blocks": 4,
+            "num_heads": 4,
+            "ff_dim": 64,
+            "conv_kernel": 7,
+            "demographics_dim": 8,
+        },
+        "trainer": {"epochs": 2, "batch_size": 16, "lr": 2.0e-3},
+    },
 }
 
 
