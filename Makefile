@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup train demo test lint format bench clean-cache
+.PHONY: setup train runs demo test lint format bench clean-cache
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,10 +18,19 @@ $(VENV)/.setup-done: pyproject.toml | $(BIN)/python
 setup: $(VENV)/.setup-done
 
 # The main job: exp018 on the bundled synthetic data (generated on first use) or on the
-# competition files in data/. PRESET=quick finishes on a CPU; PRESET=gpu is the full run.
-PRESET ?= quick
+# competition files in data/. VARIANT=quick (exp018's CPU-sized variant, in its config.py)
+# finishes on a CPU; `make train VARIANT=` trains config.py's defaults (the full run).
+# MACHINE=auto|cpu|gpu picks configs/machine/; ARGS adds overrides (ARGS="trainer.epochs=3").
+EXP ?= exp018
+VARIANT ?= quick
+MACHINE ?= auto
+ARGS ?=
 train: setup
-	$(BIN)/python codes/exp/exp018/train.py preset=$(PRESET)
+	$(BIN)/python codes/exp/$(EXP)/train.py $(if $(VARIANT),variant=$(VARIANT)) machine=$(MACHINE) $(ARGS)
+
+# every run under outputs/: experiment, run, CV, IMU-only CV, date, git commit
+runs: setup
+	$(BIN)/python -m codes.common.run_table
 
 demo: setup
 	$(BIN)/python -m codes.common.demo

@@ -9,8 +9,8 @@ the local gateway stand-in (``codes.inference.gateway.LocalGateway``) in shuffle
 ``predict(sequence, demographics)`` call each, exactly as on Kaggle.
 
 ``--random-run DIR`` first writes a run folder in the training format without training: the
-experiment's config composed as ``train.py`` composes it (``preset=gpu``, i.e. the default
-dims; trailing ``model.key=value`` / ``data.key=value`` arguments override), ``--folds``
+experiment's config composed as ``train.py`` composes it (its config.py defaults, i.e. the
+default dims, on ``machine=gpu``; trailing ``model.key=value`` / ``data.key=value`` arguments override), ``--folds``
 randomly initialised ``fold{k}/best.pt`` and a ``normalizer.json`` fitted on the test
 sequences. Latency does not depend on the weights' values, so this measures a trained
 ensemble of the same dims.
@@ -62,7 +62,7 @@ def write_random_run(exp: str, run_dir: Path, data_dir: Path, n_folds: int, over
     with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base=None):
         cfg = compose(
             config_name="experiment",
-            overrides=["preset=gpu", f"run_name={run_dir.name}", f"data.n_folds={n_folds}", *overrides],
+            overrides=["machine=gpu", f"run_name={run_dir.name}", f"data.n_folds={n_folds}", *overrides],
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

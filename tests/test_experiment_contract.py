@@ -277,19 +277,30 @@ def test_resume_equals_an_uninterrupted_run_and_inference_reproduces_the_oof(exp
         assert predictor.predict(sequence, subject) == GESTURES[int(expected[row].argmax())]
 
 
+def two_process_run(*arguments: str) -> None:
+    """``torchrun --standalone --nproc_per_node=2 <arguments>`` on the CPU (gloo); fails on a non-zero exit."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        *arguments,
+    ]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=400, env=environment, cwd=REPO_ROOT
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
 @pytest.mark.parametrize("exp", EXPERIMENTS)
 def test_two_process_gloo_run_matches_rank_decisions_and_completes(exp, toy_data, tmp_path):
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    two_process_run(
         str(REPO_ROOT / "codes" / "exp" / exp / "train.py"), "variant=smoke", "machine=cpu", "data=competition",
         f"paths.data_dir={toy_data}", f"paths.output_dir={tmp_path}", "run_name=ddp", "data.folds=[0]",
-        "trainer.batch_size=10",  # 54 training sequences: uneven shards (27 each, the last batch 7)
-    ]  # fmt: skip
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"},
-        cwd=REPO_ROOT,
+        "trainer.batch_size=10",  # 27 training sequences a rank: a last batch of 7
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
     run_dir = tmp_path / exp / "ddp"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert len(metrics["history"]["0"]) == 2 and 0.0 <= metrics["overall"]["score"] <= 1.0
@@ -331,19 +342,13 @@ def test_a_copied_folder_is_a_working_experiment_with_no_edits(toy_data, tmp_pat
 
 
 def test_noisebert_two_process_gloo_pretraining_completes(toy_data, tmp_path):
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-        "codes.noisebert.pretrain", "variant=quick", "machine=cpu", "data=competition", f"paths.data_dir={toy_data}",
+    two_process_run(
+        "-m", "codes.noisebert.pretrain", "variant=quick", "machine=cpu", "data=competition", f"paths.data_dir={toy_data}",
         f"paths.output_dir={tmp_path}", "run_name=ddp", "data.include_test=false", "data.valid_fraction=0.34",
         "data.max_len=32", "trainer.batch_size=16", "trainer.epochs=2", "model.d_model=32", "model.num_blocks=4",
         "model.num_heads=4", "model.ff_dim=64", "model.conv_kernel=7", "model.bert.num_layers=2",
         "model.bert.num_heads=4",
-    ]  # fmt: skip
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"},
-        cwd=REPO_ROOT,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
     run_dir = tmp_path / "noisebert" / "ddp"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert len(metrics["history"]) == 2 and np.isfinite(metrics["best"]["valid_masked_mse"])
@@ -351,3 +356,18 @@ def test_noisebert_two_process_gloo_pretraining_completes(toy_data, tmp_path):
     assert (run_dir / "best.pt").is_file() and (run_dir / "overrides.txt").read_text().startswith(
         "variant=quick"
     )
+
+
+def test_noisebert_quick_variant_builds_exp018_quick_shapes():
+    """Pretraining and fine-tuning with variant=quick give tensors of the same shapes."""
+    from hydra import compose, initialize_config_dir
+
+    from codes.noisebert import config as noisebert_config
+
+    noisebert_config.register_configs()
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base=None):
+        pretraining = compose(config_name="noisebert", overrides=["variant=quick"])
+    fine_tuning = experiment_config("exp018", "variant=quick")
+    for key, value in pretraining.model.items():
+        assert fine_tuning.model[key] == value, key
+    assert pretraining.data.max_len == fine_tuning.data.max_len
