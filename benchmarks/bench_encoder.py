@@ -6,7 +6,8 @@ One training step = forward + backward + AdamW step of a classifier at the refer
 16 input features -> Linear -> ``SqueezeformerEncoder`` (d_model 256, 8 blocks, 8 heads, FF 1024,
 conv kernel 31) -> masked mean pooling -> Linear to 19 gestures, on batches of 32 sequences
 padded to 128 steps whose real lengths are drawn uniformly from 29..128. Batches are generated
-before timing. With ``--repeats N`` the variants are measured in N alternating rounds and the
+before timing. The model gets the CPU fast paths (``enable_cpu_fast_paths``), as training on
+CPU does. With ``--repeats N`` the variants are measured in N alternating rounds and the
 table gives the median and the best round (the CPU may be shared; the load average is printed).
 Prints a markdown table with the command and the machine.
 """
@@ -24,6 +25,7 @@ import time
 import torch
 from torch import nn
 
+from codes.models.cpu_fast_paths import enable_cpu_fast_paths
 from codes.models.masking import lengths_to_mask, masked_mean
 from codes.models.squeezeformer import SqueezeformerEncoder
 
@@ -70,7 +72,7 @@ def make_batches(
 def measure(args: argparse.Namespace, time_reduction: bool) -> dict[str, float]:
     """Train for ``warmup`` untimed then ``steps`` timed steps; return throughput figures."""
     torch.manual_seed(args.seed)
-    model = Classifier(args, time_reduction).train()
+    model = enable_cpu_fast_paths(Classifier(args, time_reduction)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     batches = make_batches(args, args.warmup + args.steps)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)

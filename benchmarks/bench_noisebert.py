@@ -12,6 +12,8 @@ overridden. Variants, timed in alternating rounds (the median step of each is re
   query/key projections while BERT runs fused SDPA;
 - ``output_attentions (eager)``: the regularizer with the row taken from the full eager
   attention maps (what the hooks avoid).
+
+On CPU the models get the CPU fast paths (``enable_cpu_fast_paths``), as pretraining on CPU does.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 import torch
 from omegaconf import OmegaConf
 
+from codes.models.cpu_fast_paths import enable_cpu_fast_paths
 from codes.noisebert.config import ModelConfig
 from codes.noisebert.loss import attention_penalty, masked_mse
 from codes.noisebert.model import NoiseBERT
@@ -69,7 +72,10 @@ def main() -> None:
         model_cfg = cfg.model.copy()
         model_cfg.bert.attn_implementation = implementation
         torch.manual_seed(0)
-        models[name] = NoiseBERT(args.features, model_cfg, length, args.layers).to(device).train()
+        model = NoiseBERT(args.features, model_cfg, length, args.layers)
+        if device.type == "cpu":
+            enable_cpu_fast_paths(model)
+        models[name] = model.to(device).train()
         optimizers[name] = torch.optim.AdamW(models[name].parameters(), lr=1e-4, fused=True)
 
     def step(name: str) -> None:

@@ -2,13 +2,15 @@
 
     python benchmarks/bench_training_step.py --exp exp013 [--batch-size 32 --length 128 --features 16]
         [--min-length 29] [--steps 10 --repeats 3] [--device cpu|cuda] [--bf16] [--compile]
-        [--no-time-reduction] [model.key=value ...]
+        [--no-time-reduction] [--no-cpu-fast-paths] [model.key=value ...]
 
 The model is built from the experiment's default ``ModelConfig`` (the full dims); trailing
 ``model.key=value`` arguments override fields. Lengths are random in [min-length, length] with
 the mask set accordingly (``--min-length`` equal to ``--length``: no padding at all); the loss is
 the experiment's training loss. After the warm-up, ``--repeats`` rounds of ``--steps`` steps are
-timed; each round's throughput and their median are printed.
+timed; each round's throughput and their median are printed. On CPU the model gets the CPU fast
+paths (``codes.models.cpu_fast_paths.enable_cpu_fast_paths``) as training on CPU does;
+``--no-cpu-fast-paths`` measures the plain model.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import time
 
 import torch
 from omegaconf import OmegaConf
+
+from codes.models.cpu_fast_paths import enable_cpu_fast_paths
 
 
 def main() -> None:
@@ -39,6 +43,9 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="torch.autocast with bfloat16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--no-time-reduction", action="store_true")
+    parser.add_argument(
+        "--no-cpu-fast-paths", action="store_true", help="the plain model on CPU (no enable_cpu_fast_paths)"
+    )
     parser.add_argument("overrides", nargs="*", help="model.key=value")
     args = parser.parse_args()
 
@@ -51,7 +58,11 @@ def main() -> None:
         cfg.model.time_reduction = False
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = model_module.GestureClassifier(args.features, cfg.model, args.length).to(device)
+    model = model_module.GestureClassifier(args.features, cfg.model, args.length)
+    fast_paths = device.type == "cpu" and not args.no_cpu_fast_paths
+    if fast_paths:
+        enable_cpu_fast_paths(model)
+    model = model.to(device)
     n_parameters = sum(p.numel() for p in model.parameters())
     step_model = torch.compile(model) if args.compile else model
     if hasattr(train_module, "build_optimizer"):  # the experiment's own optimizer settings
@@ -103,6 +114,7 @@ def main() -> None:
     )
     print(
         f"{args.exp} | {name} | time_reduction={cfg.model.time_reduction} bf16={args.bf16} compile={args.compile} "
+        f"cpu_fast_paths={fast_paths} "
         f"{' '.join(args.overrides)} | "
         f"params {n_parameters / 1e6:.2f} M | batch {args.batch_size} x length {args.length} "
         f"(real {args.min_length}-{args.length}) | rounds {per_round} | "

@@ -1,18 +1,23 @@
 """The CPU fast paths (cheap dropout mask, attention math, depthwise weight gradient) against the
-native operations they replace."""
+native operations they replace, and the switch that puts them into a model."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
+from transformers import BertModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from codes.models import bert_attention
-from codes.models.attention_dropout import attention_with_dropout
-from codes.models.dropout import Dropout, dropout, replace_dropout_modules
-from codes.models.squeezeformer import MaskedDepthwiseConv1d, MultiHeadSelfAttention
+from codes.models.bert_config import build_bert, build_squeezeformer
+from codes.models.cpu_fast_paths import bert_attention, cpu_fast_paths_enabled, enable_cpu_fast_paths
+from codes.models.cpu_fast_paths.attention import CheapDropoutSelfAttention, attention_with_dropout
+from codes.models.cpu_fast_paths.depthwise_conv import FastWeightGradDepthwiseConv1d
+from codes.models.cpu_fast_paths.dropout import CheapDropout, dropout
+from codes.models.masking import masked_mean, to_attention_mask
+from codes.models.squeezeformer import MaskedDepthwiseConv1d, MultiHeadSelfAttention, SqueezeformerEncoder
 
 
 def test_dropout_drops_at_rate_p_and_keeps_the_expectation():
@@ -44,13 +49,6 @@ def test_dropout_is_repeatable_with_the_seed_and_its_gradient_is_the_same_mask()
     y.backward(torch.ones_like(y))
     scale_mask = y.detach() / x.detach()  # 0 or 1 / (1 - p)
     assert torch.allclose(x.grad, scale_mask)
-
-
-def test_replace_dropout_modules_swaps_plain_dropouts_only():
-    net = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.2), nn.Sequential(nn.Dropout(0.4), Dropout(0.1)))
-    assert replace_dropout_modules(net) == 2
-    ps = [(type(m), m.p) for m in net.modules() if isinstance(m, nn.Dropout)]
-    assert ps == [(Dropout, 0.2), (Dropout, 0.4), (Dropout, 0.1)]
 
 
 # the smallest drop probability of the cheap mask (1/65536): with these seeds nothing is dropped,
@@ -99,6 +97,8 @@ def test_attention_with_dropout_drops_at_rate_p():
 def test_squeezeformer_attention_dropout_path_equals_sdpa():
     torch.manual_seed(0)
     attention = MultiHeadSelfAttention(32, 4, attention_dropout=TINY_P, dropout=0.0).train()
+    attention = enable_cpu_fast_paths(attention)
+    assert type(attention) is CheapDropoutSelfAttention
     x = torch.randn(3, 11, 32)
     mask = torch.arange(11)[None] < torch.tensor([11, 6, 1])[:, None]
     torch.manual_seed(1)
@@ -127,11 +127,14 @@ def test_bert_cpu_dropout_attention_equals_library_sdpa():
 @pytest.mark.parametrize("kernel", [1, 3, 7, 31])
 def test_depthwise_fast_weight_gradient_matches_the_native_one(kernel):
     torch.manual_seed(kernel)
-    conv = MaskedDepthwiseConv1d(24, kernel)
+    conv = enable_cpu_fast_paths(MaskedDepthwiseConv1d(24, kernel))
+    assert type(conv) is FastWeightGradDepthwiseConv1d
     x = torch.randn(4, 37, 24, requires_grad=True)
     mask = torch.arange(37)[None] < torch.tensor([37, 20, 3, 1])[:, None]
     grad = torch.randn(4, 37, 24)
-    conv(x, mask).backward(grad)  # the fast path (float32, CPU, training)
+    y = conv(x, mask)  # the fast path (float32, CPU, training)
+    assert y.grad_fn.name().endswith("DepthwiseConvFastWeightGradBackward")
+    y.backward(grad)
     # native reference in float64 (the fast path is float32 only)
     x64 = x.detach().double().requires_grad_()
     weight64 = conv.weight.detach().double().requires_grad_()
@@ -140,3 +143,173 @@ def test_depthwise_fast_weight_gradient_matches_the_native_one(kernel):
     out.squeeze(2).transpose(1, 2).backward(grad.double())
     torch.testing.assert_close(conv.weight.grad.double(), weight64.grad, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the switch: enable_cpu_fast_paths on a Squeezeformer + BERT model with a classification head
+
+MAX_LEN = 24
+D = 16
+
+
+def stack_config(rate: float, attn_implementation: str = "sdpa"):
+    """A tiny ``model`` section (exp018's and NoiseBERT's fields) with every dropout at ``rate``."""
+    return OmegaConf.create(
+        {
+            "d_model": D,
+            "num_blocks": 4,
+            "num_heads": 4,
+            "ff_dim": 32,
+            "conv_kernel": 5,
+            "conv_expansion": 2,
+            "dropout": rate,
+            "attention_dropout": rate,
+            "time_reduction": True,
+            "positional_encoding": "sinusoidal",
+            "pack_padded_steps": True,
+            "bert": {
+                "hidden_size": None,
+                "num_layers": 2,
+                "num_heads": 4,
+                "intermediate_size": None,
+                "hidden_dropout": rate,
+                "attention_dropout": rate,
+                "attn_implementation": attn_implementation,
+                "max_position_embeddings": None,
+                "gradient_checkpointing": False,
+            },
+        }
+    )
+
+
+class TinyClassifier(nn.Module):
+    """exp018's shape: Squeezeformer -> BertModel -> a head whose dropout the switch leaves native."""
+
+    def __init__(self, rate: float, attn_implementation: str = "sdpa") -> None:
+        super().__init__()
+        cfg = stack_config(rate, attn_implementation)
+        self.encoder = build_squeezeformer(cfg, MAX_LEN)
+        self.bert = build_bert(cfg, MAX_LEN)
+        self.head = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Dropout(rate), nn.Linear(D, 3))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x, mask = self.encoder(x, mask)  # (B, T, D)
+        x = self.bert(inputs_embeds=x, attention_mask=to_attention_mask(mask)).last_hidden_state
+        return self.head(masked_mean(x, mask))  # (B, D) -> (B, 3)
+
+
+def tiny_classifier(rate: float, fast: bool, attn_implementation: str = "sdpa") -> TinyClassifier:
+    torch.manual_seed(0)
+    model = TinyClassifier(rate, attn_implementation)
+    return enable_cpu_fast_paths(model) if fast else model
+
+
+def tiny_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.arange(MAX_LEN)[None] < torch.tensor([24, 17, 5, 1])[:, None]
+    x = torch.randn(4, MAX_LEN, D, generator=generator) * mask[..., None]
+    return x, mask, torch.randint(0, 3, (4,), generator=generator)
+
+
+def expected_fast_type(name: str, module: nn.Module) -> type[nn.Module]:
+    """What the switch makes of a plain module: Squeezeformer and BERT dropouts, attention and
+    depthwise convolutions; nothing else (the head's dropout stays ``nn.Dropout``)."""
+    if type(module) is nn.Dropout and name.split(".")[0] in ("encoder", "bert"):
+        return CheapDropout
+    return {
+        MultiHeadSelfAttention: CheapDropoutSelfAttention,
+        MaskedDepthwiseConv1d: FastWeightGradDepthwiseConv1d,
+    }.get(type(module), type(module))
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_switch_swaps_the_fast_modules_in_place_and_only_those(attn_implementation):
+    model = tiny_classifier(0.1, fast=False, attn_implementation=attn_implementation)
+    assert model.bert.config._attn_implementation == attn_implementation  # plain: the library's own
+    assert not cpu_fast_paths_enabled(model)
+    plain_types = {name: type(module) for name, module in model.named_modules()}
+    expected = {name: expected_fast_type(name, module) for name, module in model.named_modules()}
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    parameters = list(model.parameters())
+
+    assert enable_cpu_fast_paths(model) is model
+    fast_types = {name: type(module) for name, module in model.named_modules()}
+    assert fast_types == expected
+    swapped = {name for name in plain_types if fast_types[name] is not plain_types[name]}
+    assert sum(t is CheapDropout for t in fast_types.values()) >= 20  # the encoder's and BERT's
+    assert {name.split(".")[0] for name in swapped} == {"encoder", "bert"}
+    assert fast_types["head.2"] is nn.Dropout
+    cheap_entry = bert_attention.SDPA_CHEAP_CPU_DROPOUT if attn_implementation == "sdpa" else "eager"
+    assert model.bert.config._attn_implementation == cheap_entry
+    assert cpu_fast_paths_enabled(model)
+    # same state: the same parameter objects, keys and values (checkpoints load either way)
+    assert all(a is b for a, b in zip(model.parameters(), parameters, strict=True))
+    assert list(model.state_dict()) == list(state)
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in state.items())
+
+    enable_cpu_fast_paths(model)  # idempotent
+    assert {name: type(module) for name, module in model.named_modules()} == fast_types
+    assert model.bert.config._attn_implementation == cheap_entry
+
+
+def test_switch_on_a_bare_encoder_and_a_bare_bert():
+    torch.manual_seed(0)
+    encoder = enable_cpu_fast_paths(SqueezeformerEncoder(d_model=D, num_blocks=3, num_heads=2, ff_dim=32))
+    assert not any(type(m) is nn.Dropout for m in encoder.modules())
+    bert = enable_cpu_fast_paths(build_bert(stack_config(0.1), MAX_LEN))
+    assert isinstance(bert, BertModel) and not any(type(m) is nn.Dropout for m in bert.modules())
+    assert bert.config._attn_implementation == bert_attention.SDPA_CHEAP_CPU_DROPOUT
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_enabled_model_computes_exactly_the_plain_forward_in_eval(attn_implementation):
+    plain = tiny_classifier(0.1, fast=False, attn_implementation=attn_implementation).eval()
+    fast = tiny_classifier(0.1, fast=True, attn_implementation=attn_implementation).eval()
+    x, mask, _ = tiny_batch()
+    assert torch.equal(fast(x, mask), plain(x, mask))  # with autograd (the depthwise fast path runs)
+    with torch.no_grad():
+        assert torch.equal(fast(x, mask), plain(x, mask))
+
+
+def train_steps(model: nn.Module, steps: int = 3) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    losses = []
+    for step in range(steps):
+        x, mask, labels = tiny_batch(seed=step)
+        loss = F.cross_entropy(model(x, mask), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return losses, grads
+
+
+def test_enabled_training_equals_the_plain_training_without_dropout():
+    """Dropout rates 0 (the masks are the only random part): losses, gradients and weights of three
+    AdamW steps agree up to float rounding (the depthwise weight gradient is summed differently)."""
+    plain, fast = tiny_classifier(0.0, fast=False), tiny_classifier(0.0, fast=True)
+    plain_losses, plain_grads = train_steps(plain)
+    fast_losses, fast_grads = train_steps(fast)
+    torch.testing.assert_close(torch.stack(fast_losses), torch.stack(plain_losses), atol=1e-6, rtol=1e-5)
+    assert fast_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    for (name, p), q in zip(fast.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_enabled_training_is_repeatable_and_uses_its_own_masks():
+    """With dropout on, an enabled model repeats itself under the seed, and its masks are the cheap
+    ones (other random bits than the native dropout: a switch that did nothing would give the
+    plain model's loss)."""
+    losses = []
+    for fast in (True, True, False):
+        model = tiny_classifier(0.1, fast=fast)
+        torch.manual_seed(5)
+        step_losses, grads = train_steps(model, steps=2)
+        assert all(torch.isfinite(g).all() for g in grads.values())
+        losses.append(torch.stack(step_losses))
+    assert torch.equal(losses[0], losses[1])
+    assert not torch.equal(losses[0], losses[2])

@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from codes.common.checkpoint import load_matching_weights, save_atomically
+from codes.models.cpu_fast_paths import cpu_fast_paths_enabled, enable_cpu_fast_paths
 from codes.noisebert import config as noisebert_config
 from codes.noisebert.loss import attention_penalty, masked_mse, noise_region, noisy_attention_mass
 from codes.noisebert.model import NoiseBERT
@@ -64,6 +65,35 @@ def test_cls_row_equals_the_eager_attention_row_with_padding(layers):
         from_maps = eager(features, mask, from_output_attentions=True)["cls_attention"]
     torch.testing.assert_close(from_maps, reference, atol=1e-6, rtol=0)
     assert torch.all(row_fused[~mask[:, None, None, :].expand_as(row_fused)] == 0)  # padded keys
+
+
+def test_cpu_fast_paths_keep_the_outputs_and_the_hooked_cls_row():
+    """The switch pretraining turns on for CPU: the same reconstruction and CLS row in eval
+    (exactly), and the same training gradients without dropout (up to float rounding)."""
+    features, mask = batch_inputs()
+    masked = torch.zeros_like(mask)
+    masked[:, 2:5] = True
+    models = {}
+    for fast in (False, True):
+        cfg = tiny_model_cfg(hidden_dropout=0.0, attention_dropout=0.0)
+        cfg.dropout = cfg.attention_dropout = 0.0  # the Squeezeformer's too
+        torch.manual_seed(1)
+        model = NoiseBERT(6, cfg, 20, "all")
+        models[fast] = enable_cpu_fast_paths(model) if fast else model
+    assert cpu_fast_paths_enabled(models[True]) and not cpu_fast_paths_enabled(models[False])
+    with torch.no_grad():
+        plain, fast = (models[f].eval()(features, mask, masked) for f in (False, True))
+    assert torch.equal(fast["reconstruction"], plain["reconstruction"])
+    assert torch.equal(fast["cls_attention"], plain["cls_attention"])
+    grads = {}
+    for f, model in models.items():
+        model.train()
+        out = model(features, mask, masked)
+        (masked_mse(out["reconstruction"], features, masked) + out["cls_attention"].mean()).backward()
+        grads[f] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys()
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_masked_and_padded_inputs_have_no_influence():

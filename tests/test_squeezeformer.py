@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from codes.models.cpu_fast_paths import enable_cpu_fast_paths
 from codes.models.masking import (
     downsample_mask,
     lengths_to_mask,
@@ -38,14 +39,16 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-def small_encoder(seed: int = 0, **overrides) -> SqueezeformerEncoder:
-    """A 4-block encoder (reduce after block 0, recover before block 3 by default)."""
+def small_encoder(seed: int = 0, fast_paths: bool = False, **overrides) -> SqueezeformerEncoder:
+    """A 4-block encoder (reduce after block 0, recover before block 3 by default); ``fast_paths``:
+    with the CPU fast paths that training on CPU switches on."""
     torch.manual_seed(seed)
     settings = dict(
         d_model=D, num_blocks=4, num_heads=4, ff_dim=64, conv_kernel=7, dropout=0.0, attention_dropout=0.0
     )
     settings.update(overrides)
-    return SqueezeformerEncoder(**settings)
+    encoder = SqueezeformerEncoder(**settings)
+    return enable_cpu_fast_paths(encoder) if fast_paths else encoder
 
 
 def warmed_up(encoder: SqueezeformerEncoder, seed: int = 1) -> SqueezeformerEncoder:
@@ -296,13 +299,13 @@ def test_padding_invariance_and_batch_independence_in_eval(time_reduction, lengt
                 torch.testing.assert_close(out[row, :length], alone[0], atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("fast_paths", [False, True])
 @pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("time_reduction", [True, False])
-def test_values_at_padded_steps_change_nothing(training, time_reduction, packed):
-    encoder = warmed_up(small_encoder(time_reduction=time_reduction, pack_padded_steps=packed)).train(
-        training
-    )
+def test_values_at_padded_steps_change_nothing(training, time_reduction, packed, fast_paths):
+    encoder = small_encoder(time_reduction=time_reduction, pack_padded_steps=packed, fast_paths=fast_paths)
+    encoder = warmed_up(encoder).train(training)
     x, mask = random_batch([13, 20, 7], 20)
     n_padded = int((~mask).sum())
     garbage = x.clone()
@@ -329,13 +332,14 @@ def test_training_statistics_are_the_same_with_garbage_padding():
         assert torch.equal(clean, dirty)
 
 
+@pytest.mark.parametrize("fast_paths", [False, True])
 @pytest.mark.parametrize("packed", [True, False])
-def test_gradient_checkpointing_gives_the_same_gradients_and_statistics(packed):
+def test_gradient_checkpointing_gives_the_same_gradients_and_statistics(packed, fast_paths):
     x, mask = random_batch([13, 20, 7], 20)
     results = []
     for checkpointing in (False, True):
         encoder = small_encoder(
-            seed=2, gradient_checkpointing=checkpointing, pack_padded_steps=packed
+            seed=2, gradient_checkpointing=checkpointing, pack_padded_steps=packed, fast_paths=fast_paths
         ).train()
         out, _ = encoder(x, mask)
         out[mask].square().mean().backward()
@@ -347,9 +351,10 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_statistics(packed):
         assert torch.equal(results[1][1][name], buffer), name  # updated once per step, not twice
 
 
+@pytest.mark.parametrize("fast_paths", [False, True])
 @pytest.mark.parametrize("no_padding", [False, True])
 @pytest.mark.parametrize("time_reduction", [True, False])
-def test_packed_and_padded_computations_agree(time_reduction, no_padding):
+def test_packed_and_padded_computations_agree(time_reduction, no_padding, fast_paths):
     """Running per-step layers on the real steps only changes nothing but float rounding: outputs,
     gradients and BatchNorm statistics, in training and eval, including a mask with holes and a
     batch without padding (where packing is a reshape)."""
@@ -359,7 +364,9 @@ def test_packed_and_padded_computations_agree(time_reduction, no_padding):
         mask[:] = True
     results = []
     for packed in (True, False):
-        encoder = small_encoder(seed=6, time_reduction=time_reduction, pack_padded_steps=packed).train()
+        encoder = small_encoder(
+            seed=6, time_reduction=time_reduction, pack_padded_steps=packed, fast_paths=fast_paths
+        ).train()
         train_out, _ = encoder(x, mask)
         train_out.square().sum().backward()
         eval_out, _ = encoder.eval()(x, mask)

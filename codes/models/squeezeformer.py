@@ -36,6 +36,11 @@ Deviations, on purpose:
 
 The mask convention is the repository's one (``codes.models.masking``): ``(B, T)`` bool, True =
 real step. Outputs at padded steps are zeroed.
+
+Everything here is plain PyTorch (``nn.Dropout``, ``scaled_dot_product_attention``, autograd).
+The CPU training speed-ups (a cheaper dropout mask, attention with dropout in fewer passes, a
+faster depthwise weight gradient) live in :mod:`codes.models.cpu_fast_paths`, switched on for a
+built model by ``enable_cpu_fast_paths(model)``.
 """
 
 from __future__ import annotations
@@ -49,8 +54,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from codes.models.attention_dropout import attention_with_dropout
-from codes.models.dropout import Dropout
 from codes.models.masking import StepLayout, as_step_layout, check_mask, sdpa_key_mask
 
 __all__ = [
@@ -173,67 +176,16 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
         self.running_var.lerp_(unbiased, factor)
 
 
-def _depthwise_conv_image(x: torch.Tensor) -> torch.Tensor:
+def depthwise_conv_image(x: torch.Tensor) -> torch.Tensor:
     """``(B, T, C)`` as a channels-last ``(B, C, 1, T)`` image, without a copy."""
     return x.transpose(1, 2).unsqueeze(2)
-
-
-class _DepthwiseConvFastWeightGrad(torch.autograd.Function):
-    """Stride-1 depthwise convolution of ``(B, T, C)`` whose weight gradient is itself a convolution.
-
-    oneDNN computes the forward pass and the input gradient of a channels-last depthwise
-    convolution quickly, but its weight gradient about seven times slower than the forward
-    pass. That gradient, ``dW[c, k] = sum_{b, t} g[b, t, c] * x_padded[b, t + k, c]``, is a
-    depthwise convolution of the padded input with the output gradient as kernel (the batch
-    folded into the channels: ``B * C`` channels, kernel length ``T``, output length ``K``),
-    which the same fast kernel runs; the ``B`` partial results are then summed.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, padding: int) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.padding = padding
-        y = F.conv2d(_depthwise_conv_image(x), weight.unsqueeze(2), padding=(0, padding), groups=x.shape[2])
-        return y.squeeze(2).transpose(1, 2)  # (B, C, 1, T) -> (B, T, C)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        x, weight = ctx.saved_tensors
-        b, t, c = x.shape
-        k, p = weight.shape[-1], ctx.padding
-        grad_x = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(
-                _depthwise_conv_image(grad.contiguous()),
-                _depthwise_conv_image(x),
-                weight.unsqueeze(2),
-                None,
-                (1, 1),
-                (0, p),
-                (1, 1),
-                False,
-                (0, 0),
-                c,
-                (True, False, False),
-            )[0]
-            grad_x = grad_x.squeeze(2).transpose(1, 2)  # (B, C, 1, T) -> (B, T, C)
-        if ctx.needs_input_grad[1]:
-            padded = F.pad(x, (0, 0, p, p))  # (B, T + 2p, C)
-            # channels-last image with B * C channels: memory order (step, batch, channel)
-            image = padded.transpose(0, 1).reshape(1, t + 2 * p, b * c).transpose(1, 2).unsqueeze(2)
-            kernels = grad.permute(0, 2, 1).reshape(b * c, 1, 1, t)  # one kernel per (b, c)
-            partial = F.conv2d(image, kernels, groups=b * c)  # (1, B * C, 1, K)
-            grad_weight = partial.view(b, c, k).sum(0).unsqueeze(1)  # (C, 1, K)
-        return grad_x, grad_weight, None
 
 
 class MaskedDepthwiseConv1d(nn.Conv1d):
     """Depthwise convolution over time of ``(B, T, C)``, padded steps zeroed first.
 
     "Same" padding (``kernel_size // 2``), so the output has ``ceil(T / stride)`` steps; no bias
-    (a BatchNorm or a pointwise layer follows). The caller masks the output. Stride-1 training
-    in float32 on CPU takes the faster weight gradient of :class:`_DepthwiseConvFastWeightGrad`
-    (same values up to float rounding).
+    (a BatchNorm or a pointwise layer follows). The caller masks the output.
     """
 
     def __init__(self, channels: int, kernel_size: int, stride: int = 1) -> None:
@@ -255,19 +207,10 @@ class MaskedDepthwiseConv1d(nn.Conv1d):
 
     def convolve(self, x: torch.Tensor) -> torch.Tensor:
         """The convolution of ``(B, T, C)`` whose padded steps are already zero."""
-        if (
-            self.stride[0] == 1
-            and torch.is_grad_enabled()
-            and x.device.type == "cpu"
-            and x.dtype == self.weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()
-        ):
-            return _DepthwiseConvFastWeightGrad.apply(x, self.weight, self.padding[0])
         # A (B, T, C) tensor is a channels-last (B, C, 1, T) image without a copy, and oneDNN's
         # channels-last depthwise 2-D convolution is several times faster on CPU than conv1d.
         y = F.conv2d(
-            _depthwise_conv_image(x),
+            depthwise_conv_image(x),
             self.weight.unsqueeze(2),  # (C, 1, k) -> (C, 1, 1, k)
             stride=(1, self.stride[0]),
             padding=(0, self.padding[0]),
@@ -284,9 +227,9 @@ class FeedForwardModule(nn.Module):
         self.net = nn.Sequential(
             nn.Linear(d_model, ff_dim),  # (B, T, D) -> (B, T, F)
             nn.SiLU(),
-            Dropout(dropout),
+            nn.Dropout(dropout),
             nn.Linear(ff_dim, d_model),  # (B, T, F) -> (B, T, D)
-            Dropout(dropout),
+            nn.Dropout(dropout),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -313,7 +256,7 @@ class ConvModule(nn.Module):
         self.depthwise = MaskedDepthwiseConv1d(inner, kernel_size)
         self.norm = MaskedBatchNorm1d(inner)
         self.pointwise_out = nn.Linear(inner, d_model)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | StepLayout) -> torch.Tensor:
         """``(B, T, D), (B, T) -> (B, T, D)``, or rows of a :class:`StepLayout` ``(N, D) -> (N, D)``."""
@@ -333,10 +276,8 @@ class MultiHeadSelfAttention(nn.Module):
     """Multi-head self-attention through ``scaled_dot_product_attention`` (fused QKV projection).
 
     Padded keys are excluded with a boolean key mask; attention-probability dropout applies in
-    training only (on CPU through the same softmax math with the cheap mask of
-    :mod:`codes.models.dropout`, since SDPA has no fused CPU kernel with dropout); the output
-    projection is followed by (residual) dropout. Queries at padded steps produce values that
-    the rest of the encoder ignores.
+    training only; the output projection is followed by (residual) dropout. Queries at padded
+    steps produce values that the rest of the encoder ignores.
     """
 
     def __init__(self, d_model: int, num_heads: int, attention_dropout: float, dropout: float) -> None:
@@ -347,7 +288,7 @@ class MultiHeadSelfAttention(nn.Module):
         self.attention_dropout = attention_dropout
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | StepLayout) -> torch.Tensor:
         """``(B, T, D), (B, T) -> (B, T, D)``, or rows of a :class:`StepLayout` ``(N, D) -> (N, D)``."""
@@ -361,20 +302,21 @@ class MultiHeadSelfAttention(nn.Module):
         )  # (B, T, 3D) -> (3, B, H, T, D/H)
         q, k, v = qkv.unbind(0)
         dropout_p = self.attention_dropout if self.training else 0.0
-        if dropout_p > 0.0 and x.device.type == "cpu" and not torch.compiler.is_compiling():
-            # SDPA on CPU has no fused kernel with dropout: it runs plain math with the costly
-            # bernoulli mask; codes.models.attention_dropout does it in fewer passes
-            x = attention_with_dropout(q, k, v, sdpa_key_mask(mask), dropout_p)  # (B, H, T, D/H)
-        else:
-            x = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=sdpa_key_mask(mask),  # (B, 1, 1, T), True = attend
-                dropout_p=dropout_p,
-            )  # (B, H, T, D/H)
+        x = self.attend(q, k, v, sdpa_key_mask(mask), dropout_p)  # (B, H, T, D/H)
         x = layout.to_rows(x.transpose(1, 2).reshape(b, t, d))  # (B, H, T, D/H) -> (B, T, D) -> rows
         return self.dropout(self.out(x))
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_mask: torch.Tensor,
+        dropout_p: float,
+    ) -> torch.Tensor:
+        """Softmax attention with dropout on its probabilities: ``q, k, v (B, H, T, D/H)``,
+        ``key_mask`` ``(B, 1, 1, T)`` (True = attend) -> ``(B, H, T, D/H)``."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
 
 
 class SqueezeformerBlock(nn.Module):
@@ -638,7 +580,7 @@ class SqueezeformerEncoder(nn.Module):
             self.positional_encoding = LearnedPositionalEncoding(d_model, max_len)
         else:
             self.positional_encoding = None
-        self.input_dropout = Dropout(dropout)
+        self.input_dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
             SqueezeformerBlock(
                 d_model, num_heads, ff_dim, conv_kernel, conv_expansion, dropout, attention_dropout

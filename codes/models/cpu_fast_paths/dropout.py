@@ -12,7 +12,8 @@ bits are at or above a threshold:
 - the backward pass reuses the saved mask (0 or the scale, in the input's dtype).
 
 On other devices and inside ``torch.compile`` the native fused dropout is used unchanged. In
-eval mode, or with ``p == 0``, both are the identity.
+eval mode, or with ``p == 0``, both are the identity. :class:`CheapDropout` is the module form
+that :func:`codes.models.cpu_fast_paths.enable_cpu_fast_paths` gives to ``nn.Dropout`` modules.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Dropout", "drop_levels_of", "drop_mask", "dropout", "replace_dropout_modules"]
+__all__ = ["CheapDropout", "drop_levels_of", "drop_mask", "dropout"]
 
 _LEVELS = 1 << 16  # int16 values
 
@@ -77,24 +78,10 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     return _BitMaskDropout.apply(x, drop_levels)
 
 
-class Dropout(nn.Dropout):
+class CheapDropout(nn.Dropout):
     """``nn.Dropout`` (same arguments, same state) computed with :func:`dropout`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.inplace:
             return F.dropout(x, self.p, self.training, inplace=True)
         return dropout(x, self.p, self.training)
-
-
-def replace_dropout_modules(module: nn.Module) -> int:
-    """Swap every plain ``nn.Dropout`` inside ``module`` for :class:`Dropout`; returns how many.
-
-    For third-party stacks (the Hugging Face BERT layers) whose dropouts are ``nn.Dropout``.
-    """
-    replaced = 0
-    for parent in module.modules():
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Dropout:
-                setattr(parent, name, Dropout(child.p, inplace=child.inplace))
-                replaced += 1
-    return replaced

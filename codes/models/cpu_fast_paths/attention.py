@@ -7,7 +7,7 @@ computes the same attention with fewer passes:
 
 - the scale multiplies the queries ``(B, H, Q, d)``, not the scores (``K / d`` times smaller);
 - the mask is an additive bias (a boolean mask becomes ``0 / -inf``) added in place;
-- dropped probabilities are zeroed with the cheap bit mask of :mod:`codes.models.dropout`
+- dropped probabilities are zeroed with the cheap bit mask of :mod:`codes.models.cpu_fast_paths.dropout`
   (``masked_fill`` with a bool mask, no float mask), and the ``1 / (1 - p)`` rescaling is applied
   to the ``(B, H, Q, d)`` output instead of the probabilities;
 - the backward pass is written out: two matrix products per input, one ``masked_fill`` and the
@@ -17,15 +17,19 @@ The result has the distribution of ``softmax(q k^T * scale + mask)`` with dropou
 (the drop probability rounded to a multiple of 1/65536, the rescaling exact). It runs for float32
 tensors on CPU outside autocast and ``torch.compile``; :func:`attention_with_dropout` falls back
 to the plain composition of the same operations elsewhere.
+
+:class:`CheapDropoutSelfAttention` is the Squeezeformer's :class:`MultiHeadSelfAttention` with
+this attention when training on CPU with attention dropout (SDPA otherwise).
 """
 
 from __future__ import annotations
 
 import torch
 
-from codes.models.dropout import drop_levels_of, drop_mask, dropout
+from codes.models.cpu_fast_paths.dropout import drop_levels_of, drop_mask, dropout
+from codes.models.squeezeformer import MultiHeadSelfAttention
 
-__all__ = ["attention_with_dropout", "key_mask_bias"]
+__all__ = ["CheapDropoutSelfAttention", "attention_with_dropout", "key_mask_bias"]
 
 
 def key_mask_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -103,3 +107,20 @@ def attention_with_dropout(
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = dropout(torch.softmax(scores, dim=-1), dropout_p)
     return torch.matmul(probs.to(v.dtype), v)
+
+
+class CheapDropoutSelfAttention(MultiHeadSelfAttention):
+    """:class:`MultiHeadSelfAttention` (same arguments, same state) whose attention, when training
+    on CPU with attention dropout, is :func:`attention_with_dropout`; SDPA everywhere else."""
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_mask: torch.Tensor,
+        dropout_p: float,
+    ) -> torch.Tensor:
+        if dropout_p > 0.0 and q.device.type == "cpu" and not torch.compiler.is_compiling():
+            return attention_with_dropout(q, k, v, key_mask, dropout_p)  # (B, H, T, D/H)
+        return super().attend(q, k, v, key_mask, dropout_p)

@@ -4,16 +4,18 @@
 config's ``attn_implementation``. Its ``"sdpa"`` entry calls ``scaled_dot_product_attention``;
 on a CPU with attention dropout that call has no fused kernel and falls back to the plain
 softmax math with a ``bernoulli_`` mask, the slow part of CPU dropout
-(:mod:`codes.models.dropout`). :data:`SDPA_CHEAP_CPU_DROPOUT` names an entry that
+(:mod:`codes.models.cpu_fast_paths.dropout`). :data:`SDPA_CHEAP_CPU_DROPOUT` names an entry that
 
 - delegates to the library's ``"sdpa"`` function unchanged on GPU, in eval mode, without
   dropout, and inside ``torch.compile``;
 - otherwise (training on CPU with dropout) computes the same softmax attention itself with
-  :func:`codes.models.attention_dropout.attention_with_dropout` (the cheap mask of
-  :mod:`codes.models.dropout`, fewer passes over the scores).
+  :func:`codes.models.cpu_fast_paths.attention.attention_with_dropout` (the cheap mask, fewer
+  passes over the scores).
 
 The mask function registered under the same name is the library's SDPA one, so masks are built
-exactly as for ``"sdpa"``.
+exactly as for ``"sdpa"``. Models are built with ``"sdpa"``;
+:func:`codes.models.cpu_fast_paths.enable_cpu_fast_paths` switches a ``BertModel`` to this entry
+(``set_attn_implementation``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from codes.models.attention_dropout import attention_with_dropout
+from codes.models.cpu_fast_paths.attention import attention_with_dropout
 
 __all__ = ["SDPA_CHEAP_CPU_DROPOUT", "sdpa_with_cheap_cpu_dropout"]
 
