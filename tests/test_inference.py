@@ -192,6 +192,30 @@ def test_imu_only_sequences_take_the_imu_only_path_training_evaluated(
     assert not np.allclose(full, predictor.predict_probabilities(imu_only(sequence), demographics))
 
 
+@pytest.mark.parametrize("exp", EXPERIMENTS)
+def test_inference_needs_neither_hydra_nor_omegaconf(exp, run_dir_of, toy_data):
+    """A Kaggle image may lack them: loading and predicting must not import them."""
+    script = f"""
+import sys
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("hydra", "omegaconf"):
+            raise ImportError(f"{{name}} is blocked")
+sys.meta_path.insert(0, Blocker())
+import polars as pl
+from codes.exp.{exp}.inference import load_predictor
+predictor = load_predictor({str(run_dir_of(exp))!r}, device="cpu")
+frame = pl.read_csv({str(toy_data / "train.csv")!r}, n_rows=60)
+sequence = frame.filter(pl.col("sequence_id") == frame["sequence_id"][0])
+print(predictor.predict(sequence, pl.read_csv({str(toy_data / "train_demographics.csv")!r}).head(1)))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] in GESTURES
+
+
 def test_inference_takes_the_precision_the_run_trained_with():
     assert run_precision(ConfigView({"machine": {"precision": "bf16"}, "trainer": {}})) == "bf16"
     # run folders written before the machine section: trainer.precision, else auto
