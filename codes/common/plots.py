@@ -12,6 +12,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 from sklearn.metrics import confusion_matrix
 
+from codes.common.runs import atomic_path
+
+
+def save_figure(figure: plt.Figure, path: Path) -> Path:
+    """A PNG written atomically (a reader never sees half a file), then the figure closed."""
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=110, format="png")
+    plt.close(figure)
+    return path
+
 
 def plot_fold_curves(histories: dict[int, list[dict[str, float]]], path: Path) -> Path:
     """Train/validation loss and validation score per epoch, one line per fold."""
@@ -38,8 +48,7 @@ def plot_fold_curves(histories: dict[int, list[dict[str, float]]], path: Path) -
     loss_axis.legend(fontsize=7)
     score_axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path)
     return path
 
 
@@ -56,6 +65,5 @@ def plot_confusion_matrix(
     axis.set(xlabel="predicted", ylabel="true", title="confusion matrix (rows sum to 1)")
     figure.colorbar(image, ax=axis, fraction=0.046)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path)
     return path

@@ -56,7 +56,8 @@ from codes.common.metric import binary_f1, competition_score, macro_f1
 from codes.common.plots import plot_confusion_matrix, plot_fold_curves
 from codes.common.runs import (
     TrainingInterrupted,
-    prepare_run_dir,
+    atomic_path,
+    open_run_dir,
     repo_path,
     setup_logging,
     write_json_atomically,
@@ -419,7 +420,8 @@ def write_outputs(
             "score_imu_only": competition_score(true, imu_pred), "best_epoch": result["best_epoch"],
             "train_seconds": result["train_seconds"], "epochs": len(result["history"]),
         }  # fmt: skip
-    pl.concat(parts).write_parquet(run_dir / "oof.parquet")
+    with atomic_path(run_dir / "oof.parquet") as temporary:
+        pl.concat(parts).write_parquet(temporary)
     y_true, y_pred, y_imu = np.concatenate(all_true), np.concatenate(all_pred), np.concatenate(all_imu)
     metrics = {
         "overall": {
@@ -458,51 +460,67 @@ def run_kfold(
     apply_num_threads(cfg.machine.num_threads)
     context = init_distributed(cfg.machine.device, cfg.machine.distributed_timeout_s)
     try:
-        run_dir = prepare_run_dir(cfg, context, overrides)
-        setup_logging(run_dir / "train.log", context.is_main)
-        logger.info("run folder %s, device %s, %d process(es)", run_dir, context.device, context.world_size)
-        wandb_run = start_wandb(cfg, run_dir) if context.is_main and cfg.trainer.wandb else None
-
-        data_dir_kwargs = {
-            "source": cfg.data.source, "competition_dir": repo_path(cfg.paths.data_dir),
-            "synthetic_dir": repo_path(cfg.paths.synthetic_dir), "synthetic_subjects": cfg.data.synthetic_subjects,
-            "synthetic_seed": cfg.data.synthetic_seed,
-        }  # fmt: skip
-        if context.is_main:  # rank 0 generates the synthetic data and fills the cache first
-            table = load_sequence_table(resolve_data_dir(**data_dir_kwargs), "train", settings)
-        barrier(context)
-        if not context.is_main:
-            table = load_sequence_table(resolve_data_dir(**data_dir_kwargs), "train", settings)
-        folds = assign_folds(table.gestures, table.subjects, cfg.data.n_folds, cfg.data.fold_seed)
-        selected = list(cfg.data.folds) if cfg.data.folds is not None else list(range(cfg.data.n_folds))
-        columns = non_imu_columns(table)
-
-        results = {}
-        for fold in selected:
-            train, valid, _, normalizer = split_fold(table, folds, fold, cfg.data.max_len)
-            fold_dir = run_dir / f"fold{fold}"
-            if context.is_main:
-                fold_dir.mkdir(parents=True, exist_ok=True)
-                write_json_atomically(normalizer.state_dict(), fold_dir / "normalizer.json")
-            run = FoldRun(cfg=cfg, fold=fold, fold_dir=fold_dir, context=context, non_imu_columns=columns)
-            results[fold] = train_fold(cfg, run, train, valid)
-            if wandb_run is not None:
-                for row in results[fold]["history"]:
-                    wandb_run.log({f"fold{fold}/{k}": v for k, v in row.items()})
-        metrics = None
-        if context.is_main:
-            metrics = write_outputs(run_dir, table, folds, results, time.perf_counter() - started)
-            overall = metrics["overall"]
-            logger.info(
-                "CV score %.4f (binary F1 %.4f, macro F1 %.4f), IMU-only %.4f; outputs in %s",
-                overall["score"], overall["binary_f1"], overall["macro_f1"], overall["score_imu_only"], run_dir,
-            )  # fmt: skip
-            if wandb_run is not None:
-                wandb_run.summary.update(overall)
-                wandb_run.finish()
-        return metrics
+        with open_run_dir(cfg, context, overrides) as run_dir:
+            return _run_folds(
+                cfg, context, run_dir, started, train_fold, split_fold, settings, non_imu_columns
+            )
     finally:
         shutdown_distributed(context)
+
+
+def _run_folds(
+    cfg: DictConfig,
+    context: DistributedContext,
+    run_dir: Path,
+    started: float,
+    train_fold: TrainFold,
+    split_fold: SplitFold,
+    settings: FeatureSettings,
+    non_imu_columns: Callable[[SequenceTable], list[int]],
+) -> dict | None:
+    """The folds of a run in its (locked) folder, then the outputs."""
+    setup_logging(run_dir / "train.log", context.is_main)
+    logger.info("run folder %s, device %s, %d process(es)", run_dir, context.device, context.world_size)
+    wandb_run = start_wandb(cfg, run_dir) if context.is_main and cfg.trainer.wandb else None
+
+    data_dir_kwargs = {
+        "source": cfg.data.source, "competition_dir": repo_path(cfg.paths.data_dir),
+        "synthetic_dir": repo_path(cfg.paths.synthetic_dir), "synthetic_subjects": cfg.data.synthetic_subjects,
+        "synthetic_seed": cfg.data.synthetic_seed,
+    }  # fmt: skip
+    if context.is_main:  # rank 0 generates the synthetic data and fills the cache first
+        table = load_sequence_table(resolve_data_dir(**data_dir_kwargs), "train", settings)
+    barrier(context)
+    if not context.is_main:
+        table = load_sequence_table(resolve_data_dir(**data_dir_kwargs), "train", settings)
+    folds = assign_folds(table.gestures, table.subjects, cfg.data.n_folds, cfg.data.fold_seed)
+    selected = list(cfg.data.folds) if cfg.data.folds is not None else list(range(cfg.data.n_folds))
+    columns = non_imu_columns(table)
+
+    results = {}
+    for fold in selected:
+        train, valid, _, normalizer = split_fold(table, folds, fold, cfg.data.max_len)
+        fold_dir = run_dir / f"fold{fold}"
+        if context.is_main:
+            fold_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomically(normalizer.state_dict(), fold_dir / "normalizer.json")
+        run = FoldRun(cfg=cfg, fold=fold, fold_dir=fold_dir, context=context, non_imu_columns=columns)
+        results[fold] = train_fold(cfg, run, train, valid)
+        if wandb_run is not None:
+            for row in results[fold]["history"]:
+                wandb_run.log({f"fold{fold}/{k}": v for k, v in row.items()})
+    metrics = None
+    if context.is_main:
+        metrics = write_outputs(run_dir, table, folds, results, time.perf_counter() - started)
+        overall = metrics["overall"]
+        logger.info(
+            "CV score %.4f (binary F1 %.4f, macro F1 %.4f), IMU-only %.4f; outputs in %s",
+            overall["score"], overall["binary_f1"], overall["macro_f1"], overall["score_imu_only"], run_dir,
+        )  # fmt: skip
+        if wandb_run is not None:
+            wandb_run.summary.update(overall)
+            wandb_run.finish()
+    return metrics
 
 
 def start_wandb(cfg: DictConfig, run_dir: Path):

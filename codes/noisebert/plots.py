@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from codes.common.plots import save_figure
 from codes.noisebert.dataset import NoiseBERTDataset, expand_intervals
 
 
@@ -31,8 +32,7 @@ def plot_loss_curves(history: list[dict[str, float]], interpolation_mse: float, 
         axis.set(xlabel="epoch", title=title)
         axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path)
     return path
 
 
@@ -77,6 +77,5 @@ def plot_cls_attention(
     handles = axis.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     axis.legend(handles=handles, fontsize=7, loc="upper left")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path)
     return path

@@ -48,7 +48,7 @@ from codes.common.machine import apply_num_threads, autocast, autocast_dtype
 from codes.common.runs import (
     REPO_ROOT,
     TrainingInterrupted,
-    prepare_run_dir,
+    open_run_dir,
     repo_path,
     seed_everything,
     setup_logging,
@@ -221,14 +221,14 @@ def pretrain(cfg: DictConfig, overrides: list[str] | None = None) -> dict | None
     apply_num_threads(cfg.machine.num_threads)
     context = init_distributed(cfg.machine.device, cfg.machine.distributed_timeout_s)
     try:
-        return _pretrain(cfg, context, overrides)
+        with open_run_dir(cfg, context, overrides) as run_dir:
+            return _pretrain(cfg, context, run_dir)
     finally:
         shutdown_distributed(context)
 
 
-def _pretrain(cfg: DictConfig, context: DistributedContext, overrides: list[str] | None) -> dict | None:
+def _pretrain(cfg: DictConfig, context: DistributedContext, run_dir: Path) -> dict | None:
     started = time.perf_counter()
-    run_dir = prepare_run_dir(cfg, context, overrides)
     setup_logging(run_dir / "train.log", context.is_main)
     device = context.device
     logger.info(
