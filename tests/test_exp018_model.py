@@ -221,3 +221,37 @@ def test_training_run_initialised_from_a_checkpoint(toy_data, tmp_path):
     assert f"initialised from {checkpoint}" in log and " 0 new " in log
     for name in ("oof.parquet", "metrics.json", "curves.png", "fold0/best.pt"):
         assert (tmp_path / EXP / "b" / name).is_file()
+
+
+def test_bert_attends_to_the_cls_position():
+    """The mask given to BERT has the CLS position as a real key: every query (the CLS row and each
+    real step) gives it a positive weight. Fails if the CLS position is masked out."""
+    model = make_model(bert={"attn_implementation": "eager"}).eval()
+    features, mask, _ = random_batch([30, 18, 5])
+    with torch.no_grad():
+        _, bert_mask, attentions = model.encode(features, mask, output_attentions=True)
+    assert bert_mask[:, 0].all()
+    for layer in attentions:  # (B, heads, 1 + T, 1 + T)
+        to_cls = layer[:, :, :, 0]  # every query's weight on the CLS key
+        real_queries = bert_mask[:, None, :].expand_as(to_cls)
+        assert (to_cls[real_queries] > 0).all()
+
+
+def test_the_heads_read_the_cls_output():
+    """The pooled vector is BERT's output at position 0 (the CLS token), not at a step."""
+    model = make_model().eval()
+    features, mask, demographics = random_batch([30, 18, 5])
+    seen = {}
+    model.gesture_head.register_forward_hook(
+        lambda module, inputs, output: seen.setdefault("input", inputs[0])
+    )
+    model.target_head.register_forward_hook(
+        lambda module, inputs, output: seen.setdefault("target", inputs[0])
+    )
+    with torch.no_grad():
+        model(features, mask, demographics)
+        hidden, _, _ = model.encode(features, mask)
+    width = hidden.shape[-1]
+    assert torch.equal(seen["input"][:, :width], hidden[:, 0])
+    assert torch.equal(seen["target"][:, :width], hidden[:, 0])
+    assert not torch.allclose(hidden[:, 0], hidden[:, 1])  # the test can tell the two apart

@@ -371,3 +371,19 @@ def test_noisebert_quick_variant_builds_exp018_quick_shapes():
     for key, value in pretraining.model.items():
         assert fine_tuning.model[key] == value, key
     assert pretraining.data.max_len == fine_tuning.data.max_len
+
+
+@pytest.mark.parametrize("exp", EXPERIMENTS)
+def test_training_mode_batchnorm_statistics_do_not_depend_on_the_padding_length(exp):
+    _, n_features = build(exp, dropout=False)
+    features, mask, demographics = random_batch([25, 40, 9], n_features, max_len=40)
+    longer = torch.cat([features, torch.zeros(3, 24, n_features)], dim=1)
+    longer_mask = torch.cat([mask, torch.zeros(3, 24, dtype=torch.bool)], dim=1)
+    states = []
+    for batch in ((features, mask), (longer, longer_mask)):
+        trained = build(exp, dropout=False)[0].train()  # the same initial weights and statistics
+        trained(batch[0], batch[1], demographics)
+        states.append({k: v for k, v in trained.state_dict().items() if "running_" in k})
+    assert states[0], "no BatchNorm running statistics found"
+    for key in states[0]:
+        torch.testing.assert_close(states[0][key], states[1][key], atol=1e-5, rtol=1e-5, msg=key)
