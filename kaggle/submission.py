@@ -13,6 +13,8 @@ staged by ``python -m codes.inference.kaggle_package``). Internet off: nothing i
   competition rerun, the local gateway on the public test.csv otherwise.
 - Where ``kaggle_evaluation`` cannot be imported (not on Kaggle), it says so and falls back to
   batch mode: test.csv -> submission.csv (CMI_OUTPUT), with the score when labels exist.
+- CMI_NUM_THREADS sets torch's CPU threads (default: torch's, one per core); 1 is faster on a
+  busy or shared CPU and with CMI_FOLD_THREADS=2.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ RUN_DIR = os.environ.get("CMI_RUN_DIR", "")  # "" = search INPUT_ROOT for a run 
 # CPU only: int8 Linear layers, about twice as fast, probabilities slightly off training's
 QUANTIZE_ON_CPU = os.environ.get("CMI_QUANTIZE", "0") == "1"
 FOLD_THREADS = int(os.environ.get("CMI_FOLD_THREADS", "1"))  # fold models run at once per sequence
+# torch CPU threads ("" = torch's default, one per core): 1 on a busy or shared CPU, or with fold threads
+NUM_THREADS = os.environ.get("CMI_NUM_THREADS", "").strip()
 WORKING_DIR = Path("/kaggle/working")
 SEARCH_DEPTH = 4
 
@@ -77,6 +81,18 @@ def find_run_dir() -> Path:
     return found
 
 
+def num_threads_setting(text: str) -> int | None:
+    """CMI_NUM_THREADS as ``load_predictor``'s ``num_threads`` (None when unset)."""
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"CMI_NUM_THREADS must be a positive whole number (e.g. 1), got {text!r}")
+    return int(text)
+
+
+if not EXPERIMENT.isidentifier():  # a module name under codes/exp/, nothing else
+    raise ValueError(f"CMI_EXPERIMENT must name an experiment folder such as exp018, got {EXPERIMENT!r}")
+num_threads = num_threads_setting(NUM_THREADS)
 code_dir, run_dir = find_code_dir(), find_run_dir()
 sys.path.insert(0, str(code_dir))
 inference = importlib.import_module(f"codes.exp.{EXPERIMENT}.inference")
@@ -89,9 +105,12 @@ import torch  # noqa: E402
 
 quantize = QUANTIZE_ON_CPU and not torch.cuda.is_available()
 predictor = inference.load_predictor(
-    run_dir, quantize=quantize, fold_threads=FOLD_THREADS
+    run_dir, quantize=quantize, fold_threads=FOLD_THREADS, num_threads=num_threads
 )  # every fold, once, before the server starts
-print(f"loaded folds {predictor.folds} on {predictor.device} in {time.perf_counter() - started:.1f} s")
+print(
+    f"loaded folds {predictor.folds} on {predictor.device} in {time.perf_counter() - started:.1f} s "
+    f"({torch.get_num_threads()} torch threads, {FOLD_THREADS} fold threads)"
+)
 
 
 def predict(sequence, demographics) -> str:

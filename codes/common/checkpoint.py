@@ -6,6 +6,8 @@ A crash while writing leaves the previous checkpoint intact; a reader never sees
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,12 +32,56 @@ def save_atomically(obj: Any, path: Path) -> Path:
     return path
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file that exists but cannot be read; the message names it and what to do."""
+
+
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_DEVICE_ERROR = "Attempting to deserialize object on"
+
+
+def _unreadable_reason(error: BaseException) -> str:
+    """A short reason from torch's error, without its advice to unpickle the file unsafely."""
+    text = str(error)
+    unsupported = _UNSUPPORTED_GLOBAL.search(text)
+    if unsupported:
+        return f"it holds a Python object ({unsupported.group(1)}) where only tensors and plain values belong"
+    if isinstance(error, pickle.UnpicklingError) or "weights_only" in text:
+        return "its contents are garbled"
+    if isinstance(error, EOFError) or not text:
+        return "the file ends too early"
+    first = text.splitlines()[0].split(". ")[0].strip()
+    return f"{type(error).__name__}: {first[:200]}"
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A checkpoint written by :func:`save_atomically` (plain tensors and Python values only)."""
+    """A checkpoint written by :func:`save_atomically` (plain tensors and Python values only).
+
+    Always loaded with ``weights_only=True``; a file torch cannot read that way (zero bytes,
+    truncated, garbled) raises :class:`CheckpointError` naming it.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except PermissionError:
+        raise
+    except Exception as error:  # torch raises EOFError, RuntimeError, OSError, KeyError, UnpicklingError...
+        if _DEVICE_ERROR in str(error):  # an intact file, mapped to a device this machine lacks
+            raise
+        size = path.stat().st_size
+        retrain = (
+            "delete it and train the fold again (without a last.pt, trainer.resume=true starts the fold anew)"
+            if path.name == "last.pt"
+            else "train the fold again (trainer.resume=true continues from the fold's last.pt when that one "
+            "is intact)"
+        )
+        raise CheckpointError(
+            f"{path} is damaged or incomplete ({size} bytes; {_unreadable_reason(error)}), so it cannot "
+            "be loaded. If it was downloaded or copied, copy it again from the original run folder; "
+            f"if the original is damaged too, {retrain}."
+        ) from None
 
 
 def load_matching_weights(model: torch.nn.Module, path: Path) -> dict[str, list[str]]:

@@ -55,6 +55,7 @@ def load_run_predictor(
     quantize: bool = False,
     fold_threads: int = 1,
     precision: str | None = None,
+    num_threads: int | None = None,
 ) -> EnsemblePredictor:
     """Every trained fold of ``run_dir`` (or only ``folds``) as one :class:`EnsemblePredictor`.
 
@@ -65,7 +66,13 @@ def load_run_predictor(
     ``precision``: None = training's rule for the run (bf16 autocast on CUDA, fp32 on CPU unless
     the run trained in bf16); ``"bf16"`` forces bf16 autocast (on a CPU with AVX-512 BF16 the
     matrix products run about twice as fast), ``"fp32"`` none.
+    ``num_threads``: ``torch.set_num_threads`` for the process (None: torch's default, one per
+    core); 1 on a shared or busy CPU and with ``fold_threads`` > 1 (docs/inference.md, Speed).
     """
+    if num_threads is not None:
+        if isinstance(num_threads, bool) or int(num_threads) != num_threads or num_threads < 1:
+            raise ValueError(f"num_threads must be a positive whole number or None, got {num_threads!r}")
+        apply_num_threads(int(num_threads))
     started = time.perf_counter()
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
@@ -139,9 +146,15 @@ def batch_main(
     setup_logging(None)
     if not cfg.run_dir:
         raise SystemExit(f"run_dir=outputs/{exp_name}/<run> is required (a folder train.py wrote)")
-    apply_num_threads(cfg.num_threads)
     run_dir = Path(cfg.run_dir)
-    predictor = load_predictor(run_dir, cfg.folds, cfg.device, quantize=cfg.quantize, precision=cfg.precision)
+    predictor = load_predictor(
+        run_dir,
+        cfg.folds,
+        cfg.device,
+        quantize=cfg.quantize,
+        precision=cfg.precision,
+        num_threads=cfg.num_threads,  # torch.set_num_threads before the folds load
+    )
     data_dir = resolve_test_dir(cfg.data, load_run_config(run_dir), REPO_ROOT)
     output = Path(cfg.output) if cfg.output else run_dir / SUBMISSION_FILE
     scores = run_batch(predictor, data_dir, output, batch_size=cfg.batch_size)

@@ -5,6 +5,9 @@ A run folder holds ``config.yaml`` (the resolved config) and, per trained fold,
 and ``fold{k}/normalizer.json``. Training evaluates (and writes out-of-fold predictions from) the
 EMA weights when ``trainer.ema_decay > 0``, the raw weights otherwise; :func:`evaluated_weights`
 returns the same ones.
+
+A damaged file (a truncated or zero-byte ``best.pt``, an unreadable ``normalizer.json``) and a fold
+folder holding only one of the two files are errors naming the file; nothing is silently left out.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
-from codes.common.checkpoint import load_checkpoint
+from codes.common.checkpoint import CheckpointError, load_checkpoint
 from codes.common.sequences import FeatureNormalizer
 
 CONFIG_FILE = "config.yaml"
@@ -26,6 +30,8 @@ CHECKPOINT_FILE = "best.pt"
 NORMALIZER_FILE = "normalizer.json"
 _FOLD_DIR = re.compile(r"^fold(\d+)$")
 _EMA_PREFIX = "module."  # AveragedModel keeps the averaged model under .module
+# an experiment name as a single path component and a codes/exp/<exp> folder name: no "/" and no ".."
+_EXP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
 class RunFolderError(FileNotFoundError):
@@ -84,49 +90,146 @@ def require_run_dir(run_dir: Path) -> Path:
 def load_run_config(run_dir: Path) -> ConfigView:
     """The resolved config the run was trained with (``config.yaml``)."""
     path = require_run_dir(run_dir) / CONFIG_FILE
-    with open(path, encoding="utf-8") as handle:
-        values = yaml.safe_load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle)
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise RunFolderError(
+            f"{path} is damaged (not readable YAML: {str(error).splitlines()[0]}); copy the run folder "
+            "again from where it was trained"
+        ) from None
     if not isinstance(values, dict):
         raise RunFolderError(f"{path} does not hold a config mapping")
     return ConfigView(values)
 
 
+def check_exp_name(name: object, source: str) -> str:
+    """``name`` when it is a plain experiment name (``exp018``), usable as one path component and as
+    a ``codes/exp/<exp>`` folder; else a :class:`RunFolderError` naming ``source``."""
+    text = str(name)
+    if not _EXP_NAME.match(text) or ".." in text:
+        raise RunFolderError(
+            f"{source} gives the experiment name {text!r}, which is not a plain name (letters, digits, "
+            "'_', '.', '-'; no '/' and no '..'); it is used for paths and codes/exp/<exp>, so it is "
+            "refused. Fix exp_name in the run's config.yaml (it is the name of the experiment folder "
+            "that trained the run, e.g. exp018)"
+        )
+    return text
+
+
+def run_exp_name(run_dir: Path, cfg: Mapping[str, Any] | None = None) -> str:
+    """The run's ``exp_name`` from its ``config.yaml``, checked by :func:`check_exp_name`."""
+    cfg = load_run_config(run_dir) if cfg is None else cfg
+    if cfg.get("exp_name") is None:
+        raise RunFolderError(
+            f"{Path(run_dir) / CONFIG_FILE} has no exp_name (the experiment that trained it)"
+        )
+    return check_exp_name(cfg["exp_name"], f"{Path(run_dir) / CONFIG_FILE}")
+
+
+def _fold_folders(run_dir: Path) -> dict[int, Path]:
+    folders = {}
+    for child in require_run_dir(run_dir).iterdir():
+        match = _FOLD_DIR.match(child.name)
+        if match and child.is_dir():
+            folders[int(match.group(1))] = child
+    return dict(sorted(folders.items()))
+
+
 def trained_folds(run_dir: Path) -> list[int]:
     """Folds of the run folder that have both a best checkpoint and a normaliser, in order."""
-    run_dir = require_run_dir(run_dir)
-    folds = []
-    for child in run_dir.iterdir():
-        match = _FOLD_DIR.match(child.name)
-        if match and (child / CHECKPOINT_FILE).is_file() and (child / NORMALIZER_FILE).is_file():
-            folds.append(int(match.group(1)))
-    return sorted(folds)
+    return [
+        fold
+        for fold, folder in _fold_folders(run_dir).items()
+        if (folder / CHECKPOINT_FILE).is_file() and (folder / NORMALIZER_FILE).is_file()
+    ]
+
+
+def incomplete_folds(run_dir: Path) -> dict[int, str]:
+    """Fold folders holding only one of ``best.pt`` and ``normalizer.json``: fold -> what is wrong."""
+    problems = {}
+    for fold, folder in _fold_folders(run_dir).items():
+        has_weights = (folder / CHECKPOINT_FILE).is_file()
+        has_normalizer = (folder / NORMALIZER_FILE).is_file()
+        if has_weights and not has_normalizer:
+            problems[fold] = (
+                f"{folder.name} has {CHECKPOINT_FILE} but no {NORMALIZER_FILE} (its normalisation statistics; "
+                "lost in a copy or download?)"
+            )
+        elif has_normalizer and not has_weights:
+            problems[fold] = (
+                f"{folder.name} has {NORMALIZER_FILE} but no {CHECKPOINT_FILE} (its training has not finished "
+                "an epoch: still running, or stopped; continue it with trainer.resume=true)"
+            )
+    return problems
 
 
 def select_folds(run_dir: Path, folds: Iterable[int] | None = None) -> list[int]:
-    """``folds`` (default: every trained fold), checked against what the folder holds."""
+    """``folds`` (default: every trained fold), checked against what the folder holds.
+
+    With ``folds=None``, a fold folder holding only one of ``best.pt`` and ``normalizer.json`` is an
+    error (never silently left out of the ensemble); ``folds=[...]`` naming complete folds only
+    loads those.
+    """
     available = trained_folds(run_dir)
-    if not available:
-        raise RunFolderError(
-            f"{run_dir} holds no trained fold (fold<k>/{CHECKPOINT_FILE} + fold<k>/{NORMALIZER_FILE}); "
-            "has its training finished at least one epoch?"
-        )
+    incomplete = incomplete_folds(run_dir)
     if folds is None:
+        if incomplete:
+            what = "; ".join(incomplete.values())
+            if not available:
+                raise RunFolderError(f"{run_dir} holds no complete fold: {what}")
+            raise RunFolderError(
+                f"{run_dir} has incomplete fold folders: {what}. Every fold needs both {CHECKPOINT_FILE} "
+                f"and {NORMALIZER_FILE}: copy the missing file again from the original run folder, or pass "
+                f"folds={available} to predict with the complete folds only"
+            )
+        if not available:
+            raise RunFolderError(
+                f"{run_dir} holds no trained fold (fold<k>/{CHECKPOINT_FILE} + fold<k>/{NORMALIZER_FILE}); "
+                "has its training finished at least one epoch?"
+            )
         return available
     wanted = [int(k) for k in folds]
+    if not wanted:
+        raise ValueError("folds must name at least one fold")
+    broken = [incomplete[k] for k in wanted if k in incomplete]
+    if broken:
+        raise RunFolderError(f"{run_dir}: {'; '.join(broken)}; the complete folds are {available}")
     missing = [k for k in wanted if k not in available]
     if missing:
         raise RunFolderError(f"{run_dir} has no trained fold {missing}; it holds folds {available}")
-    if not wanted:
-        raise ValueError("folds must name at least one fold")
     return wanted
 
 
 def load_normalizer(run_dir: Path, fold: int) -> FeatureNormalizer:
-    """The fold's feature normaliser (fitted on its training sequences)."""
+    """The fold's feature normaliser (fitted on its training sequences).
+
+    A file that is not JSON, or lacks equally long finite ``mean`` and positive ``scale`` lists,
+    is a :class:`RunFolderError` naming it.
+    """
     path = Path(run_dir) / f"fold{fold}" / NORMALIZER_FILE
     if not path.is_file():
         raise RunFolderError(f"missing {path}: the fold's normalisation statistics")
-    return FeatureNormalizer.from_state_dict(json.loads(path.read_text()))
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        mean = np.asarray(state["mean"], dtype=np.float64)
+        scale = np.asarray(state["scale"], dtype=np.float64)
+        problem = None
+        if mean.ndim != 1 or scale.shape != mean.shape or not len(mean):
+            problem = "'mean' and 'scale' are not two equally long lists of numbers"
+        elif not (np.isfinite(mean).all() and np.isfinite(scale).all() and (scale > 0).all()):
+            problem = "it holds non-finite values or a scale <= 0"
+    except (ValueError, TypeError, KeyError, IndexError) as error:  # not JSON, not a dict, no "mean"...
+        lines = str(error).splitlines()
+        problem = f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+    if problem is not None:
+        raise RunFolderError(
+            f"{path} is damaged or incomplete ({path.stat().st_size} bytes; {problem}), so fold {fold}'s "
+            "inputs cannot be normalised as in training. If it was downloaded or copied, copy it again "
+            "from the original run folder; else train the fold again, or pass folds=[...] without "
+            f"fold {fold}"
+        )
+    return FeatureNormalizer.from_state_dict({"mean": mean.tolist(), "scale": scale.tolist()})
 
 
 def evaluated_weights(checkpoint: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
@@ -150,4 +253,17 @@ def load_fold_weights(run_dir: Path, fold: int) -> tuple[dict[str, torch.Tensor]
     path = Path(run_dir) / f"fold{fold}" / CHECKPOINT_FILE
     if not path.is_file():
         raise RunFolderError(f"missing {path}: the fold's best checkpoint")
-    return evaluated_weights(load_checkpoint(path, map_location="cpu"))
+    try:
+        checkpoint = load_checkpoint(path, map_location="cpu")
+    except CheckpointError as error:
+        raise RunFolderError(
+            f"{error} To predict without fold {fold} meanwhile, pass folds=[...] without it."
+        ) from None
+    if not isinstance(checkpoint, Mapping):
+        raise RunFolderError(
+            f"{path} holds a {type(checkpoint).__name__}, not a checkpoint of this repository's training"
+        )
+    try:
+        return evaluated_weights(checkpoint)
+    except RunFolderError as error:
+        raise RunFolderError(f"{path}: {error}") from None
