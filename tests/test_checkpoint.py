@@ -35,3 +35,11 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path
 def test_missing_checkpoint_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nothing\.pt"):
         load_checkpoint(tmp_path / "nothing.pt")
+
+
+def test_checkpoints_get_the_mode_open_gives_a_new_file(tmp_path):
+    """Readable by the group under the usual umask, not mkstemp's owner-only 0600."""
+    from codes.common.runs import FILE_MODE
+
+    path = save_atomically({"epoch": 1}, tmp_path / "best.pt")
+    assert path.stat().st_mode & 0o777 == FILE_MODE

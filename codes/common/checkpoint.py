@@ -8,27 +8,22 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from codes.common.runs import atomic_path
+
 
 def save_atomically(obj: Any, path: Path) -> Path:
-    """``torch.save`` to ``path`` via a temporary file and ``os.replace``."""
+    """``torch.save`` to ``path`` via a temporary file, ``fsync`` and ``os.replace``, with the mode
+    ``open()`` gives a new file (readable by the group under the usual umask)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(obj, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary, open(temporary, "wb") as stream:
+        torch.save(obj, stream)
+        stream.flush()
+        os.fsync(stream.fileno())
     return path
 
 
