@@ -212,7 +212,8 @@ def pretrain_config(data_dir: Path, output_dir: Path, *overrides: str):
         return compose(
             config_name="noisebert",
             overrides=[
-                "preset=quick",
+                "variant=quick",
+                "machine=cpu",
                 "data=competition",
                 f"paths.data_dir={data_dir}",
                 f"paths.output_dir={output_dir}",

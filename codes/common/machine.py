@@ -33,7 +33,7 @@ class MachineConfig:
     compile: bool = False  # torch.compile the trained model
     num_workers: int = 4  # DataLoader workers, where a DataLoader is used
     num_threads: int | None = None  # torch CPU threads; None = torch's default (1 on a busy shared CPU)
-    # the CPU fast paths of codes/models/cpu_fast_paths.py (same results, faster training on a CPU)
+    # the CPU fast paths of codes/models/cpu_fast_paths/ (same results, faster training on a CPU)
     cpu_fast_paths: bool = True
     distributed_timeout_s: int = 1800  # torchrun: a rank that waits longer than this fails
 
