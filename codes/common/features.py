@@ -10,6 +10,12 @@ Rules (documented in docs/data.md):
   (a sensor absent for the whole sequence) becomes 0, and a quaternion absent for the whole
   sequence becomes the identity. ``feature_present[s, f]`` says whether sequence ``s`` had any
   reading behind feature ``f``; normalisation maps absent features to 0 (the training mean).
+- Physically impossible readings are missing values, by the rule above, before anything else
+  (:func:`impossible_readings`; the ranges are in ``schema``): an acc component beyond
+  +-``ACC_MAX_ABS``, a quaternion with a component beyond +-1 or a norm outside
+  ``ROT_NORM_RANGE`` (all 4 components), a thermopile outside ``THM_RANGE``, a ToF pixel that is
+  neither -1 nor in 0..``TOF_MAX_DISTANCE`` (its sensor's frame, as for a null pixel). Values
+  inside the ranges are untouched.
 - ToF ``-1`` (no reflection) counts as ``TOF_MAX_DISTANCE + 1`` (beyond range).
 - Handedness: with ``mirror_left_handed`` the sensors of left-handed wearers are mirrored onto
   the right-handed frame before any feature is computed (``schema.mirror_sensors``).
@@ -21,6 +27,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -29,11 +36,15 @@ import polars as pl
 
 from codes.common.schema import (
     ACC_COLUMNS,
+    ACC_MAX_ABS,
     GRAVITY,
     IMU_COLUMNS,
     NUM_TOF_SENSORS,
     ROT_COLUMNS,
+    ROT_MAX_ABS,
+    ROT_NORM_RANGE,
     THM_COLUMNS,
+    THM_RANGE,
     TOF_COLUMNS,
     TOF_COLUMNS_BY_SENSOR,
     TOF_MAX_DISTANCE,
@@ -42,7 +53,9 @@ from codes.common.schema import (
     mirror_permutation,
 )
 
-FEATURE_VERSION = 1  # bump when a change alters the features computed for the same settings
+# bump when a change alters the features computed for the same settings (2: physically impossible
+# readings are missing values; caches built before may hold their overflowed features)
+FEATURE_VERSION = 2
 
 IMU_FEATURE_NAMES: list[str] = [
     "acc_x", "acc_y", "acc_z",
@@ -168,6 +181,59 @@ def _segment_any(flags: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Per segment: whether any row flag is True, ``(R, C)`` -> ``(N, C)``."""
     counts = np.add.reduceat(flags.astype(np.int64), offsets[:-1], axis=0) if len(flags) else flags
     return counts > 0
+
+
+# ---------------------------------------------------------------- physically impossible readings
+def acc_out_of_range(acc: np.ndarray) -> np.ndarray:
+    """``(R, 3)`` -> ``(R, 3)`` bool: components beyond +-``ACC_MAX_ABS`` m/s^2 (NaN is not flagged)."""
+    return np.abs(acc) > ACC_MAX_ABS
+
+
+def quaternion_out_of_range(rot: np.ndarray) -> np.ndarray:
+    """``(R, 4)`` -> ``(R,)`` bool: a component beyond +-1, or a norm outside ``ROT_NORM_RANGE``.
+
+    A row holding NaN is flagged only for a component beyond +-1 (it is missing anyway); an
+    all-zero row (norm 0) is flagged.
+    """
+    rot = rot.astype(np.float64, copy=False)  # no overflow in the squares
+    low, high = ROT_NORM_RANGE
+    with np.errstate(over="ignore", invalid="ignore"):
+        squared_norm = np.einsum("ij,ij->i", rot, rot)
+        return (np.abs(rot) > ROT_MAX_ABS).any(axis=1) | (squared_norm < low**2) | (squared_norm > high**2)
+
+
+def thm_out_of_range(thm: np.ndarray) -> np.ndarray:
+    """Temperatures (deg C) outside ``THM_RANGE``, elementwise (NaN is not flagged)."""
+    low, high = THM_RANGE
+    return (thm < low) | (thm > high)
+
+
+def tof_out_of_range(tof: np.ndarray) -> np.ndarray:
+    """ToF readings that are neither ``TOF_NO_REFLECTION`` nor in 0..``TOF_MAX_DISTANCE``, elementwise."""
+    return ((tof < 0) & (tof != TOF_NO_REFLECTION)) | (tof > TOF_MAX_DISTANCE)
+
+
+def impossible_readings(values: np.ndarray, columns: Sequence[str]) -> np.ndarray:
+    """``(R, C)`` bool: the readings of ``values`` (columns named ``columns``) outside their
+    physical range; a quaternion out of range flags its 4 components. NaN is not flagged.
+
+    The rule :func:`compute_step_features` applies (those readings become missing values); the
+    predictor uses it to say what it takes as missing.
+    """
+    index = {c: i for i, c in enumerate(columns)}
+    flags = np.zeros(values.shape, dtype=bool)
+    with np.errstate(invalid="ignore"):
+        for names, test in ((ACC_COLUMNS, acc_out_of_range), (THM_COLUMNS, thm_out_of_range)):
+            positions = [index[c] for c in names if c in index]
+            if positions:
+                flags[:, positions] = test(values[:, positions])
+        tof = [index[c] for c in TOF_COLUMNS if c in index]
+        if tof:
+            flags[:, tof] = tof_out_of_range(values[:, tof])
+        if all(c in index for c in ROT_COLUMNS):
+            rot = [index[c] for c in ROT_COLUMNS]
+            flags[:, rot] = quaternion_out_of_range(values[:, rot])[:, None] & ~np.isnan(values[:, rot])
+    return flags
 
 
 # ---------------------------------------------------------------- features
@@ -390,6 +456,46 @@ class SensorBlocks:
             tof_missing=_tof_nan_frames(tof),
         )
 
+    def drop_impossible_readings(self) -> SensorBlocks:
+        """Readings outside their physical range become missing values, in place; returns self.
+
+        The rule of :func:`impossible_readings`: acc components and thermopiles become NaN, a
+        quaternion out of range becomes NaN as a whole, a ToF pixel out of range marks its
+        sensor's frame missing (``tof_missing``), as a null pixel does. Values inside the ranges
+        are untouched.
+        """
+        acc_cols = _positions(tuple(IMU_COLUMNS), tuple(ACC_COLUMNS))
+        rot_cols = _positions(tuple(IMU_COLUMNS), tuple(ROT_COLUMNS))
+        with np.errstate(invalid="ignore"):
+            acc = self.imu[:, acc_cols]
+            bad = acc_out_of_range(acc)
+            if bad.any():
+                acc[bad] = np.nan
+                self.imu[:, acc_cols] = acc
+            bad_rows = quaternion_out_of_range(self.imu[:, rot_cols])
+            if bad_rows.any():
+                self.imu[np.ix_(bad_rows, rot_cols)] = np.nan
+            if self.thm is not None:
+                bad = thm_out_of_range(self.thm)
+                if bad.any():
+                    self.thm[bad] = np.nan
+            if self.tof is None or self.tof.size == 0:
+                return self
+            if self.tof.dtype.kind in "iu" and (
+                self.tof.min() >= TOF_NO_REFLECTION and self.tof.max() <= TOF_MAX_DISTANCE
+            ):
+                return self  # integers in -1..254: every reading in range (the usual case)
+            bad = tof_out_of_range(self.tof)
+        if not bad.any():
+            return self
+        if self.tof.dtype.kind == "f":
+            self.tof[bad] = np.nan
+        frames = np.stack(
+            [bad[:, (k - 1) * TOF_PIXELS : k * TOF_PIXELS].any(axis=1) for k in TOF_COLUMNS_BY_SENSOR], axis=1
+        )
+        self.tof_missing = self.tof_missing | frames
+        return self
+
 
 def _values_buffer(column: pl.Series) -> np.ndarray:
     """A read-only view of a one-chunk integer column's values; entries under nulls are arbitrary."""
@@ -419,9 +525,10 @@ def compute_step_features(
 ) -> StepFeatures:
     """Features of every row.
 
-    sensors: ``(R, C)`` raw values of ``settings.sensor_columns`` (NaN or null = missing), as a
-    numpy array or a polars frame with those columns (numeric; ToF may be integers); offsets:
-    ``(N + 1,)`` row offsets of the N sequences; left_handed: ``(N,)`` bool.
+    sensors: ``(R, C)`` raw values of ``settings.sensor_columns`` (NaN, null or a physically
+    impossible reading = missing, see :func:`impossible_readings`), as a numpy array or a polars
+    frame with those columns (numeric; ToF may be integers); offsets: ``(N + 1,)`` row offsets of
+    the N sequences; left_handed: ``(N,)`` bool.
 
     Every feature of a row depends on its own sequence only, so the table is cut at sequence
     boundaries into pieces of about ``PIECE_ROWS`` rows, computed in ``n_threads`` threads
@@ -457,7 +564,7 @@ def compute_step_features(
         start, end = int(offsets[first]), int(offsets[last])
         part = sensors.slice(start, end - start) if isinstance(sensors, pl.DataFrame) else sensors[start:end]
         _compute_piece(
-            SensorBlocks.from_sensors(part, settings),
+            SensorBlocks.from_sensors(part, settings).drop_impossible_readings(),
             offsets[first : last + 1] - start,
             left_handed[first:last],
             settings,

@@ -33,6 +33,24 @@ ACC_QUANTUM = 1.0 / 256.0  # acc_* values are multiples of this
 ROT_QUANTUM = 1.0 / 16384.0  # rot_* values are multiples of this
 GRAVITY = 9.80665  # m/s^2
 
+# ---------------------------------------------------------------- physical ranges
+# A reading outside its range cannot come from the device; it is taken as missing, by the same
+# rule as NaN (codes.common.features.impossible_readings), before any feature is computed. The
+# bounds are generous: readings of a working device lie well inside them.
+ACC_MAX_ABS = 100.0  # m/s^2 per axis (about 10 g; the competition's values lie within about +-40)
+ROT_MAX_ABS = 1.0  # every component of a rotation quaternion
+ROT_NORM_RANGE = (0.5, 1.5)  # a quaternion whose norm lies outside is no rotation reading
+THM_RANGE = (-40.0, 125.0)  # deg C (room and skin temperatures lie far inside)
+# ToF: TOF_NO_REFLECTION (-1) or a distance in 0..TOF_MAX_DISTANCE (254), anything else impossible
+# Demographics: a field outside its range is unknown (the binary fields take 0 or 1 only).
+DEMOGRAPHIC_RANGES: dict[str, tuple[float, float]] = {
+    "age": (0.0, 120.0),  # years (competition: 10-53)
+    "height_cm": (50.0, 250.0),  # (competition: 135-190.5)
+    "shoulder_to_wrist_cm": (10.0, 150.0),  # (competition: 41-71)
+    "elbow_to_wrist_cm": (5.0, 100.0),  # (competition: 18-44)
+}
+BINARY_DEMOGRAPHIC_FIELDS: tuple[str, ...] = ("adult_child", "sex", "handedness")  # 0 or 1
+
 # ---------------------------------------------------------------- file column orders
 TRAIN_META_COLUMNS: list[str] = [
     "row_id",

@@ -2,6 +2,8 @@
 
 The synthetic data ships ``test_labels.csv``; with it the competition score is printed (overall,
 and on the IMU-only and the full-sensor sequences). The competition's own test.csv has no labels.
+Every sequence is answered by ``predict``'s rules; one odd sequence never fails the file
+(``EnsemblePredictor.predict_frame``). The labels file is checked before anything is written.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ import polars as pl
 from codes.common.data_files import (
     TEST_DEMOGRAPHICS_FILE,
     TEST_FILE,
+    TEST_LABELS_FILE,
     DataFileError,
+    check_columns,
+    check_gestures,
     read_demographics,
+    read_header,
     read_test,
-    read_test_labels,
 )
 from codes.common.data_source import DATA_SOURCES, resolve_data_dir
 from codes.common.metric import competition_score
@@ -29,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 SUBMISSION_FILE = "submission.csv"
 SUBMISSION_COLUMNS = ["sequence_id", "gesture"]
+LABEL_COLUMNS_SCORED = ["sequence_id", "gesture"]  # what scoring reads of test_labels.csv
 
 
 def resolve_test_dir(data: str, run_cfg, repo_root: Path) -> Path:
@@ -90,6 +96,37 @@ def score_predictions(predictions: pl.DataFrame, labels: pl.DataFrame) -> dict[s
     return scores
 
 
+def read_labels(data_dir: Path, sequence_ids: pl.Series | None = None) -> pl.DataFrame | None:
+    """``sequence_id, gesture`` of ``test_labels.csv`` in ``data_dir`` (the synthetic data's), or
+    None when there is none (the competition's data).
+
+    Checked before anything is predicted or written: the two columns (other columns are not
+    needed), the 18 gesture strings, no sequence listed twice and, given ``sequence_ids``, a
+    label for every one of them; a :class:`DataFileError` names what is wrong.
+    """
+    path = Path(data_dir) / TEST_LABELS_FILE
+    if not path.is_file():
+        return None
+    check_columns(path, read_header(path), LABEL_COLUMNS_SCORED)
+    labels = pl.read_csv(
+        path, columns=LABEL_COLUMNS_SCORED, schema_overrides=dict.fromkeys(LABEL_COLUMNS_SCORED, pl.String)
+    )
+    check_gestures(labels["gesture"], path)
+    twice = labels.filter(pl.col("sequence_id").is_duplicated())["sequence_id"].unique().sort().to_list()
+    if twice:
+        raise DataFileError(f"{path} lists these sequences more than once: {twice[:10]}")
+    if sequence_ids is not None:
+        unlabelled = sorted(
+            set(sequence_ids.cast(pl.String).unique().to_list()) - set(labels["sequence_id"].to_list())
+        )
+        if unlabelled:
+            raise DataFileError(
+                f"{path} has no label for {len(unlabelled)} sequence(s) of {TEST_FILE}: {unlabelled[:10]}; "
+                f"give every sequence a label or remove {path.name} (no score is printed then)"
+            )
+    return labels
+
+
 def run_batch(
     predictor: EnsemblePredictor, data_dir: Path, output: Path, batch_size: int = 64
 ) -> dict[str, float] | None:
@@ -99,10 +136,10 @@ def run_batch(
     settings = predictor.settings
     frame = read_test(data_dir, include_thm=settings.use_thm, include_tof=settings.tof_mode != "none")
     demographics = read_demographics(data_dir / TEST_DEMOGRAPHICS_FILE)
+    labels = read_labels(data_dir, frame["sequence_id"])  # checked before anything is written
     predictions = predictor.predict_frame(frame, demographics, batch_size=batch_size)
     write_csv_atomically(predictions.select(SUBMISSION_COLUMNS), output)
     logger.info("wrote %d predictions to %s", predictions.height, output)
-    labels = read_test_labels(data_dir)
     if labels is None:
         logger.info("%s has no test labels: no score", data_dir)
         return None

@@ -8,12 +8,16 @@ A sequence whose thermopiles and ToF are all null is IMU-only: those inputs are 
 training fed the model for the IMU-only path (``FoldTensors.imu_only`` / sensor drop-out).
 The ensemble averages the folds' softmax probabilities.
 
-Odd inputs never raise (documented rules, each with a warning in the log): NaN/null or
-non-finite sensor values are missing values; rows out of ``sequence_counter`` order are
-sorted; a very short or very long sequence is used as it is (the last ``max_len`` steps);
-missing demographics fields are unknown (handedness unknown = not mirrored); an empty sequence,
-or a failure inside the model, gives :data:`FALLBACK_GESTURE`. Only missing columns raise
-(:class:`InputColumnsError`, naming them).
+Odd inputs never raise (documented rules in docs/inference.md, each with a warning in the log):
+NaN/null, non-finite or physically impossible sensor values (``features.impossible_readings``)
+are missing values; text, categorical and other non-numeric columns are parsed as numbers (what
+is no number is missing); a pandas frame is converted; rows out of ``sequence_counter`` order
+are sorted; a very short or very long sequence is used as it is (the last ``max_len`` steps);
+demographics that are missing, out of range or another subject's are unknown (handedness
+unknown = not mirrored); an empty sequence, or a failure inside the model, gives
+:data:`FALLBACK_GESTURE`. Only missing columns raise (:class:`InputColumnsError`, naming them).
+Batch mode answers every sequence by the same rules and never fails a whole file for one
+sequence.
 """
 
 from __future__ import annotations
@@ -29,10 +33,17 @@ import polars as pl
 import torch
 
 from codes.common.data_files import DataFileError
-from codes.common.features import FeatureSettings, compute_step_features, feature_layout
+from codes.common.features import (
+    FeatureSettings,
+    compute_step_features,
+    feature_layout,
+    impossible_readings,
+)
 from codes.common.schema import (
     ACC_COLUMNS,
+    BINARY_DEMOGRAPHIC_FIELDS,
     DEMOGRAPHIC_FIELDS,
+    DEMOGRAPHIC_RANGES,
     GESTURES,
     IMU_COLUMNS,
     NUM_GESTURES,
@@ -51,6 +62,7 @@ LONGEST_TRAINING_SEQUENCE = 700  # rows (competition train.csv)
 _HANDEDNESS = DEMOGRAPHIC_FIELDS.index("handedness")
 _ACC = [IMU_COLUMNS.index(c) for c in ACC_COLUMNS]
 _ROT = [IMU_COLUMNS.index(c) for c in ROT_COLUMNS]
+ROWS_PER_CHECK = 65_536  # rows of a whole test frame checked for odd values at once (bounded memory)
 
 
 class InputColumnsError(DataFileError):
@@ -81,6 +93,53 @@ class FoldMember:
     fold: int
     model: torch.nn.Module
     normalizer: FeatureNormalizer
+
+
+def as_polars_frame(frame: object, name: str) -> pl.DataFrame:
+    """``frame`` as a polars DataFrame with no categorical columns.
+
+    A pandas DataFrame is converted with ``pl.from_pandas`` (a column pyarrow cannot convert,
+    e.g. an object column mixing numbers and text, is taken as text); Categorical and Enum
+    columns become String (then the numeric rule of the sensor columns applies to them).
+    Anything else raises ``TypeError``.
+    """
+    if not isinstance(frame, pl.DataFrame):
+        if type(frame).__module__.split(".")[0] != "pandas" or not hasattr(frame, "columns"):
+            raise TypeError(f"{name} must be a polars (or pandas) DataFrame, got {type(frame).__name__}")
+        try:
+            frame = pl.from_pandas(frame)
+        except Exception:
+            frame = pl.DataFrame([_pandas_column(frame[c], str(c)) for c in frame.columns])
+    categorical = [c for c, t in frame.schema.items() if isinstance(t, pl.Categorical | pl.Enum)]
+    if categorical:
+        frame = frame.with_columns(pl.col(categorical).cast(pl.String))
+    return frame
+
+
+def _pandas_column(column, name: str) -> pl.Series:
+    """One pandas column as a polars Series; as text when pyarrow cannot convert it."""
+    try:
+        return pl.from_pandas(column).alias(name)
+    except Exception:
+        return pl.Series(name, [None if v is None else str(v) for v in column.tolist()], dtype=pl.String)
+
+
+def checked_demographics(values: np.ndarray) -> np.ndarray:
+    """``(N, 7)`` DEMOGRAPHIC_FIELDS -> ``(N, 7)`` bool: fields outside their range (NaN is not flagged).
+
+    adult_child, sex and handedness take 0 or 1 only; the continuous fields the generous
+    ``schema.DEMOGRAPHIC_RANGES``. A flagged field is unknown.
+    """
+    flags = np.zeros(values.shape, dtype=bool)
+    with np.errstate(invalid="ignore"):
+        for i, field in enumerate(DEMOGRAPHIC_FIELDS):
+            column = values[:, i]
+            if field in BINARY_DEMOGRAPHIC_FIELDS:
+                flags[:, i] = ~np.isnan(column) & (column != 0) & (column != 1)
+            elif field in DEMOGRAPHIC_RANGES:
+                low, high = DEMOGRAPHIC_RANGES[field]
+                flags[:, i] = (column < low) | (column > high)
+    return flags
 
 
 def _as_float(value: object) -> float:
@@ -175,11 +234,21 @@ class EnsemblePredictor:
         self, sequence: pl.DataFrame, demographics: pl.DataFrame | None
     ) -> np.ndarray | None:
         """``(18,)`` ensemble probabilities of one sequence, or None when only the fallback is left."""
+        return self._answer(sequence, demographics)[0]
+
+    def _answer(
+        self, sequence: pl.DataFrame, demographics: pl.DataFrame | None
+    ) -> tuple[np.ndarray | None, SequenceTable | None]:
+        """The probabilities of one sequence (None: the fallback) and its table (None when none was built)."""
+        sequence = as_polars_frame(sequence, "the sequence")
         self.check_columns(sequence.columns)
         sequence_id = self._sequence_id(sequence)
         if sequence.height == 0:
             logger.warning("sequence %s has no rows: answering %r", sequence_id, FALLBACK_GESTURE)
-            return None
+            return None, None
+        if demographics is not None:
+            demographics = as_polars_frame(demographics, "the demographics")
+        table = None
         try:
             table = self.sequence_table(sequence, demographics)
             probabilities = self.table_probabilities(table, pad_to_max_len=False)[0]
@@ -187,11 +256,11 @@ class EnsemblePredictor:
             if self.strict:
                 raise
             logger.exception("predicting sequence %s failed: answering %r", sequence_id, FALLBACK_GESTURE)
-            return None
+            return None, table
         if not np.isfinite(probabilities).all():
             logger.warning("no fold gave finite probabilities for sequence %s", sequence_id)
-            return None
-        return probabilities
+            return None, table
+        return probabilities, table
 
     # ------------------------------------------------------------ input checks and conversion
     def check_columns(self, columns: Sequence[str]) -> None:
@@ -210,6 +279,15 @@ class EnsemblePredictor:
             return str(sequence["sequence_id"][0])
         return "<unnamed>"
 
+    @staticmethod
+    def _subject(sequence: pl.DataFrame) -> str | None:
+        """The sequence's subject (its first row's): None without a subject column, "" when null
+        (a subject no demographics row has, as in batch mode)."""
+        if "subject" not in sequence.columns or sequence.height == 0:
+            return None
+        subject = sequence["subject"][0]
+        return "" if subject is None else str(subject)
+
     def _warn_once(self, key: str, message: str, *args: object) -> None:
         if key not in self._warned_once:
             self._warned_once.add(key)
@@ -227,31 +305,64 @@ class EnsemblePredictor:
             "sequence_counter", nulls_last=True, maintain_order=True
         )
 
-    def sensor_values(self, sequence: pl.DataFrame) -> np.ndarray:
-        """``(n, C)`` float32 values of the feature settings' sensor columns; missing = NaN.
+    def float32_sensors(self, frame: pl.DataFrame) -> list[pl.Expr]:
+        """Expressions giving the sensor columns of ``frame`` as float32: the numeric rule.
 
-        Numeric columns are cast to float32 (as the CSV reader does in training); text columns
-        (polars infers a column that is empty in its first rows as text) are parsed, and what is no
-        number becomes missing; non-finite values become missing.
+        Numeric and boolean columns are cast (as the CSV reader does in training); text columns
+        (polars infers a column that is empty in its first rows as text; categorical columns
+        arrive as text, see :func:`as_polars_frame`) are parsed, and what is no number is
+        missing; a column of any other type (dates, lists, binary, objects) is missing as a
+        whole. Each kind is warned about once.
         """
-        schema = sequence.schema
-        textual = [c for c in self.sensor_columns if not schema[c].is_numeric()]
+        schema = frame.schema
+        textual = [c for c in self.sensor_columns if schema[c] == pl.String]
+        unusable = [
+            c
+            for c in self.sensor_columns
+            if not (schema[c].is_numeric() or schema[c] in (pl.Boolean, pl.Null, pl.String))
+        ]
         if textual:
             self._warn_once(
                 "textual",
-                "sensor columns arrive as %s (e.g. %s): parsing them as numbers, what is no number is "
+                "sensor columns arrive as text (e.g. %s): parsing them as numbers, what is no number is "
                 "taken as missing",
-                schema[textual[0]],
                 ", ".join(textual[:3]),
             )
-        values = sequence.select(pl.col(self.sensor_columns).cast(pl.Float32, strict=not textual)).to_numpy()
+        if unusable:
+            self._warn_once(
+                f"unusable {schema[unusable[0]]}",
+                "sensor columns arrive as %s (e.g. %s), which holds no numbers: taken as missing",
+                schema[unusable[0]],
+                ", ".join(unusable[:3]),
+            )
+        return [
+            pl.col(c).str.strip_chars().cast(pl.Float32, strict=False)
+            if c in textual
+            else pl.lit(None, pl.Float32).alias(c)
+            if c in unusable
+            else pl.col(c).cast(pl.Float32, strict=False)
+            for c in self.sensor_columns
+        ]
+
+    def sensor_values(self, sequence: pl.DataFrame) -> np.ndarray:
+        """``(n, C)`` float32 values of the feature settings' sensor columns; missing = NaN
+        (:meth:`float32_sensors`; non-finite and impossible values are still in)."""
+        values = sequence.select(self.float32_sensors(sequence)).to_numpy()
         if values.dtype != np.float32 or not values.flags.writeable:
             values = values.astype(np.float32)
         return values
 
     def demographics_vector(self, demographics: pl.DataFrame | None, subject: str | None) -> np.ndarray:
-        """``(7,)`` float32 in DEMOGRAPHIC_FIELDS order, NaN = missing (warned about)."""
+        """``(7,)`` float32 in DEMOGRAPHIC_FIELDS order, NaN = missing (warned about).
+
+        The row used is the one of ``subject``; rows of other subjects are not used (all fields
+        unknown; a null subject matches no row). When the demographics or the sequence have no
+        ``subject`` column (``subject`` None), the first row is used. Fields that are no numbers
+        or lie outside their range (:func:`checked_demographics`) are unknown.
+        """
         vector = np.full(len(DEMOGRAPHIC_FIELDS), np.nan, dtype=np.float32)
+        if demographics is not None:
+            demographics = as_polars_frame(demographics, "the demographics")
         if demographics is None or demographics.height == 0:
             logger.warning(
                 "no demographics row for subject %s: every field unknown (handedness unknown: not mirrored)",
@@ -259,10 +370,18 @@ class EnsemblePredictor:
             )
             return vector
         row_index = 0
+        if subject is not None and "subject" in demographics.columns:
+            matches = np.flatnonzero(demographics["subject"].cast(pl.String).to_numpy() == subject)
+            if len(matches) == 0:
+                logger.warning(
+                    "the demographics given are for subject(s) %s, not for the sequence's subject %s: "
+                    "every field unknown (handedness unknown: not mirrored)",
+                    ", ".join(map(str, demographics["subject"].head(5).to_list())),
+                    subject,
+                )
+                return vector
+            row_index = int(matches[0])
         if demographics.height > 1:
-            if subject is not None and "subject" in demographics.columns:
-                matches = np.flatnonzero(demographics["subject"].cast(pl.String).to_numpy() == subject)
-                row_index = int(matches[0]) if len(matches) else 0
             logger.warning(
                 "%d demographics rows given for subject %s: using row %d",
                 demographics.height,
@@ -270,9 +389,10 @@ class EnsemblePredictor:
                 row_index,
             )
         row = demographics.row(row_index, named=True)
-        for i, field in enumerate(DEMOGRAPHIC_FIELDS):
-            vector[i] = _as_float(row.get(field))
-        unknown = [f for f, v in zip(DEMOGRAPHIC_FIELDS, vector, strict=True) if np.isnan(v)]
+        values = np.array([_as_float(row.get(field)) for field in DEMOGRAPHIC_FIELDS])  # float64
+        out_of_range = checked_demographics(values[None, :])[0]
+        vector = np.where(out_of_range, np.nan, values).astype(np.float32)
+        unknown = [f for f, v in zip(DEMOGRAPHIC_FIELDS, values, strict=True) if np.isnan(v)]
         if unknown:
             logger.warning(
                 "subject %s: demographics field(s) %s missing or not numbers: taken as unknown%s",
@@ -280,23 +400,41 @@ class EnsemblePredictor:
                 ", ".join(unknown),
                 " (handedness unknown: not mirrored)" if "handedness" in unknown else "",
             )
+        if out_of_range.any():
+            fields = [DEMOGRAPHIC_FIELDS[i] for i in np.flatnonzero(out_of_range)]
+            logger.warning(
+                "subject %s: demographics field(s) %s out of range: taken as unknown%s",
+                subject,
+                ", ".join(f"{f}={values[DEMOGRAPHIC_FIELDS.index(f)]:g}" for f in fields),
+                " (handedness unknown: not mirrored)" if "handedness" in fields else "",
+            )
         return vector
 
     def sequence_table(self, sequence: pl.DataFrame, demographics: pl.DataFrame | None) -> SequenceTable:
         """The one-sequence :class:`SequenceTable` training would have built from these rows."""
+        sequence = as_polars_frame(sequence, "the sequence")
         sequence_id = self._sequence_id(sequence)
         sequence = self._ordered(sequence, sequence_id)
-        subject = str(sequence["subject"][0]) if "subject" in sequence.columns else None
+        subject = self._subject(sequence)
         values = self.sensor_values(sequence)
-        finite = np.isfinite(values)
         n_rows = len(values)
-        n_infinite = int((~finite & ~np.isnan(values)).sum())
+        n_infinite = int(np.isinf(values).sum())
         if n_infinite:
             logger.warning(
                 "sequence %s: %d infinite sensor value(s) taken as missing", sequence_id, n_infinite
             )
-            values[~finite] = np.nan
-        self._warn_about_rows(sequence_id, finite, n_rows)
+            values[np.isinf(values)] = np.nan
+        impossible = impossible_readings(values, self.sensor_columns)
+        if impossible.any():
+            columns = np.array(self.sensor_columns)[impossible.any(axis=0)]
+            logger.warning(
+                "sequence %s: %d sensor value(s) outside their physical range (%s) taken as missing",
+                sequence_id,
+                int(impossible.sum()),
+                ", ".join(columns[:5]) + (", ..." if len(columns) > 5 else ""),
+            )
+            values[impossible] = np.nan
+        self._warn_about_rows(sequence_id, np.isfinite(values), n_rows)
         demographics_row = self.demographics_vector(demographics, subject)
         offsets = np.array([0, n_rows], dtype=np.int64)
         left_handed = np.array([demographics_row[_HANDEDNESS] == 0])
@@ -420,27 +558,113 @@ class EnsemblePredictor:
 
     # ------------------------------------------------------------ batch mode
     def frame_table(self, frame: pl.DataFrame, demographics: pl.DataFrame) -> SequenceTable:
-        """The :class:`SequenceTable` of a whole test-format frame, built as training builds it."""
+        """The :class:`SequenceTable` of a whole test-format frame, built as training builds it,
+        with the odd-input rules of :meth:`predict` (numeric rule, non-finite and impossible
+        values missing, rows in counter order, demographics checked)."""
+        frame = as_polars_frame(frame, "the test frame")
         self.check_columns(frame.columns)
         for column in ("sequence_id", "sequence_counter", "subject"):
             if column not in frame.columns:
                 raise InputColumnsError(f"the test frame lacks the column {column}")
-        sensors = [
-            pl.col(c).cast(pl.Float32, strict=frame.schema[c].is_numeric()) for c in self.sensor_columns
-        ]
-        frame = frame.with_columns(sensors).with_columns(
+        frame = frame.with_columns(
+            *self.float32_sensors(frame),
+            pl.col("sequence_id").cast(pl.String),
+            pl.col("subject").cast(pl.String).fill_null(""),
+        )
+        self._warn_about_frame_values(frame)
+        frame = frame.with_columns(
             [pl.when(pl.col(c).is_finite()).then(pl.col(c)).alias(c) for c in self.sensor_columns]
         )
+        frame = self._frame_in_counter_order(frame)
+        demographics = self._frame_demographics(demographics, frame["subject"])
+        return build_sequence_table(frame, demographics, self.settings, "the demographics")
+
+    @staticmethod
+    def _frame_in_counter_order(frame: pl.DataFrame) -> pl.DataFrame:
+        """Each sequence's rows together, in ``sequence_counter`` order (nulls and what is no
+        number last, ties in file order: :meth:`_ordered`'s rule), sequences in file order."""
+        frame = frame.with_columns(pl.col("sequence_counter").cast(pl.Int64, strict=False))
+        run = frame["sequence_id"].rle_id()
+        grouped = frame["sequence_id"].n_unique() == (int(run[-1]) + 1 if len(run) else 0)
+        counter_up = frame["sequence_counter"].diff() > 0
+        if (
+            grouped
+            and frame["sequence_counter"].null_count() == 0
+            and bool((counter_up | (run.diff() != 0)).all())
+        ):
+            return frame
+        logger.warning("rows are not grouped by sequence in sequence_counter order: sorting them")
+        first_row = pl.col("__row_in_file").min().over("sequence_id")  # sequences in file order
+        return (
+            frame.with_row_index("__row_in_file")
+            .sort(first_row, "sequence_counter", nulls_last=True, maintain_order=True)
+            .drop("__row_in_file")
+        )
+
+    def _warn_about_frame_values(self, frame: pl.DataFrame) -> None:
+        """Name the sequences of a frame (float32 sensor columns) holding infinite or physically
+        impossible values (they are taken as missing, as :meth:`sequence_table` does)."""
+        counts = []
+        for start in range(0, frame.height, ROWS_PER_CHECK):
+            values = frame.slice(start, ROWS_PER_CHECK).select(self.sensor_columns).to_numpy()
+            values = values if values.flags.writeable else values.copy()
+            infinite = np.isinf(values)
+            values[infinite] = np.nan
+            counts.append(
+                np.stack([infinite.sum(1), impossible_readings(values, self.sensor_columns).sum(1)], axis=1)
+            )
+        if not counts:
+            return
+        per_row = np.concatenate(counts)
+        per_sequence = (
+            pl.DataFrame({"sequence_id": frame["sequence_id"], "inf": per_row[:, 0], "impossible": per_row[:, 1]})
+            .group_by("sequence_id", maintain_order=True)
+            .sum()
+        )  # fmt: skip
+        for kind, what in (("inf", "infinite"), ("impossible", "physically impossible")):
+            odd = per_sequence.filter(pl.col(kind) > 0)
+            if odd.height:
+                logger.warning(
+                    "%d sequence(s) hold %s sensor value(s), taken as missing: %s%s",
+                    odd.height,
+                    what,
+                    ", ".join(f"{s} ({n})" for s, n in odd.head(10).select("sequence_id", kind).iter_rows()),
+                    ", ..." if odd.height > 10 else "",
+                )
+
+    def _frame_demographics(self, demographics: pl.DataFrame, subjects: pl.Series) -> pl.DataFrame:
+        """One row per subject of ``subjects``: DEMOGRAPHIC_FIELDS as float64 by :meth:`demographics_vector`'s
+        rules (not numbers or out of range: null; a subject without a row: every field null)."""
+        demographics = as_polars_frame(demographics, "the demographics")
+        if "subject" not in demographics.columns:
+            raise InputColumnsError("the demographics frame lacks the column subject")
         demographics = demographics.select(
             pl.col("subject").cast(pl.String),
             *[
-                pl.col(f).cast(pl.Float64, strict=False)
+                pl.col(f).cast(pl.String).str.strip_chars().cast(pl.Float64, strict=False)
+                if f in demographics.columns and demographics.schema[f] == pl.String
+                else pl.col(f).cast(pl.Float64, strict=False)
                 if f in demographics.columns
                 else pl.lit(None, pl.Float64).alias(f)
                 for f in DEMOGRAPHIC_FIELDS
             ],
+        ).unique("subject", keep="first", maintain_order=True)
+        values = demographics.select(DEMOGRAPHIC_FIELDS).to_numpy().astype(np.float64)
+        values[~np.isfinite(values)] = np.nan
+        out_of_range = checked_demographics(values)
+        if out_of_range.any():
+            odd = demographics["subject"].to_numpy()[out_of_range.any(axis=1)]
+            logger.warning(
+                "%d subject(s) have demographics fields out of range, taken as unknown: %s",
+                len(odd),
+                ", ".join(map(str, odd[:5])) + (", ..." if len(odd) > 5 else ""),
+            )
+            values[out_of_range] = np.nan
+        demographics = demographics.with_columns(
+            [pl.Series(f, values[:, i]) for i, f in enumerate(DEMOGRAPHIC_FIELDS)]
         )
-        uncovered = sorted(set(frame["subject"].unique().to_list()) - set(demographics["subject"].to_list()))
+        known = set(demographics["subject"].drop_nulls().to_list())
+        uncovered = sorted(set(subjects.unique().to_list()) - known)
         if uncovered:
             logger.warning(
                 "%d subject(s) have no demographics row (%s): their fields are taken as unknown",
@@ -452,21 +676,83 @@ class EnsemblePredictor:
                     [pl.lit(None, pl.Float64).alias(f) for f in DEMOGRAPHIC_FIELDS]
                 )]
             )  # fmt: skip
-        return build_sequence_table(frame, demographics, self.settings, "the demographics")
+        return demographics
 
     def predict_frame(
-        self, frame: pl.DataFrame, demographics: pl.DataFrame, batch_size: int = 64
+        self, frame: pl.DataFrame, demographics: pl.DataFrame | None, batch_size: int = 64
     ) -> pl.DataFrame:
         """Every sequence of a test-format frame: ``sequence_id``, ``gesture``, ``imu_only`` and the
-        18 ``prob_<gesture>`` columns, in the frame's sequence order."""
-        table = self.frame_table(frame, demographics)
-        probabilities = self.table_probabilities(table, batch_size=batch_size)
+        18 ``prob_<gesture>`` columns, in the frame's sequence order.
+
+        The rules of :meth:`predict`; a sequence that cannot be answered gets
+        :data:`FALLBACK_GESTURE` (NaN probabilities) with a warning naming it, never a failure
+        of the whole frame: when the whole frame's features or models fail, its sequences are
+        answered one at a time (with ``strict=True`` the failure raises instead).
+        """
+        frame = as_polars_frame(frame, "the test frame")
+        if demographics is None:
+            demographics = pl.DataFrame(schema={"subject": pl.String})  # every subject unknown
+        demographics = as_polars_frame(demographics, "the demographics")
+        self.check_columns(frame.columns)
+        if frame.height == 0:
+            logger.warning("the test frame holds no rows: no predictions")
+            return self._result_frame(
+                np.array([], dtype=str), np.zeros(0, dtype=bool), np.zeros((0, NUM_GESTURES), np.float32)
+            )
+        try:
+            table = self.frame_table(frame, demographics)
+        except InputColumnsError:
+            raise
+        except Exception:
+            if self.strict:
+                raise
+            logger.exception("building the features of the whole test frame failed: one sequence at a time")
+            return self._predict_one_at_a_time(frame, demographics)
+        try:
+            probabilities = self.table_probabilities(table, batch_size=batch_size)
+        except Exception:
+            if self.strict:
+                raise
+            logger.exception("predicting the whole test frame failed: one sequence at a time")
+            probabilities = np.full((table.n_sequences, NUM_GESTURES), np.nan, dtype=np.float32)
+            for i in range(table.n_sequences):
+                try:
+                    probabilities[i] = self.table_probabilities(table.subset(np.array([i])), batch_size=1)[0]
+                except Exception:
+                    logger.exception("predicting sequence %s failed", table.sequence_ids[i])
+        return self._result_frame(table.sequence_ids.astype(str), table.imu_only, probabilities)
+
+    def _predict_one_at_a_time(self, frame: pl.DataFrame, demographics: pl.DataFrame) -> pl.DataFrame:
+        """:meth:`predict_frame` by :meth:`predict_probabilities` on each sequence of ``frame``."""
+        sequence_ids, imu_only, rows = [], [], []
+        by_subject = "subject" in demographics.columns
+        subjects = demographics["subject"].cast(pl.String) if by_subject else None
+        for sequence in frame.partition_by("sequence_id", maintain_order=True):
+            subject = self._subject(sequence)
+            rows_of_subject = demographics.filter(subjects == subject) if by_subject else demographics
+            probabilities, table = self._answer(sequence, rows_of_subject)
+            sequence_ids.append(self._sequence_id(sequence))
+            imu_only.append(bool(table.imu_only[0]) if table is not None else False)
+            rows.append(probabilities if probabilities is not None else np.full(NUM_GESTURES, np.nan))
+        return self._result_frame(
+            np.array(sequence_ids, dtype=str), np.array(imu_only), np.stack(rows).astype(np.float32)
+        )
+
+    @staticmethod
+    def _result_frame(
+        sequence_ids: np.ndarray, imu_only: np.ndarray, probabilities: np.ndarray
+    ) -> pl.DataFrame:
+        """sequence_id, gesture (FALLBACK_GESTURE where a row is not finite, warned about), imu_only,
+        prob_<gesture>."""
         answered = np.isfinite(probabilities).all(axis=1)
         if not answered.all():
+            unanswered = sequence_ids[~answered]
             logger.warning(
-                "%d sequence(s) got no finite probabilities: answering %r",
-                int((~answered).sum()),
+                "%d sequence(s) got no finite probabilities, answered %r: %s%s",
+                len(unanswered),
                 FALLBACK_GESTURE,
+                ", ".join(unanswered[:10]),
+                ", ..." if len(unanswered) > 10 else "",
             )
         names = np.array(GESTURES, dtype=object)
         gestures = np.where(
@@ -474,9 +760,9 @@ class EnsemblePredictor:
         )
         result = pl.DataFrame(
             {
-                "sequence_id": table.sequence_ids.astype(str),
-                "gesture": gestures.astype(str),
-                "imu_only": table.imu_only,
+                "sequence_id": pl.Series(sequence_ids.astype(str), dtype=pl.String),
+                "gesture": pl.Series(gestures.astype(str), dtype=pl.String),
+                "imu_only": pl.Series(imu_only, dtype=pl.Boolean),
             }
         )
         return pl.concat(
