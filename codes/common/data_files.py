@@ -3,15 +3,26 @@
 Every reader checks that the file exists (the error names the path and the Kaggle download
 command), that the expected columns are present (the error lists the missing ones), and the
 label/demographics values that later code relies on.
+
+No row is lost or misaligned silently: before polars parses a file, every line is checked to
+hold as many fields as the header (a line cut by an interrupted download, or a field too many
+or too few, stops the read with the file and the line number); after parsing train.csv, its id
+and label columns must be filled on every row, each sequence's ``sequence_counter`` must run
+0..n-1 and ``row_id`` must be ``<sequence_id>_<counter>``. A value polars cannot parse is named
+with its file, column and line. See docs/data.md, "Malformed files".
 """
 
 from __future__ import annotations
 
+import csv
 import logging
+import mmap
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from codes.common.schema import (
@@ -19,6 +30,7 @@ from codes.common.schema import (
     GESTURES,
     IMU_COLUMNS,
     KAGGLE_DOWNLOAD_COMMAND,
+    LABEL_COLUMNS,
     SENSOR_COLUMNS,
     TEST_COLUMNS,
     TEST_LABEL_COLUMNS,
@@ -53,9 +65,21 @@ _DEMOGRAPHICS_DTYPES = {
     "elbow_to_wrist_cm": pl.Float64,
 }
 
+# Columns filled on every row of the competition's files: an empty one means a damaged line.
+NEVER_NULL_COLUMNS: tuple[str, ...] = ("row_id", "sequence_id", "sequence_counter", "subject", *LABEL_COLUMNS)
+ROW_ID_COUNTER_DIGITS = 6  # row_id = SEQ_000007_000012
+_OTHER_SEPARATORS = (";", "\t", "|")
+_COMMA, _NEWLINE, _QUOTE = ord(","), ord("\n"), ord('"')
+_CHUNK_BYTES = 1 << 18  # bytes per step of the field-count pass (a multiple of 64; fits a cache)
+_SHOWN_LINES = 5  # line numbers listed in an error
+
 
 class DataFileError(ValueError):
     """A competition file is missing or does not hold what the competition's files hold."""
+
+
+class MalformedFileError(DataFileError):
+    """A file cut short, misaligned or not in the competition's CSV format (names file and line)."""
 
 
 def require_file(path: Path) -> Path:
@@ -71,10 +95,24 @@ def require_file(path: Path) -> Path:
 
 
 def read_header(path: Path) -> list[str]:
-    """Column names of a CSV file (reads only the first line)."""
-    with open(require_file(path), encoding="utf-8") as handle:
+    """Column names of a CSV file (reads only the first line; a UTF-8 byte-order mark is dropped).
+
+    An empty file, or a header separated by ``;``, a tab or ``|`` instead of commas, raises
+    :class:`MalformedFileError`.
+    """
+    with open(require_file(path), encoding="utf-8-sig", newline="") as handle:
         first = handle.readline().rstrip("\r\n")
-    return [name.strip().strip('"') for name in first.split(",")] if first else []
+    if not first:
+        raise MalformedFileError(f"{path} is empty: not even a header line; download it again")
+    if "," not in first:
+        for separator in _OTHER_SEPARATORS:
+            if separator in first:
+                raise MalformedFileError(
+                    f"{path} is not comma-separated: its header is separated by {separator!r} "
+                    f"({first.count(separator)} times, no comma); save it as a comma-separated CSV, "
+                    "as the competition's files are"
+                )
+    return [name.strip().strip('"') for name in first.split(",")]
 
 
 def check_columns(path: Path, present: Sequence[str], required: Sequence[str]) -> None:
@@ -84,6 +122,310 @@ def check_columns(path: Path, present: Sequence[str], required: Sequence[str]) -
     if missing:
         shown = ", ".join(missing[:20]) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
         raise DataFileError(f"{path} lacks required columns: {shown}")
+
+
+# ---------------------------------------------------------------- field counts per line
+@dataclass(frozen=True)
+class CsvLayout:
+    """What :func:`check_field_counts` learned about a file: its data rows and their lines."""
+
+    n_rows: int
+    # file line (1-based) of each data row when a quoted field spans lines; None: row i is on line i + 2
+    row_lines: np.ndarray | None = None
+
+    def line(self, row: int) -> int:
+        return int(row) + 2 if self.row_lines is None else int(self.row_lines[row])
+
+    def lines(self, rows: Sequence[int] | np.ndarray) -> str:
+        """``rows`` as "line 12", "lines 12 and 40" or "lines 12, 40, ... (7 in all)"."""
+        shown = [str(self.line(r)) for r in list(rows)[:_SHOWN_LINES]]
+        if len(rows) == 1:
+            return f"line {shown[0]}"
+        if len(rows) <= _SHOWN_LINES:
+            return "lines " + ", ".join(shown[:-1]) + " and " + shown[-1]
+        return "lines " + ", ".join(shown) + f", ... ({len(rows)} in all)"
+
+
+def _popcount(words: np.ndarray) -> np.ndarray:
+    """Set bits of each uint64."""
+    if hasattr(np, "bitwise_count"):  # numpy >= 2
+        return np.bitwise_count(words)
+    table = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+    return table[words.view(np.uint8)].reshape(len(words), 8).sum(axis=1, dtype=np.uint8)
+
+
+def _commas_before_newlines(data: np.ndarray) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """The position of every newline byte of ``data``, the commas before each, and all commas;
+    None when ``data`` holds a quote (a quoted field may hold commas and newlines).
+
+    Vectorised per 256 KiB step: the comma flags are packed into 64-bit words (bit i of word
+    j: byte 64 j + i), whose population counts give the commas before any position.
+    """
+    newline_parts, before_parts, total = [], [], 0
+    for start in range(0, len(data), _CHUNK_BYTES):
+        chunk = data[start : start + _CHUNK_BYTES]
+        if (chunk == _QUOTE).any():
+            return None
+        bits = np.packbits(chunk == _COMMA, bitorder="little")
+        commas = (bits if len(bits) % 8 == 0 else np.pad(bits, (0, -len(bits) % 8))).view("<u8")
+        before_word = np.zeros(len(commas) + 1, dtype=np.int64)
+        np.cumsum(_popcount(commas), out=before_word[1:])
+        newlines = np.flatnonzero(chunk == _NEWLINE)
+        word = newlines >> 6
+        below = (np.uint64(1) << (newlines & 63).astype(np.uint64)) - np.uint64(1)
+        before_parts.append(total + before_word[word] + _popcount(commas[word] & below))
+        newline_parts.append(start + newlines)
+        total += int(before_word[-1])
+    return np.concatenate(newline_parts), np.concatenate(before_parts), total
+
+
+def _line_text(data: bytes | np.ndarray, start: int, end: int) -> str:
+    text = bytes(data[start : min(end, start + 80)]).decode("utf-8", "replace").rstrip("\r\n")
+    return text + (" ..." if end - start > 80 else "")
+
+
+def _ragged_line_error(
+    path: Path, line: int, n_found: int, n_fields: int, text: str, also: str
+) -> MalformedFileError:
+    if not text.strip():
+        what = "is empty"
+    else:
+        what = f"has {n_found} field(s) where the header has {n_fields}"
+        other = [s for s in _OTHER_SEPARATORS if s in text]
+        if n_found == 1 and other:
+            what += f" (it is separated by {other[0]!r}, not by commas)"
+    return MalformedFileError(
+        f"{path}, line {line} {what}: its values would land in the wrong columns{also}. "
+        f"The line starts: {text!r}"
+    )
+
+
+def _cut_short_error(path: Path, line: int, n_found: int, n_fields: int) -> MalformedFileError:
+    return MalformedFileError(
+        f"{path} is cut short: its last line (line {line}) has {n_found} of {n_fields} fields and "
+        "no final newline: the file looks truncated (an interrupted download or copy?); download it again"
+    )
+
+
+def check_field_counts(path: Path, n_fields: int) -> CsvLayout:
+    """Check that every line of ``path`` has ``n_fields`` comma-separated fields.
+
+    A line with a field too many or too few, an empty line, or a short last line without a
+    final newline (a file cut short) raises :class:`MalformedFileError` naming the line. A full
+    last line without a final newline only logs a warning (its last value may be cut). Files
+    with quoted fields are checked with the ``csv`` module (slower); the others by counting the
+    commas of each line in one vectorised pass over the bytes.
+    """
+    if Path(path).stat().st_size == 0:
+        return CsvLayout(n_rows=0)
+    with open(path, "rb") as handle:  # the map outlives the handle; it closes with its last view
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    data = np.frombuffer(mapped, dtype=np.uint8)
+    counted = _commas_before_newlines(data)
+    if counted is None:
+        return _check_quoted_field_counts(path, n_fields)
+    newlines, before, total = counted
+    per_line = np.diff(before, prepend=0)  # line k (0 = the header) ends at newlines[k]
+    expected = n_fields - 1
+    bad = np.flatnonzero(per_line[1:] != expected) + 1
+    tail_start = int(newlines[-1]) + 1 if len(newlines) else 0
+    has_tail = tail_start < len(data)  # a last line without a final newline
+    n_lines = len(newlines) + has_tail  # the header included
+    tail_commas = total - (int(before[-1]) if len(before) else 0)
+    if len(bad):
+        line = int(bad[0])
+        start = int(newlines[line - 1]) + 1
+        also = f" (also lines {', '.join(str(b + 1) for b in bad[1:_SHOWN_LINES])}" if len(bad) > 1 else ""
+        if also:
+            also += f", ... ({len(bad)} lines in all))" if len(bad) > _SHOWN_LINES else ")"
+        raise _ragged_line_error(
+            path,
+            line + 1,
+            int(per_line[line]) + 1,
+            n_fields,
+            _line_text(data, start, int(newlines[line])),
+            also,
+        )
+    if has_tail and tail_commas < expected:
+        raise _cut_short_error(path, n_lines, tail_commas + 1, n_fields)
+    if has_tail and tail_commas > expected:
+        text = _line_text(data, tail_start, len(data))
+        raise _ragged_line_error(path, n_lines, tail_commas + 1, n_fields, text, "")
+    if has_tail:
+        logger.warning("%s does not end with a newline: the last value of line %d may be cut", path, n_lines)
+    return CsvLayout(n_rows=max(n_lines - 1, 0))
+
+
+def _check_quoted_field_counts(path: Path, n_fields: int) -> CsvLayout:
+    """:func:`check_field_counts` for a file with quoted fields (which may hold commas or newlines)."""
+    logger.info("%s has quoted fields: checking its field counts with the csv module", path)
+    with open(path, "rb") as handle:
+        handle.seek(-1, 2)
+        ends_with_newline = handle.read(1) == b"\n"
+    row_lines = []
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle, strict=True)
+        try:
+            next(reader)  # the header
+            line = reader.line_num + 1
+            for record in reader:
+                if len(record) != n_fields:
+                    last = not ends_with_newline and not handle.read(1)
+                    if last and len(record) < n_fields:
+                        raise _cut_short_error(path, line, len(record), n_fields)
+                    raise _ragged_line_error(path, line, len(record), n_fields, ",".join(record)[:80], "")
+                row_lines.append(line)
+                line = reader.line_num + 1
+        except csv.Error as error:
+            raise MalformedFileError(
+                f"{path}, line {reader.line_num}: {error} (a quoted field is not closed?)"
+            ) from error
+    return CsvLayout(n_rows=len(row_lines), row_lines=np.asarray(row_lines, dtype=np.int64))
+
+
+# ---------------------------------------------------------------- parsing and row checks
+def _unparsable_value_error(
+    path: Path, error: Exception, dtypes: dict[str, pl.DataType], layout: CsvLayout
+) -> MalformedFileError:
+    """The first value polars could not parse: its column, line and text."""
+    message = str(error)
+    named = re.search(r"at column '([^']*)'", message)
+    if named and named.group(1) in dtypes:
+        candidates = [named.group(1)]
+    else:
+        candidates = [c for c, t in dtypes.items() if t.is_numeric()]
+    if candidates:
+        raw = pl.read_csv(path, columns=candidates, schema_overrides=dict.fromkeys(candidates, pl.String))
+        for column in candidates:
+            values = raw[column]
+            unparsable = (
+                values.cast(dtypes[column], strict=False).is_null() & values.is_not_null()
+            ).arg_true()
+            if len(unparsable):
+                kind = "an integer" if dtypes[column].is_integer() else "a number"
+                row = int(unparsable[0])
+                more = f" ({len(unparsable)} such values in this column)" if len(unparsable) > 1 else ""
+                return MalformedFileError(
+                    f"{path}, line {layout.line(row)}, column {column}: {values[row]!r} is not {kind}{more}"
+                )
+    return MalformedFileError(f"{path} could not be parsed: {message.splitlines()[0]}")
+
+
+def _parse_csv(
+    path: Path, columns: Sequence[str], dtypes: dict[str, pl.DataType], layout: CsvLayout
+) -> pl.DataFrame:
+    """``pl.read_csv`` of checked lines; a value that does not parse is named (file, column, line)."""
+    try:
+        frame = pl.read_csv(path, columns=list(columns), schema_overrides=dtypes)
+    except pl.exceptions.ComputeError as error:
+        raise _unparsable_value_error(path, error, dtypes, layout) from error
+    _check_row_count(frame, path, layout)
+    return frame
+
+
+def _check_row_count(frame: pl.DataFrame, path: Path, layout: CsvLayout) -> None:
+    if frame.height != layout.n_rows:  # both count the same lines: a mismatch is a bug, not bad data
+        raise MalformedFileError(
+            f"{path}: polars read {frame.height} rows where the file has {layout.n_rows}"
+        )
+
+
+def check_rows(frame: pl.DataFrame, path: Path | str, layout: CsvLayout) -> None:
+    """The row checks of a parsed file (each applies when its columns are in ``frame``).
+
+    Columns of :data:`NEVER_NULL_COLUMNS` have a value on every row; the ``sequence_counter``
+    values of each sequence are exactly 0..n-1 (rows may come in any order); ``row_id`` is
+    ``<sequence_id>_<sequence_counter>``.
+    """
+    check_not_null(frame, path, layout)
+    if {"sequence_id", "sequence_counter"} <= set(frame.columns):
+        check_sequence_counters(frame, path, layout)
+    if {"row_id", "sequence_id", "sequence_counter"} <= set(frame.columns):
+        check_row_ids(frame, path, layout)
+
+
+def check_not_null(frame: pl.DataFrame, path: Path | str, layout: CsvLayout) -> None:
+    """Raise naming the lines where a column of :data:`NEVER_NULL_COLUMNS` is empty."""
+    columns = [c for c in NEVER_NULL_COLUMNS if c in frame.columns]
+    counts = frame.select(pl.col(columns).null_count()).row(0) if columns else ()
+    for column, count in zip(columns, counts, strict=True):
+        if count:
+            rows = frame[column].is_null().arg_true().to_numpy()
+            raise MalformedFileError(
+                f"{path}: column {column} is empty on {layout.lines(rows)}; every row of the "
+                "competition's files has it (a damaged line, or values shifted between columns?)"
+            )
+
+
+def check_sequence_counters(frame: pl.DataFrame, path: Path | str, layout: CsvLayout) -> None:
+    """Raise unless the ``sequence_counter`` values of every sequence are exactly 0..n-1."""
+    ids, counter = pl.col("sequence_id"), pl.col("sequence_counter")
+    starts = (ids != ids.shift(1)).fill_null(True)
+    in_file_order = frame.select(
+        pl.when(starts).then(counter == 0).otherwise(counter.diff() == 1).all(),
+        starts.sum() == ids.n_unique(),
+    ).row(0)
+    if all(in_file_order):  # the usual layout: each sequence in one run, counting 0, 1, 2, ...
+        return
+    broken = (
+        frame.group_by("sequence_id", maintain_order=True)
+        .agg(n=pl.len(), low=counter.min(), high=counter.max(), distinct=counter.n_unique())
+        .filter(
+            (pl.col("low") != 0) | (pl.col("high") != pl.col("n") - 1) | (pl.col("distinct") != pl.col("n"))
+        )
+    )
+    if broken.is_empty():
+        return  # complete sequences in another row order: sorted when the table is built
+    sequence = broken["sequence_id"][0]
+    rows = (
+        frame.select(counter)
+        .with_row_index("row")
+        .filter(frame["sequence_id"] == sequence)
+        .sort("sequence_counter")
+    )
+    values, row_of = rows["sequence_counter"].to_numpy(), rows["row"].to_numpy()
+    k = int(np.flatnonzero(values != np.arange(len(values)))[0])
+    if values[k] > k:
+        problem = (
+            f"line {layout.line(row_of[k])}: sequence {sequence} has no row with sequence_counter {k} "
+            f"(the next counter is {values[k]}): rows are missing"
+        )
+    elif k == 0:
+        problem = (
+            f"line {layout.line(row_of[0])}: sequence {sequence} has a negative sequence_counter {values[0]}"
+        )
+    else:
+        problem = (
+            f"{layout.lines(sorted(row_of[k - 1 : k + 1]))}: sequence {sequence} has sequence_counter "
+            f"{values[k]} twice"
+        )
+    others = f" ({broken.height} sequences break it, e.g. {broken['sequence_id'].head(5).to_list()})"
+    raise MalformedFileError(
+        f"{path}, {problem}; each sequence's counters must run 0..n-1{others if broken.height > 1 else ''}"
+    )
+
+
+def check_row_ids(frame: pl.DataFrame, path: Path | str, layout: CsvLayout) -> None:
+    """Raise unless every ``row_id`` is ``<sequence_id>_<sequence_counter>`` (6-digit counter)."""
+    counter = pl.col("sequence_counter")
+    padded = pl.col("sequence_id") + "_" + counter.cast(pl.String).str.zfill(ROW_ID_COUNTER_DIGITS)
+    mismatched = frame.select((pl.col("row_id") != padded).arg_true()).to_series()
+    if mismatched.is_empty():
+        return
+    # the counter written with another number of digits is still the same row
+    suspects = frame.select("row_id", "sequence_id", "sequence_counter")[mismatched]
+    prefix = pl.col("sequence_id") + "_"
+    suffix = pl.col("row_id").str.slice(pl.col("sequence_id").str.len_chars() + 1)
+    same = pl.col("row_id").str.starts_with(prefix) & (suffix.cast(pl.Int64, strict=False) == counter)
+    wrong = suspects.select(~same.fill_null(False)).to_series().arg_true()
+    if wrong.is_empty():
+        return
+    rows = mismatched.gather(wrong).to_numpy()
+    row_id, sequence_id, value = frame.select("row_id", "sequence_id", "sequence_counter").row(int(rows[0]))
+    raise MalformedFileError(
+        f"{path}, {layout.lines(rows)}: row_id {row_id!r} does not match sequence_id {sequence_id!r} "
+        f"and sequence_counter {value} (expected '{sequence_id}_{value:0{ROW_ID_COUNTER_DIGITS}d}'): values shifted between columns?"
+    )
 
 
 def integer_tof_fields(path: Path, header: Sequence[str]) -> bool:
@@ -100,31 +442,66 @@ def integer_tof_fields(path: Path, header: Sequence[str]) -> bool:
     return True
 
 
+def open_csv(path: Path, required: Sequence[str]) -> tuple[list[str], CsvLayout]:
+    """The header and line layout of a CSV after the file, column and field-count checks."""
+    path = require_file(path)
+    header = read_header(path)
+    check_columns(path, header, required)
+    return header, check_field_counts(path, len(header))
+
+
 def read_sensor_csv(
-    path: Path, required: Sequence[str], columns: Sequence[str] | None = None
+    path: Path,
+    required: Sequence[str],
+    columns: Sequence[str] | None = None,
+    check_values: bool = True,
 ) -> pl.DataFrame:
     """Read ``columns`` (default: ``required``) of a train/test CSV after checking the header.
 
     Sensor columns are float32, except ToF columns written as integers: int16 (see
     ``integer_tof_fields``; if a later line holds a decimal or out-of-range ToF value, the file
-    is read again with float32 ToF).
+    is read again with float32 ToF). Every line is checked first (:func:`check_field_counts`);
+    a file without data rows is an error. With ``check_values`` the rows are checked too
+    (:func:`check_rows`; the id and label columns of ``required`` are read for it even when
+    ``columns`` leaves them out).
     """
     path = require_file(path)
     header = read_header(path)
     check_columns(path, header, required)
     wanted = list(columns if columns is not None else required)
-    dtypes = {c: t for c, t in _SENSOR_DTYPES.items() if c in wanted}
+    checked = [c for c in NEVER_NULL_COLUMNS if check_values and c in required and c not in wanted]
+    to_read = wanted + checked
+    dtypes = {c: t for c, t in _SENSOR_DTYPES.items() if c in to_read}
     dtypes["sequence_counter"] = pl.Int32
-    dtypes.update({c: pl.String for c in ("row_id", "sequence_id", "subject") if c in wanted})
-    tof = [c for c in wanted if c.startswith("tof_")]
+    dtypes.update(
+        {c: pl.String for c in ("row_id", "sequence_id", "subject", *LABEL_COLUMNS) if c in to_read}
+    )
+    layout = check_field_counts(path, len(header))
+    if layout.n_rows == 0:
+        raise MalformedFileError(f"{path} holds no data rows, only its header line; download it again")
+    try:
+        frame = _read_sensor_values(path, header, to_read, dtypes)
+    except pl.exceptions.ComputeError as error:
+        raise _unparsable_value_error(path, error, dtypes, layout) from error
+    _check_row_count(frame, path, layout)
+    if check_values:
+        check_rows(frame, path, layout)
+    return frame.select(wanted)
+
+
+def _read_sensor_values(
+    path: Path, header: Sequence[str], columns: list[str], dtypes: dict[str, pl.DataType]
+) -> pl.DataFrame:
+    """``pl.read_csv`` with int16 ToF when the file writes ToF as integers, else float32 ToF."""
+    tof = [c for c in columns if c.startswith("tof_")]
     if tof and integer_tof_fields(path, header):
         try:
-            return pl.read_csv(path, columns=wanted, schema_overrides=dtypes | dict.fromkeys(tof, pl.Int16))
+            return pl.read_csv(path, columns=columns, schema_overrides=dtypes | dict.fromkeys(tof, pl.Int16))
         except pl.exceptions.ComputeError as error:
             logger.info(
                 "%s: ToF values are not all int16 (%s); reading them as float32", path, str(error)[:200]
             )
-    return pl.read_csv(path, columns=wanted, schema_overrides=dtypes)
+    return pl.read_csv(path, columns=columns, schema_overrides=dtypes)
 
 
 def sensor_columns_to_read(include_thm: bool = True, include_tof: bool = True) -> list[str]:
@@ -163,10 +540,15 @@ def read_test(
     include_tof: bool = True,
     meta_columns: Sequence[str] | None = None,
 ) -> pl.DataFrame:
-    """test.csv with the sensor columns asked for (``meta_columns`` as in :func:`read_train`)."""
+    """test.csv with the sensor columns asked for (``meta_columns`` as in :func:`read_train`).
+
+    Its lines are checked as train.csv's (a file cut short or misaligned is an error), its id
+    values are not: batch mode answers every sequence by ``predict()``'s rules, odd ids included.
+    """
     path = Path(data_dir) / TEST_FILE
     meta = _meta_columns_to_read(TEST_COLUMNS, meta_columns)
-    return read_sensor_csv(path, TEST_COLUMNS, meta + sensor_columns_to_read(include_thm, include_tof))
+    columns = meta + sensor_columns_to_read(include_thm, include_tof)
+    return read_sensor_csv(path, TEST_COLUMNS, columns, check_values=False)
 
 
 def check_gestures(gestures: pl.Series, path: Path | str) -> None:
@@ -182,10 +564,14 @@ def check_gestures(gestures: pl.Series, path: Path | str) -> None:
 
 
 def read_demographics(path: Path) -> pl.DataFrame:
-    """A demographics CSV (one row per subject); numeric fields as float64, nulls kept."""
-    path = require_file(path)
-    check_columns(path, read_header(path), DEMOGRAPHICS_COLUMNS)
-    frame = pl.read_csv(path, columns=DEMOGRAPHICS_COLUMNS, schema_overrides=_DEMOGRAPHICS_DTYPES)
+    """A demographics CSV (one row per subject); numeric fields as float64, nulls kept.
+
+    Lines are checked as in :func:`read_sensor_csv`; every row names its subject.
+    """
+    path = Path(path)
+    _, layout = open_csv(path, DEMOGRAPHICS_COLUMNS)
+    frame = _parse_csv(path, DEMOGRAPHICS_COLUMNS, _DEMOGRAPHICS_DTYPES, layout)
+    check_not_null(frame, path, layout)
     duplicated = frame.filter(pl.col("subject").is_duplicated())["subject"].unique().sort().to_list()
     if duplicated:
         raise DataFileError(f"{path} lists these subjects more than once: {duplicated}")
@@ -207,7 +593,8 @@ def read_test_labels(data_dir: Path) -> pl.DataFrame | None:
     path = Path(data_dir) / TEST_LABELS_FILE
     if not path.is_file():
         return None
-    check_columns(path, read_header(path), TEST_LABEL_COLUMNS)
-    frame = pl.read_csv(path, columns=TEST_LABEL_COLUMNS)
+    _, layout = open_csv(path, TEST_LABEL_COLUMNS)
+    frame = _parse_csv(path, TEST_LABEL_COLUMNS, dict.fromkeys(TEST_LABEL_COLUMNS, pl.String), layout)
+    check_not_null(frame, path, layout)
     check_gestures(frame["gesture"], path)
     return frame
