@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import write_toy_data
 
@@ -13,3 +14,13 @@ from tests.helpers import write_toy_data
 def toy_data(tmp_path_factory) -> Path:
     """6 subjects x 18 gestures in the competition format; each gesture a different noise level."""
     return write_toy_data(tmp_path_factory.mktemp("toy_data"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small models on a shared 2-core machine: one thread avoids contention between workers.
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -57,12 +57,7 @@ PROBABILITY_COLUMNS = [f"prob_{g}" for g in GESTURES]
 ATOL = 1e-4  # one sequence alone vs. a padded batch: float32 summation order only
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models on a shared CPU
 
 
 def tiny_predictor(strict: bool = True, folds: int = 2) -> EnsemblePredictor:

@@ -63,13 +63,7 @@ def exp_module(exp: str, name: str):
     return importlib.import_module(f"codes.exp.{exp}.{name}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Small models on a shared 2-core machine: one thread avoids contention between workers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models on a shared CPU
 
 
 @pytest.fixture(scope="module")

@@ -39,12 +39,7 @@ def inference_module():
     return importlib.import_module(f"codes.exp.{EXP}.inference")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models on a shared CPU
 
 
 @pytest.fixture(scope="module")
