@@ -264,7 +264,9 @@ def test_resume_equals_an_uninterrupted_run_and_inference_reproduces_the_oof(exp
         assert (run_dir / name).is_file(), name
 
     # the inference round trip: the saved run answers each out-of-fold sequence as training evaluated it
-    predictor = module(exp, "inference").load_predictor(run_dir, folds=[0], device="cpu", strict=True)
+    predictor = module(exp, "inference").load_predictor(
+        run_dir, folds=[0], device="cpu", strict=True, subject_aware=False
+    )
     train = pl.read_csv(toy_data / "train.csv")
     demographics = pl.read_csv(toy_data / "train_demographics.csv")
     fold0 = oof["straight"].filter(pl.col("fold") == 0)

@@ -85,7 +85,9 @@ def run_dir_of(toy_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def predictor018(run_dir_of):
-    return exp_module("exp018", "inference").load_predictor(run_dir_of("exp018"), device="cpu", strict=True)
+    return exp_module("exp018", "inference").load_predictor(
+        run_dir_of("exp018"), device="cpu", strict=True, subject_aware=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +120,9 @@ def test_a_predictor_restricted_to_fold_k_reproduces_the_out_of_fold_predictions
     exp, run_dir_of, toy_sequences, toy_demographics
 ):
     run_dir = run_dir_of(exp)
-    predictor = exp_module(exp, "inference").load_predictor(run_dir, device="cpu", strict=True)
+    predictor = exp_module(exp, "inference").load_predictor(
+        run_dir, device="cpu", strict=True, subject_aware=False
+    )
     assert predictor.folds == [0, 1]
     oof = pl.read_parquet(run_dir / "oof.parquet")
     probability_columns = [f"prob_{g}" for g in GESTURES]
@@ -163,7 +167,9 @@ def test_imu_only_sequences_take_the_imu_only_path_training_evaluated(
     cfg = load_run_config(run_dir)
     table = load_sequence_table(toy_data, "train", dataset_module.feature_settings(cfg.data))
     folds = assign_folds(table.gestures, table.subjects, cfg.data.n_folds, cfg.data.fold_seed)
-    predictor = exp_module(exp, "inference").load_predictor(run_dir, folds=[1], device="cpu", strict=True)
+    predictor = exp_module(exp, "inference").load_predictor(
+        run_dir, folds=[1], device="cpu", strict=True, subject_aware=False
+    )
     _, valid, valid_index, _ = dataset_module.split_fold(table, folds, 1, cfg.data.max_len)
     # the training way of loading the EMA weights, independent of codes.inference.run_folder
     model = model_module.GestureClassifier(valid.features.shape[-1], cfg.model, cfg.data.max_len)
@@ -416,7 +422,9 @@ def test_int8_quantisation_is_a_cpu_option_close_to_fp32(
     run_dir_of, predictor018, toy_sequences, toy_demographics
 ):
     inference = exp_module("exp018", "inference")
-    quantized = inference.load_predictor(run_dir_of("exp018"), device="cpu", quantize=True, strict=True)
+    quantized = inference.load_predictor(
+        run_dir_of("exp018"), device="cpu", quantize=True, strict=True, subject_aware=False
+    )
     layers = list(quantized.members[0].model.modules())
     assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in layers)
     assert not any(type(m) is torch.nn.Linear for m in layers)
@@ -434,7 +442,7 @@ def test_int8_quantisation_is_a_cpu_option_close_to_fp32(
 
 def test_bf16_precision_is_an_option_close_to_fp32(run_dir_of, predictor018, toy_sequences, toy_demographics):
     bf16 = exp_module("exp018", "inference").load_predictor(
-        run_dir_of("exp018"), device="cpu", strict=True, precision="bf16"
+        run_dir_of("exp018"), device="cpu", strict=True, precision="bf16", subject_aware=False
     )
     assert bf16.autocast_dtype == torch.bfloat16 and predictor018.autocast_dtype is None
     differences = []
@@ -463,7 +471,7 @@ def test_a_run_saved_before_pack_padded_steps_existed_loads_and_predicts_the_sam
         else:
             config["model"]["pack_padded_steps"] = setting
         (old / "config.yaml").write_text(yaml.safe_dump(config))
-        loaded = inference.load_predictor(old, device="cpu", strict=True)
+        loaded = inference.load_predictor(old, device="cpu", strict=True, subject_aware=False)
         assert_same_probabilities(loaded, predictor018, toy_sequences, toy_demographics, 4, atol=1e-5)
 
 
@@ -471,7 +479,7 @@ def test_fold_models_run_in_threads_give_the_same_probabilities(
     run_dir_of, predictor018, toy_sequences, toy_demographics
 ):
     parallel = exp_module("exp018", "inference").load_predictor(
-        run_dir_of("exp018"), device="cpu", strict=True, fold_threads=2
+        run_dir_of("exp018"), device="cpu", strict=True, fold_threads=2, subject_aware=False
     )
     assert parallel.restricted_to([0, 1]).fold_threads == 2
     assert_same_probabilities(parallel, predictor018, toy_sequences, toy_demographics, 8, atol=1e-6)

@@ -54,6 +54,7 @@ from codes.common.folds import assign_folds
 from codes.common.machine import apply_num_threads, autocast, autocast_dtype
 from codes.common.metric import binary_f1, competition_score, macro_f1
 from codes.common.plots import plot_confusion_matrix, plot_fold_curves
+from codes.common.protocol import PROTOCOL_FILE, protocol_record
 from codes.common.runs import (
     TrainingInterrupted,
     atomic_path,
@@ -493,6 +494,8 @@ def _run_folds(
     barrier(context)
     if not context.is_main:
         table = load_sequence_table(resolve_data_dir(**data_dir_kwargs), "train", settings)
+    if context.is_main:  # per-subject gesture counts, for subject-aware inference
+        write_json_atomically(protocol_record(table.gestures, table.subjects), run_dir / PROTOCOL_FILE)
     folds = assign_folds(table.gestures, table.subjects, cfg.data.n_folds, cfg.data.fold_seed)
     selected = list(cfg.data.folds) if cfg.data.folds is not None else list(range(cfg.data.n_folds))
     columns = non_imu_columns(table)

@@ -13,6 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from codes.common.data_files import (
@@ -28,7 +29,9 @@ from codes.common.data_files import (
 )
 from codes.common.data_source import DATA_SOURCES, resolve_data_dir
 from codes.common.metric import competition_score
+from codes.common.schema import GESTURES
 from codes.inference.predictor import EnsemblePredictor
+from codes.inference.subject_assignment import SubjectAssignment
 
 logger = logging.getLogger(__name__)
 
@@ -127,26 +130,78 @@ def read_labels(data_dir: Path, sequence_ids: pl.Series | None = None) -> pl.Dat
     return labels
 
 
+def serving_order(n_sequences: int, seed: int) -> np.ndarray:
+    """The shuffled order the sequences are served in (the gateway serves them shuffled)."""
+    return np.random.default_rng(seed).permutation(n_sequences)
+
+
+def subject_aware_answers(
+    assignment: SubjectAssignment, subjects: np.ndarray, probabilities: np.ndarray, order: np.ndarray
+) -> np.ndarray:
+    """Gesture indices as :meth:`EnsemblePredictor.predict` answers them when the sequences come in
+    ``order`` (causal: each one assigned with its subject's earlier ones); unanswerable rows
+    (non-finite probabilities) get -1."""
+    assignment = assignment.fresh()
+    labels = np.full(len(probabilities), -1, dtype=np.int64)
+    for i in order:
+        if np.isfinite(probabilities[i]).all():
+            labels[i] = assignment.answer(subjects[i], probabilities[i])
+    return labels
+
+
 def run_batch(
-    predictor: EnsemblePredictor, data_dir: Path, output: Path, batch_size: int = 64
+    predictor: EnsemblePredictor, data_dir: Path, output: Path, batch_size: int = 64, order_seed: int = 0
 ) -> dict[str, float] | None:
     """Predict test.csv of ``data_dir``, write ``output`` (sequence_id, gesture); return the
-    scores when ``data_dir`` has labels (synthetic data), else None."""
+    scores when ``data_dir`` has labels (synthetic data), else None.
+
+    With the predictor's subject assignment, the sequences are answered in a shuffled order
+    (``order_seed``), each with its subject's earlier ones, as :meth:`~EnsemblePredictor.predict`
+    answers them through the gateway; the scores then hold ``plain`` (each sequence alone),
+    ``causal`` (what is written) and ``offline`` (each subject's whole test set at once, which
+    the gateway cannot do).
+    """
     data_dir = Path(data_dir)
     settings = predictor.settings
     frame = read_test(data_dir, include_thm=settings.use_thm, include_tof=settings.tof_mode != "none")
     demographics = read_demographics(data_dir / TEST_DEMOGRAPHICS_FILE)
     labels = read_labels(data_dir, frame["sequence_id"])  # checked before anything is written
     predictions = predictor.predict_frame(frame, demographics, batch_size=batch_size)
+    variants = {"plain": predictions}
+    if predictor.subject_assignment is not None:
+        subject_of = dict(
+            frame.select("sequence_id", pl.col("subject").cast(pl.String)).unique("sequence_id").iter_rows()
+        )
+        subjects = np.array([subject_of.get(s) for s in predictions["sequence_id"]], dtype=object)
+        probabilities = predictions.select([f"prob_{g}" for g in GESTURES]).to_numpy()
+        order = serving_order(len(subjects), order_seed)
+        answered = np.isfinite(probabilities).all(axis=1)
+        names = np.array(GESTURES, dtype=object)
+        causal = subject_aware_answers(predictor.subject_assignment, subjects, probabilities, order)
+        offline = np.full(len(subjects), -1, dtype=np.int64)
+        offline[answered] = predictor.subject_assignment.offline(subjects[answered], probabilities[answered])
+        for name, chosen in (("causal", causal), ("offline", offline)):
+            gestures = np.where(answered, names[np.maximum(chosen, 0)], predictions["gesture"].to_numpy())
+            variants[name] = predictions.with_columns(pl.Series("gesture", gestures, dtype=pl.String))
+        predictions = variants["causal"]
     write_csv_atomically(predictions.select(SUBMISSION_COLUMNS), output)
     logger.info("wrote %d predictions to %s", predictions.height, output)
     if labels is None:
         logger.info("%s has no test labels: no score", data_dir)
         return None
     scores = score_predictions(predictions, labels)
+    for name, variant in variants.items():
+        if len(variants) > 1:
+            scores |= {f"{name}_{k}": v for k, v in score_predictions(variant, labels).items()}
     parts = [f"score {scores['score']:.4f} on {scores['n']} sequences"]
     for name in ("imu_only", "all_sensors"):
         if f"score_{name}" in scores:
             parts.append(f"{name} {scores[f'score_{name}']:.4f} ({scores[f'n_{name}']})")
+    if len(variants) > 1:
+        parts.append(
+            "subject-aware: plain {:.4f}, causal {:.4f} (order seed {}), offline {:.4f}".format(
+                scores["plain_score"], scores["causal_score"], order_seed, scores["offline_score"]
+            )
+        )
     print("competition score: " + ", ".join(parts))
     return scores

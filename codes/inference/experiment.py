@@ -8,6 +8,7 @@ An experiment folder's ``inference.py`` keeps only what is its own (``build_mode
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -19,6 +20,7 @@ import torch
 from codes.common.distributed import resolve_device
 from codes.common.features import FeatureSettings, feature_layout
 from codes.common.machine import apply_num_threads, autocast_dtype
+from codes.common.protocol import PROTOCOL_FILE, read_capacities
 from codes.common.runs import REPO_ROOT, setup_logging
 from codes.inference.batch import SUBMISSION_FILE, resolve_test_dir, run_batch
 from codes.inference.predictor import EnsemblePredictor, FoldMember, quantize_for_cpu
@@ -30,6 +32,7 @@ from codes.inference.run_folder import (
     load_run_config,
     select_folds,
 )
+from codes.inference.subject_assignment import SubjectAssignment
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,28 @@ def run_precision(cfg: ConfigView) -> str:
     return cfg.trainer.get("precision", "auto")
 
 
+SUBJECT_AWARE_BY_DEFAULT = True  # measured in docs/results.md (subject-aware inference)
+
+
+def subject_assignment_of(
+    run_dir: Path, subject_aware: bool | None, overflow_penalty: float
+) -> SubjectAssignment | None:
+    """The run's :class:`SubjectAssignment`, or None (off, or a run folder without protocol.json)."""
+    wanted = SUBJECT_AWARE_BY_DEFAULT if subject_aware is None else bool(subject_aware)
+    if not wanted:
+        return None
+    capacities = read_capacities(run_dir)
+    if capacities is None:
+        if subject_aware:
+            raise RunFolderError(
+                f"subject_aware=True but {run_dir} has no {PROTOCOL_FILE} (written by training since "
+                "subject-aware inference exists): retrain, or pass subject_aware=False"
+            )
+        logger.info("%s has no %s: each sequence is answered alone", run_dir, PROTOCOL_FILE)
+        return None
+    return SubjectAssignment(capacities, overflow_penalty)
+
+
 def load_run_predictor(
     run_dir: str | Path,
     exp_name: str,
@@ -56,6 +81,8 @@ def load_run_predictor(
     fold_threads: int = 1,
     precision: str | None = None,
     num_threads: int | None = None,
+    subject_aware: bool | None = None,
+    overflow_penalty: float = math.inf,
 ) -> EnsemblePredictor:
     """Every trained fold of ``run_dir`` (or only ``folds``) as one :class:`EnsemblePredictor`.
 
@@ -66,6 +93,10 @@ def load_run_predictor(
     ``precision``: None = training's rule for the run (bf16 autocast on CUDA, fp32 on CPU unless
     the run trained in bf16); ``"bf16"`` forces bf16 autocast (on a CPU with AVX-512 BF16 the
     matrix products run about twice as fast), ``"fp32"`` none.
+    ``subject_aware``: answer each sequence jointly with its subject's earlier ones under the
+    training data's per-subject gesture counts (``codes/inference/subject_assignment.py``; the
+    run folder's ``protocol.json``); None = :data:`SUBJECT_AWARE_BY_DEFAULT` when the run folder
+    has the counts. ``overflow_penalty``: nats per sequence beyond a gesture's count (inf = hard).
     ``num_threads``: ``torch.set_num_threads`` for the process (None: torch's default, one per
     core); 1 on a shared or busy CPU and with ``fold_threads`` > 1 (docs/inference.md, Speed).
     """
@@ -106,6 +137,7 @@ def load_run_predictor(
         autocast_dtype=autocast_dtype(precision or run_precision(cfg), device),
         strict=strict,
         fold_threads=fold_threads,
+        subject_assignment=subject_assignment_of(run_dir, subject_aware, overflow_penalty),
     )
     logger.info(
         "loaded %s folds %s (%s weights%s) on %s in %.2f s",
@@ -130,6 +162,9 @@ class InferenceConfig:
     batch_size: int = 64
     folds: list[int] | None = None  # default: every trained fold
     num_threads: int | None = None  # torch CPU threads; default: torch's own choice
+    subject_aware: bool | None = None  # None: on when the run folder has protocol.json
+    overflow_penalty: float = math.inf  # nats per sequence beyond a gesture's per-subject count
+    order_seed: int = 0  # the shuffled order the sequences are served in (as the gateway does)
     quantize: bool = False  # CPU: int8 Linear layers (faster, slightly different probabilities)
     fold_threads: int = 1  # fold models run at once for a single sequence (predict(); not batch mode)
     precision: str | None = None  # None = training's rule; bf16 | fp32 to force autocast on or off
@@ -154,9 +189,11 @@ def batch_main(
         quantize=cfg.quantize,
         precision=cfg.precision,
         num_threads=cfg.num_threads,  # torch.set_num_threads before the folds load
+        subject_aware=cfg.subject_aware,
+        overflow_penalty=cfg.overflow_penalty,
     )
     data_dir = resolve_test_dir(cfg.data, load_run_config(run_dir), REPO_ROOT)
     output = Path(cfg.output) if cfg.output else run_dir / SUBMISSION_FILE
-    scores = run_batch(predictor, data_dir, output, batch_size=cfg.batch_size)
+    scores = run_batch(predictor, data_dir, output, batch_size=cfg.batch_size, order_seed=cfg.order_seed)
     print(f"submission: {output}")
     return scores

@@ -50,6 +50,7 @@ from codes.common.schema import (
     ROT_COLUMNS,
 )
 from codes.common.sequences import FeatureNormalizer, SequenceTable, build_sequence_table, pad_sequences
+from codes.inference.subject_assignment import SubjectAssignment
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +177,7 @@ class EnsemblePredictor:
         autocast_dtype: torch.dtype | None = None,
         strict: bool = False,
         fold_threads: int = 1,
+        subject_assignment: SubjectAssignment | None = None,
     ) -> None:
         if not members:
             raise ValueError("an ensemble needs at least one fold model")
@@ -190,6 +192,8 @@ class EnsemblePredictor:
         self.sensor_columns = settings.sensor_columns
         self.n_fallbacks = 0  # sequences answered with FALLBACK_GESTURE
         self._warned_once: set[str] = set()
+        # subject-aware answers (codes/inference/subject_assignment.py); None = each sequence alone
+        self.subject_assignment = subject_assignment
         self.fold_threads = max(1, int(fold_threads))
         self._pool = ThreadPoolExecutor(self.fold_threads) if self.fold_threads > 1 else None
         for member in self.members:
@@ -219,16 +223,29 @@ class EnsemblePredictor:
             self.autocast_dtype,
             self.strict,
             self.fold_threads,
+            self.subject_assignment.fresh() if self.subject_assignment is not None else None,
         )
 
     # ------------------------------------------------------------ the competition's contract
     def predict(self, sequence: pl.DataFrame, demographics: pl.DataFrame | None) -> str:
-        """The gesture of one sequence (test.csv columns) given its subject's demographics row."""
+        """The gesture of one sequence (test.csv columns) given its subject's demographics row.
+
+        With a :attr:`subject_assignment`, the answer is the sequence's label in the joint
+        assignment over its subject's sequences answered so far (by this predictor object).
+        """
+        sequence = as_polars_frame(sequence, "the sequence")
         probabilities = self.predict_probabilities(sequence, demographics)
         if probabilities is None:
             self.n_fallbacks += 1
             return FALLBACK_GESTURE
+        if self.subject_assignment is not None:
+            return GESTURES[self.subject_assignment.answer(self._subject(sequence), probabilities)]
         return GESTURES[int(np.argmax(probabilities))]
+
+    def reset(self) -> None:
+        """Forget the subjects' histories (a new test set)."""
+        if self.subject_assignment is not None:
+            self.subject_assignment.reset()
 
     def predict_probabilities(
         self, sequence: pl.DataFrame, demographics: pl.DataFrame | None
