@@ -15,6 +15,8 @@ staged by ``python -m codes.inference.kaggle_package``). Internet off: nothing i
   batch mode: test.csv -> submission.csv (CMI_OUTPUT), with the score when labels exist.
 - CMI_NUM_THREADS sets torch's CPU threads (default: torch's, one per core); 1 is faster on a
   busy or shared CPU and with CMI_FOLD_THREADS=2.
+- CMI_SUBJECT_AWARE=1 / 0 turns subject-aware answers on / off (default: the predictor's,
+  ``SUBJECT_AWARE_BY_DEFAULT``; it needs the run's protocol.json, staged with the run).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ QUANTIZE_ON_CPU = os.environ.get("CMI_QUANTIZE", "0") == "1"
 FOLD_THREADS = int(os.environ.get("CMI_FOLD_THREADS", "1"))  # fold models run at once per sequence
 # torch CPU threads ("" = torch's default, one per core): 1 on a busy or shared CPU, or with fold threads
 NUM_THREADS = os.environ.get("CMI_NUM_THREADS", "").strip()
+# subject-aware answers: "1" on, "0" off, "" the predictor's default
+SUBJECT_AWARE = {"1": True, "0": False}.get(os.environ.get("CMI_SUBJECT_AWARE", "").strip())
 WORKING_DIR = Path("/kaggle/working")
 SEARCH_DEPTH = 4
 
@@ -105,7 +109,11 @@ import torch  # noqa: E402
 
 quantize = QUANTIZE_ON_CPU and not torch.cuda.is_available()
 predictor = inference.load_predictor(
-    run_dir, quantize=quantize, fold_threads=FOLD_THREADS, num_threads=num_threads
+    run_dir,
+    quantize=quantize,
+    fold_threads=FOLD_THREADS,
+    num_threads=num_threads,
+    subject_aware=SUBJECT_AWARE,
 )  # every fold, once, before the server starts
 print(
     f"loaded folds {predictor.folds} on {predictor.device} in {time.perf_counter() - started:.1f} s "

@@ -162,12 +162,17 @@ def subject_run(toy_data, tmp_path_factory):
     return output_dir / "exp013" / "tiny"
 
 
-def test_training_stores_the_protocol_and_inference_uses_it_by_default(subject_run):
+def test_training_stores_the_protocol_and_inference_uses_it_when_asked(subject_run, monkeypatch):
     from codes.exp.exp013.inference import load_predictor
+    from codes.inference import experiment
 
     assert read_capacities(subject_run).tolist() == [1] * NUM_GESTURES
-    assert load_predictor(subject_run, device="cpu").subject_assignment is not None
+    assert load_predictor(subject_run, device="cpu", subject_aware=True).subject_assignment is not None
     assert load_predictor(subject_run, device="cpu", subject_aware=False).subject_assignment is None
+    assert (load_predictor(subject_run, device="cpu").subject_assignment is not None) == (
+        experiment.SUBJECT_AWARE_BY_DEFAULT
+    )
+    monkeypatch.setattr(experiment, "SUBJECT_AWARE_BY_DEFAULT", True)
     (subject_run / "protocol.json").rename(subject_run / "protocol.json.away")
     try:  # a run folder written before protocol.json existed: answered alone, or a clear error
         assert load_predictor(subject_run, device="cpu").subject_assignment is None
@@ -191,7 +196,7 @@ def test_the_gateway_and_batch_mode_give_the_same_answers_in_the_same_order(subj
     pl.read_csv(toy_data / "train_demographics.csv").write_csv(test_dir / "test_demographics.csv")
     labels = train.select("sequence_id", "gesture").unique("sequence_id")
     labels.write_csv(test_dir / "test_labels.csv")
-    predictor = load_predictor(subject_run, device="cpu", strict=True)
+    predictor = load_predictor(subject_run, device="cpu", strict=True, subject_aware=True)
     served = LocalGateway.from_dir(test_dir, seed=7).serve(predictor.predict).submission
     scores = run_batch(
         predictor.restricted_to(predictor.folds), test_dir, tmp_path / "submission.csv", order_seed=7
