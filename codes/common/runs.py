@@ -211,7 +211,6 @@ def open_run_dir(
     adds ``overrides.resume-<time>.txt`` and keeps the original ``config.yaml``).
     """
     from filelock import FileLock, Timeout
-    from omegaconf import OmegaConf  # training only: inference imports this module without OmegaConf
 
     run_name = broadcast_from_main(cfg.run_name or time.strftime("%Y%m%d-%H%M%S"), context)
     check_run_name(run_name)
@@ -230,7 +229,7 @@ def open_run_dir(
                 "finish or choose another run_name"
             ) from None
         try:
-            _check_and_write(cfg, run_dir, run_name, overrides, OmegaConf)
+            _check_and_write(cfg, run_dir, run_name, overrides)
         except BaseException:
             lock.release()
             raise
@@ -243,11 +242,11 @@ def open_run_dir(
             lock.release()
 
 
-def _check_and_write(
-    cfg: Any, run_dir: Path, run_name: str, overrides: Sequence[str] | None, omegaconf
-) -> None:
+def _check_and_write(cfg: Any, run_dir: Path, run_name: str, overrides: Sequence[str] | None) -> None:
+    from omegaconf import OmegaConf  # training only: inference imports this module without OmegaConf
+
     resume, has_config = bool(cfg.trainer.resume), (run_dir / "config.yaml").is_file()
-    current = omegaconf.to_container(cfg, resolve=True)
+    current = OmegaConf.to_container(cfg, resolve=True)
     if resume:
         if not has_config:
             raise FileNotFoundError(f"trainer.resume=true but {run_dir} holds no run to continue")
@@ -256,7 +255,7 @@ def _check_and_write(
                 f"{run_dir} holds a finished run (metrics.json); nothing to resume. Start another run_name"
             )
         differences = resume_differences(
-            omegaconf.to_container(omegaconf.load(run_dir / "config.yaml")), current
+            OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")), current
         )
         if differences:
             raise ResumeMismatchError(
@@ -276,7 +275,7 @@ def _check_and_write(
             "%s holds no checkpoint (an earlier attempt stopped before its first epoch); reusing it", run_dir
         )
     if not (resume and has_config):
-        write_text_atomically(omegaconf.to_yaml(cfg, resolve=True), run_dir / "config.yaml")
+        write_text_atomically(OmegaConf.to_yaml(cfg, resolve=True), run_dir / "config.yaml")
     listed = "".join(f"{item}\n" for item in overrides) if overrides is not None else "# composed in code\n"
     if resume and has_config:  # the original provenance stays; the resume gets its own record
         stamp = time.strftime("%Y%m%d-%H%M%S")
