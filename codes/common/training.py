@@ -80,6 +80,7 @@ __all__ = [
     "end_epoch",
     "fold_predictions",
     "initialise_from",
+    "place_model",
     "predict_probabilities",
     "run_kfold",
     "score_probabilities",
@@ -114,7 +115,7 @@ class FoldRun:
     context: DistributedContext
     non_imu_columns: list[int]  # feature indices an IMU-only sequence lacks (thermopiles, ToF)
     epochs_this_process: int = 0
-    _imu_only: dict[int, Any] = field(default_factory=dict, repr=False)
+    _imu_only: tuple[Any, Any] | None = field(default=None, repr=False)  # (source, IMU-only copy)
 
     @property
     def device(self) -> torch.device:
@@ -145,23 +146,30 @@ class FoldRun:
 
     def imu_only(self, tensors):
         """``tensors`` with the thermopile and ToF inputs removed (made once per fold)."""
-        if id(tensors) not in self._imu_only:
-            self._imu_only[id(tensors)] = tensors.imu_only(self.non_imu_columns)
-        return self._imu_only[id(tensors)]
+        if self._imu_only is None or self._imu_only[0] is not tensors:
+            self._imu_only = (tensors, tensors.imu_only(self.non_imu_columns))
+        return self._imu_only[1]
 
     def place(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model on the device, with the CPU fast paths there (``machine.cpu_fast_paths``)."""
-        model = model.to(self.device)
-        if self.device.type == "cpu" and self.cfg.machine.cpu_fast_paths:
-            from codes.models.cpu_fast_paths import enable_cpu_fast_paths
-
-            enable_cpu_fast_paths(model)
-        return model
+        return place_model(model, self.device, self.cfg.machine)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """What the training step calls: DDP under ``torchrun``, ``torch.compile`` when asked for."""
         trained = DistributedDataParallel(model) if self.context.is_distributed else model
         return torch.compile(trained) if self.cfg.machine.compile else trained
+
+
+def place_model(model: torch.nn.Module, device: torch.device, machine_cfg) -> torch.nn.Module:
+    """``model`` on ``device``; on a CPU with ``machine.cpu_fast_paths``, the CPU fast paths
+    (``codes/models/cpu_fast_paths/``: the same results, faster training). The one place they
+    are switched on; a GPU never goes through them."""
+    model = model.to(device)
+    if device.type == "cpu" and machine_cfg.cpu_fast_paths:
+        from codes.models.cpu_fast_paths import enable_cpu_fast_paths
+
+        enable_cpu_fast_paths(model)
+    return model
 
 
 def build_ema(model: torch.nn.Module, decay: float) -> AveragedModel | None:

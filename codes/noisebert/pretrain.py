@@ -55,6 +55,7 @@ from codes.common.runs import (
     write_json_atomically,
 )
 from codes.common.sequences import FeatureNormalizer, SequenceTable, load_sequence_table
+from codes.common.training import place_model
 from codes.noisebert.config import register_configs
 from codes.noisebert.dataset import MaskingConfig, NoiseBERTDataset
 from codes.noisebert.loss import attention_penalty, masked_mse, noise_region, noisy_attention_mass
@@ -238,11 +239,9 @@ def _pretrain(cfg: DictConfig, context: DistributedContext, run_dir: Path) -> di
     seed_everything(cfg.trainer.seed)
     train, valid, n_features = build_datasets(cfg, run_dir, context)
 
-    model = NoiseBERT(n_features, cfg.model, cfg.data.max_len, cfg.regularizer.layers).to(device)
-    if device.type == "cpu" and cfg.machine.cpu_fast_paths:
-        from codes.models.cpu_fast_paths import enable_cpu_fast_paths
-
-        enable_cpu_fast_paths(model)
+    model = place_model(
+        NoiseBERT(n_features, cfg.model, cfg.data.max_len, cfg.regularizer.layers), device, cfg.machine
+    )
     if cfg.machine.compile:
         model.encoder.compile()  # the Squeezeformer; the hooked BERT layers stay eager
     trained = DistributedDataParallel(model) if context.is_distributed else model
