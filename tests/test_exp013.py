@@ -15,21 +15,13 @@ from omegaconf import OmegaConf
 from codes.common.machine import autocast_dtype
 from codes.common.schema import GESTURES, NUM_GESTURES
 from tests.helpers import training_config as _training_config
+from tests.pinned_runs import TINY_MODEL
 
 EXP = "exp013"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 train_module = importlib.import_module(f"codes.exp.{EXP}.train")
 model_module = importlib.import_module(f"codes.exp.{EXP}.model")
 config_module = importlib.import_module(f"codes.exp.{EXP}.config")
-
-TINY_MODEL = {
-    "d_model": 32,
-    "num_blocks": 4,
-    "num_heads": 4,
-    "ff_dim": 64,
-    "conv_kernel": 7,
-    "demographics_dim": 8,
-}
 
 
 def tiny_model_config(**changes):
