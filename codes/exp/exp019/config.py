@@ -51,6 +51,9 @@ class BertHeadConfig:
     attn_implementation: str = "sdpa"  # sdpa | eager (eager is needed for output_attentions)
     gradient_checkpointing: bool = False
     max_position_embeddings: int | None = None  # None = data.max_len + 1 (the CLS position)
+    # BERT's learned position embeddings, added on top of the Squeezeformer's own positional
+    # encoding: learned (as exp018) | none (the table is zero and frozen)
+    position_embeddings: str = "learned"
 
 
 @dataclass
@@ -70,6 +73,9 @@ class ModelConfig:
     demographics_dim: int = 32
     use_demographics: bool = True
     head_dropout: float = 0.2
+    cls_init_std: float = 0.0  # the CLS token starts at N(0, std^2); 0 = zeros (as exp018)
+    head_norm: bool = False  # a LayerNorm on the CLS output before the heads
+    orientation_head: bool = False  # an auxiliary head over the 4 orientations (trainer.orientation_weight)
     bert: BertHeadConfig = field(default_factory=BertHeadConfig)
     # initialise the Squeezeformer + BERT stack from a checkpoint (e.g. NoiseBERT pretraining);
     # tensors are matched by name and shape, and the log lists what was loaded and what is new
@@ -83,6 +89,7 @@ class TrainerConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-2
     warmup_ratio: float = 0.05  # share of the optimizer steps spent warming up
+    bert_lr_scale: float = 1.0  # the BERT head's (and the CLS token's) learning rate = lr x this
     label_smoothing: float = 0.0
     bce_weight: float = 0.5  # weight of the target-vs-non-target BCE next to the 18-way CE
     bce_pos_weight: float = 1.0

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from codes.common.schema import NUM_GESTURES
+from codes.common.schema import NUM_GESTURES, ORIENTATIONS
 from codes.models.bert_config import ModelConfigError, build_bert, build_bert_config, build_squeezeformer
 from codes.models.demographics import DemographicsEncoder
 from codes.models.masking import check_mask, to_attention_mask
@@ -29,7 +29,8 @@ def classification_head(in_dim: int, hidden_dim: int, out_dim: int, dropout: flo
 
 
 class GestureClassifier(nn.Module):
-    """Returns ``{"gesture_logits": (B, 18), "target_logit": (B,)}``."""
+    """Returns ``{"gesture_logits": (B, 18), "target_logit": (B,)}`` and, with
+    ``model.orientation_head``, ``"orientation_logits": (B, 4)``."""
 
     def __init__(self, n_features: int, cfg, max_len: int) -> None:
         super().__init__()
@@ -38,13 +39,29 @@ class GestureClassifier(nn.Module):
         self.encoder = build_squeezeformer(cfg, max_len)
         self.bert_projection = nn.Linear(cfg.d_model, hidden) if hidden != cfg.d_model else nn.Identity()
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden))
+        if cfg.cls_init_std > 0:
+            nn.init.normal_(self.cls_token, std=cfg.cls_init_std)
         self.bert = build_bert(cfg, max_len)
+        if cfg.bert.position_embeddings == "none":
+            table = self.bert.embeddings.position_embeddings.weight
+            table.requires_grad_(False)
+            nn.init.zeros_(table)
+        elif cfg.bert.position_embeddings != "learned":
+            raise ModelConfigError(
+                f"model.bert.position_embeddings must be 'learned' or 'none', got {cfg.bert.position_embeddings!r}"
+            )
+        self.head_norm = nn.LayerNorm(hidden) if cfg.head_norm else nn.Identity()
         self.demographics_encoder = (
             DemographicsEncoder(out_dim=cfg.demographics_dim) if cfg.use_demographics else None
         )
         fused_dim = hidden + (cfg.demographics_dim if cfg.use_demographics else 0)
         self.gesture_head = classification_head(fused_dim, hidden, NUM_GESTURES, cfg.head_dropout)
         self.target_head = classification_head(fused_dim, hidden // 2, 1, cfg.head_dropout)
+        self.orientation_head = (
+            classification_head(fused_dim, hidden // 2, len(ORIENTATIONS), cfg.head_dropout)
+            if cfg.orientation_head
+            else None
+        )
 
     def encode(
         self, features: torch.Tensor, mask: torch.Tensor, output_attentions: bool = False
@@ -66,14 +83,21 @@ class GestureClassifier(nn.Module):
         self, features: torch.Tensor, mask: torch.Tensor, demographics: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         hidden, _, _ = self.encode(features, mask)
-        pooled = hidden[:, 0]  # the CLS output (B, H)
+        pooled = self.head_norm(hidden[:, 0])  # the CLS output (B, H)
         if self.demographics_encoder is not None:
             encoded = self.demographics_encoder(demographics, batch_size=features.shape[0])
             pooled = torch.cat([pooled, encoded], dim=-1)  # (B, H) -> (B, H + E)
-        return {
+        outputs = {
             "gesture_logits": self.gesture_head(pooled),
             "target_logit": self.target_head(pooled).squeeze(-1),
         }
+        if self.orientation_head is not None:
+            outputs["orientation_logits"] = self.orientation_head(pooled)
+        return outputs
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The BERT head's parameters and the CLS token (``trainer.bert_lr_scale`` applies to them)."""
+        return [self.cls_token, *self.bert.parameters()]
 
 
 def build_model(cfg, n_features: int) -> GestureClassifier:

@@ -52,10 +52,23 @@ __all__ = ["NonFiniteLossError", "TrainingInterrupted", "build_model", "run_trai
 
 
 def build_optimizer(model: torch.nn.Module, trainer_cfg) -> torch.optim.Optimizer:
-    """AdamW with its fused kernel (CPU and CUDA): one pass over all parameters instead of a loop."""
-    return torch.optim.AdamW(
-        model.parameters(), lr=trainer_cfg.lr, weight_decay=trainer_cfg.weight_decay, fused=True
-    )
+    """AdamW with its fused kernel (CPU and CUDA): one pass over all parameters instead of a loop.
+
+    With ``trainer.bert_lr_scale`` != 1 the BERT head and the CLS token form a second parameter
+    group at ``lr x bert_lr_scale`` (the warm-up and cosine schedule scale both groups).
+    """
+    if trainer_cfg.bert_lr_scale == 1.0:
+        groups = [{"params": list(model.parameters())}]
+    else:
+        head = {id(p) for p in model.head_parameters()}
+        groups = [
+            {"params": [p for p in model.parameters() if id(p) not in head]},
+            {
+                "params": [p for p in model.head_parameters()],
+                "lr": trainer_cfg.lr * trainer_cfg.bert_lr_scale,
+            },
+        ]
+    return torch.optim.AdamW(groups, lr=trainer_cfg.lr, weight_decay=trainer_cfg.weight_decay, fused=True)
 
 
 def train_fold(cfg: DictConfig, run: FoldRun, train: FoldTensors, valid: FoldTensors) -> dict:
