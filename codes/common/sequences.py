@@ -1,7 +1,9 @@
 """Model-ready sequence arrays: the ragged feature table, padding, normalisation and the cache.
 
 A :class:`SequenceTable` holds every sequence of a file as one ragged array (rows of all
-sequences stacked, plus offsets), so it is cheap to cache, subset by fold and pad.
+sequences stacked, plus offsets), so it is cheap to cache, subset by fold and pad. Runs that
+augment raw signals also keep the raw sensor rows (``keep_sensors``) and compute features per
+batch from them (``codes/common/augment.py``); the cache holds features only.
 """
 
 from __future__ import annotations
@@ -58,6 +60,14 @@ class SequenceTable:
     orientations: np.ndarray  # (N,) str, "" = unknown (test)
     feature_names: list[str]
     feature_groups: dict[str, list[int]]  # "imu" / "thm" / "tof" -> feature indices
+    # (R, C) float32 raw values of the settings' sensor_columns, rows aligned with ``features``
+    # (NaN = missing, ToF -1 kept): only with ``load_sequence_table(keep_sensors=True)``; never cached
+    sensors: np.ndarray | None = None
+
+    @property
+    def left_handed(self) -> np.ndarray:
+        """(N,) bool: the wearer is left-handed (unknown handedness counts as right-handed)."""
+        return self.demographics[:, DEMOGRAPHIC_FIELDS.index("handedness")] == 0
 
     @property
     def n_sequences(self) -> int:
@@ -103,6 +113,7 @@ class SequenceTable:
             demographics=self.demographics[indices],
             labels=self.labels[indices],
             orientations=self.orientations[indices],
+            sensors=self.sensors[rows] if self.sensors is not None else None,
         )
 
     # ------------------------------------------------------------ persistence
@@ -112,7 +123,7 @@ class SequenceTable:
         arrays = {
             f.name: getattr(self, f.name)
             for f in fields(self)
-            if f.name not in ("feature_names", "feature_groups")
+            if f.name not in ("feature_names", "feature_groups", "sensors")
         }
         arrays["sequence_ids"] = arrays["sequence_ids"].astype(str)
         arrays["subjects"] = arrays["subjects"].astype(str)
@@ -160,11 +171,13 @@ def build_sequence_table(
     demographics: pl.DataFrame,
     settings: FeatureSettings,
     demographics_source: str = "the demographics",
+    keep_sensors: bool = False,
 ) -> SequenceTable:
     """Features of every sequence of a train- or test-format frame.
 
     ``frame`` needs sequence_id, sequence_counter, subject and ``settings.sensor_columns``;
     gesture and orientation are used when present. ``demographics`` must cover every subject.
+    ``keep_sensors`` keeps the raw sensor rows (``SequenceTable.sensors``).
     """
     check_columns(
         Path("<frame>"),
@@ -217,6 +230,29 @@ def build_sequence_table(
         ),
         feature_names=names,
         feature_groups=groups,
+        sensors=sensor_rows(sensors) if keep_sensors else None,
+    )
+
+
+def sensor_rows(sensors: pl.DataFrame) -> np.ndarray:
+    """``(R, C)`` float32 raw sensor values (NaN = missing; integer ToF readings exactly, -1 kept).
+
+    :func:`compute_step_features` gives the same features from these as from the frame.
+    """
+    return sensors.cast(pl.Float32).to_numpy()
+
+
+def _attach_sensors(table: SequenceTable, frame: pl.DataFrame, settings: FeatureSettings) -> SequenceTable:
+    """``table`` (from the cache) with the raw sensor rows of ``frame``, the file it was built from."""
+    frame = _sequence_runs(frame)
+    ids = frame["sequence_id"].rle().struct.field("value").to_numpy().astype(str)
+    if frame.height != table.offsets[-1] or not np.array_equal(ids, table.sequence_ids):
+        raise DataFileError("the cached features do not match the sensor file; delete the cache folder")
+    return replace(
+        table,
+        sensors=sensor_rows(
+            pl.DataFrame([_as_sensor_values(frame.get_column(c)) for c in settings.sensor_columns])
+        ),
     )
 
 
@@ -288,11 +324,13 @@ def load_sequence_table(
     settings: FeatureSettings | None = None,
     cache_dir: Path | None = None,
     use_cache: bool = True,
+    keep_sensors: bool = False,
 ) -> SequenceTable:
     """The :class:`SequenceTable` of a split, from the cache when its key matches.
 
     The cache lives in ``cache_dir`` (default ``<data_dir>/cache``); an unwritable cache folder
-    only costs a warning.
+    only costs a warning. ``keep_sensors`` also keeps the raw sensor rows (read from the file
+    even when the features come from the cache).
     """
     settings = settings or FeatureSettings()
     data_dir = Path(data_dir)
@@ -332,7 +370,7 @@ def load_sequence_table(
         if all(memoised_digest(p, memo_path) for p in (sensor_path, demographics_path)):
             key = cache_key(data_dir, split, settings, cache_dir)
             if (table := cached(key)) is not None:
-                return table
+                return _attach_sensors(table, read_sensor_file(), settings) if keep_sensors else table
             frame = read_sensor_file()
         else:  # new files: hash them while the CSV is parsed
             with ThreadPoolExecutor(max_workers=1) as pool:
@@ -340,11 +378,11 @@ def load_sequence_table(
                 frame = read_sensor_file()
                 key = pending_key.result()
             if (table := cached(key)) is not None:  # the same content seen before under another stamp
-                return table
+                return _attach_sensors(table, frame, settings) if keep_sensors else table
         cache_path = cache_dir / f"{split}-{key}.npz"
     demographics = read_demographics(demographics_path)
     table = build_sequence_table(
-        frame, demographics, settings, f"{demographics_path} (subjects of {sensor_path})"
+        frame, demographics, settings, f"{demographics_path} (subjects of {sensor_path})", keep_sensors
     )
     logger.info(
         "built %s sequences of %s in %.2f s",

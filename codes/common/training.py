@@ -458,12 +458,14 @@ def run_kfold(
     settings: FeatureSettings,
     non_imu_columns: Callable[[SequenceTable], list[int]],
     overrides: Sequence[str] | None = None,
+    keep_sensors: bool = False,
 ) -> dict | None:
     """The whole k-fold run of an experiment; returns the metrics on rank 0 (None elsewhere).
 
     ``split_fold(table, folds, fold, max_len)`` gives (train tensors, validation tensors,
     validation indices, fitted normalizer); ``train_fold(cfg, run, train, valid)`` trains a fold
-    and returns :func:`fold_predictions`' dict.
+    and returns :func:`fold_predictions`' dict. ``keep_sensors``: the table keeps its raw sensor
+    rows (``SequenceTable.sensors``) for features computed per batch from augmented signals.
     """
     started = time.perf_counter()
     apply_num_threads(cfg.machine.num_threads)
@@ -471,7 +473,15 @@ def run_kfold(
     try:
         with open_run_dir(cfg, context, overrides) as run_dir:
             return _run_folds(
-                cfg, context, run_dir, started, train_fold, split_fold, settings, non_imu_columns
+                cfg,
+                context,
+                run_dir,
+                started,
+                train_fold,
+                split_fold,
+                settings,
+                non_imu_columns,
+                keep_sensors,
             )
     finally:
         shutdown_distributed(context)
@@ -486,6 +496,7 @@ def _run_folds(
     split_fold: SplitFold,
     settings: FeatureSettings,
     non_imu_columns: Callable[[SequenceTable], list[int]],
+    keep_sensors: bool = False,
 ) -> dict | None:
     """The folds of a run in its (locked) folder, then the outputs."""
     setup_logging(run_dir / "train.log", context.is_main)
@@ -498,10 +509,14 @@ def _run_folds(
         "synthetic_seed": cfg.data.synthetic_seed,
     }  # fmt: skip
     if context.is_main:  # rank 0 generates the synthetic data and fills the cache first
-        table = load_sequence_table(resolve_data_dir(**data_dir_kwargs), "train", settings)
+        table = load_sequence_table(
+            resolve_data_dir(**data_dir_kwargs), "train", settings, keep_sensors=keep_sensors
+        )
     barrier(context)
     if not context.is_main:
-        table = load_sequence_table(resolve_data_dir(**data_dir_kwargs), "train", settings)
+        table = load_sequence_table(
+            resolve_data_dir(**data_dir_kwargs), "train", settings, keep_sensors=keep_sensors
+        )
     if context.is_main:  # per-subject gesture counts, for subject-aware inference
         write_json_atomically(protocol_record(table.gestures, table.subjects), run_dir / PROTOCOL_FILE)
     folds = assign_folds(table.gestures, table.subjects, cfg.data.n_folds, cfg.data.fold_seed)

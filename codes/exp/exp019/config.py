@@ -39,6 +39,26 @@ class DataConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Training augmentations (``codes/common/augment.py``); every part off at 0.
+
+    Any raw-signal augmentation (stretch, shift, rotation, flip) makes the training fold's
+    features computed per batch from the raw sensor rows (``machine.num_workers`` DataLoader
+    workers); validation and inference always use the cached features.
+    """
+
+    stretch_prob: float = 0.0  # time stretch by s in stretch_range (log-uniform), slerped quaternions
+    stretch_range: list[float] = field(default_factory=lambda: [0.8, 1.25])
+    shift_max_steps: int = 0  # the sequence ends up to this many steps earlier
+    rotation_prob: float = 0.0  # a random rotation of the device frame, angle uniform in [0, max]
+    rotation_max_deg: float = 10.0
+    flip_prob: float = 0.0  # mirror the sensors as if worn on the other wrist
+    mixup_prob: float = 0.0  # share of training batches mixed up
+    mixup_alpha: float = 0.4  # lam ~ Beta(alpha, alpha)
+    mixup_same_orientation: bool = False  # mix only sequences of the same orientation
+
+
+@dataclass
 class BertHeadConfig:
     """The ``transformers.BertModel`` run over [CLS] + the Squeezeformer's output steps."""
 
@@ -90,6 +110,9 @@ class TrainerConfig:
     weight_decay: float = 1e-2
     warmup_ratio: float = 0.05  # share of the optimizer steps spent warming up
     bert_lr_scale: float = 1.0  # the BERT head's (and the CLS token's) learning rate = lr x this
+    # drop an epoch's last, smaller batch (fixed shapes for CUDA graphs, machine.compile_mode)
+    drop_last: bool = False
+    orientation_weight: float = 0.0  # weight of the orientation head's cross-entropy (model.orientation_head)
     label_smoothing: float = 0.0
     bce_weight: float = 0.5  # weight of the target-vs-non-target BCE next to the 18-way CE
     bce_pos_weight: float = 1.0
@@ -113,6 +136,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 # Named variants: `train.py variant=NAME` sets the values listed here over the defaults above.

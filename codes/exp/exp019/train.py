@@ -26,10 +26,12 @@ if __package__ in (None, ""):  # run as a script: import this folder as its pack
     importlib.import_module(__package__)
 
 import hydra
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from transformers import get_cosine_schedule_with_warmup
 
+from codes.common.augment import RawAugmenter, mixup_batch
 from codes.common.runs import REPO_ROOT, TrainingInterrupted, seed_everything
 from codes.common.training import (
     EpochLosses,
@@ -44,7 +46,7 @@ from codes.common.training import (
 )
 
 from .config import register_configs
-from .dataset import FoldTensors, drop_sensors, feature_settings, non_imu_columns, split_fold
+from .dataset import FoldTensors, RawBatches, drop_sensors, feature_settings, non_imu_columns, split_fold
 from .losses import compute_loss
 from .model import build_model
 
@@ -71,9 +73,34 @@ def build_optimizer(model: torch.nn.Module, trainer_cfg) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=trainer_cfg.lr, weight_decay=trainer_cfg.weight_decay, fused=True)
 
 
+def training_batches(cfg, run: FoldRun, train: FoldTensors, batches: list[torch.Tensor], epoch_seed: int):
+    """An epoch's batches (features, mask, demographics, labels, orientations): from the cached
+    features, or computed from augmented raw signals in DataLoader workers (``RawBatches``)."""
+    if train.table is None:
+        tensors = train.to_dataset().tensors
+        return ((t[batch] for t in tensors) for batch in batches)
+    augmenter = RawAugmenter.from_config(cfg.augment, feature_settings(cfg.data).sensor_columns)
+    dataset = RawBatches(
+        train,
+        [b.numpy() for b in batches],
+        epoch_seed,
+        feature_settings(cfg.data),
+        augmenter,
+        cfg.data.max_len,
+    )
+    return iter(
+        torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,  # an item is a whole batch
+            num_workers=cfg.machine.num_workers,
+            pin_memory=run.device.type == "cuda",
+        )
+    )
+
+
 def train_fold(cfg: DictConfig, run: FoldRun, train: FoldTensors, valid: FoldTensors) -> dict:
     """Train one fold; returns its out-of-fold probabilities and history (the same on every rank)."""
-    trainer_cfg, batch_size = cfg.trainer, cfg.trainer.batch_size
+    trainer_cfg, augment_cfg, batch_size = cfg.trainer, cfg.augment, cfg.trainer.batch_size
     seed = trainer_cfg.seed + run.fold
     seed_everything(seed)
     model = run.place(build_model(cfg, train.features.shape[-1]))
@@ -82,6 +109,8 @@ def train_fold(cfg: DictConfig, run: FoldRun, train: FoldTensors, valid: FoldTen
     ema = build_ema(model, trainer_cfg.ema_decay)
     optimizer = build_optimizer(model, trainer_cfg)
     steps_per_epoch = run.steps_per_epoch(len(train), batch_size)
+    if trainer_cfg.drop_last and steps_per_epoch > 1 and len(train) % batch_size:
+        steps_per_epoch -= 1  # every batch the same shape (CUDA graphs under machine.compile_mode)
     total_steps = steps_per_epoch * trainer_cfg.epochs
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, int(trainer_cfg.warmup_ratio * total_steps), total_steps
@@ -90,26 +119,38 @@ def train_fold(cfg: DictConfig, run: FoldRun, train: FoldTensors, valid: FoldTen
     state = checkpoints.resume()
     trained = run.wrap(model)  # DDP under torchrun, torch.compile when asked for
     evaluated = ema if ema is not None else model
-    dataset = train.to_dataset()
+    pos_weight = torch.tensor(trainer_cfg.bce_pos_weight, device=run.device)  # once, not every step
 
     while not state.finished and state.epoch < trainer_cfg.epochs:
         started = time.perf_counter()
         epoch_seed = seed * 10_000 + state.epoch  # a resumed run repeats every epoch's randomness
         torch.manual_seed(epoch_seed)
-        order = run.epoch_order(len(dataset), epoch_seed)  # this rank's shard
+        order = run.epoch_order(len(train), epoch_seed)  # this rank's shard
+        batches = [order[step * batch_size : (step + 1) * batch_size] for step in range(steps_per_epoch)]
         drop_generator = torch.Generator().manual_seed(epoch_seed + 1)
+        mixup_rng = np.random.default_rng([epoch_seed, 2])
         trained.train()
         losses = EpochLosses(run, state.epoch, steps_per_epoch)
+        epoch_batches = training_batches(cfg, run, train, batches, epoch_seed)
         for step in losses.steps():
-            batch = order[step * batch_size : (step + 1) * batch_size]
-            features, mask, demographics, labels = (t[batch] for t in dataset.tensors)
+            features, mask, demographics, labels, orientations = next(epoch_batches)
+            mix = None
+            if augment_cfg.mixup_prob > 0 and mixup_rng.random() < augment_cfg.mixup_prob:
+                groups = orientations.numpy() if augment_cfg.mixup_same_orientation else None
+                mix = mixup_batch(len(labels), augment_cfg.mixup_alpha, mixup_rng, groups)
+                partner, lam = mix
+                features = lam[:, None, None] * features + (1 - lam[:, None, None]) * features[partner]
+                mask = mask | mask[partner]  # padded steps are 0, so the union holds both sequences
             features = drop_sensors(features, run.non_imu_columns, cfg.data.sensor_drop_prob, drop_generator)
-            features, mask, demographics, labels = (
-                t.to(run.device, non_blocking=True) for t in (features, mask, demographics, labels)
+            features, mask, demographics, labels, orientations = (
+                t.to(run.device, non_blocking=True)
+                for t in (features, mask, demographics, labels, orientations)
             )
+            if mix is not None:
+                mix = tuple(t.to(run.device, non_blocking=True) for t in mix)
             with run.autocast():
                 outputs = trained(features, mask, demographics)
-            loss = compute_loss(outputs, labels, trainer_cfg)
+            loss = compute_loss(outputs, labels, trainer_cfg, pos_weight, orientations, mix)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if trainer_cfg.grad_clip > 0:
@@ -118,16 +159,29 @@ def train_fold(cfg: DictConfig, run: FoldRun, train: FoldTensors, valid: FoldTen
             scheduler.step()
             if ema is not None:
                 ema.update_parameters(model)
-            losses.add(step, loss, len(batch))
+            losses.add(step, loss, len(labels))
         end_epoch(
             run, state, checkpoints, evaluated, valid, losses.mean(), scheduler.get_last_lr()[0], started
         )
     return fold_predictions(run, state, checkpoints, evaluated, valid)
 
 
+def raw_augmentation_on(cfg: DictConfig) -> bool:
+    """Whether training computes features from augmented raw signals (else the cached features)."""
+    return RawAugmenter.from_config(cfg.augment, feature_settings(cfg.data).sensor_columns).active
+
+
 def run_training(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict | None:
     """The whole k-fold run; returns the metrics on rank 0 (None elsewhere)."""
-    return run_kfold(cfg, train_fold, split_fold, feature_settings(cfg.data), non_imu_columns, overrides)
+    return run_kfold(
+        cfg,
+        train_fold,
+        split_fold,
+        feature_settings(cfg.data),
+        non_imu_columns,
+        overrides,
+        keep_sensors=raw_augmentation_on(cfg),
+    )
 
 
 register_configs()
