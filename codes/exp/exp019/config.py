@@ -94,7 +94,10 @@ class ModelConfig:
     use_demographics: bool = True
     head_dropout: float = 0.2
     cls_init_std: float = 0.0  # the CLS token starts at N(0, std^2); 0 = zeros (as exp018)
-    head_norm: bool = False  # a LayerNorm on the CLS output before the heads
+    # what the heads read: cls (the CLS output, as exp018) | cls_mean_max (the CLS output with the
+    # masked mean and max of the BERT step outputs)
+    head_pooling: str = "cls"
+    head_norm: bool = False  # a LayerNorm on the pooled vector before the heads
     orientation_head: bool = False  # an auxiliary head over the 4 orientations (trainer.orientation_weight)
     bert: BertHeadConfig = field(default_factory=BertHeadConfig)
     # initialise the Squeezeformer + BERT stack from a checkpoint (e.g. NoiseBERT pretraining);
@@ -121,6 +124,9 @@ class TrainerConfig:
     ema_decay: float = 0.999
     early_stopping_patience: int = 10
     seed: int = 42  # fold k uses seed + k
+    # several models per fold, averaged at inference like folds (and in the OOF): e.g. [42, 7, 1];
+    # the first trains in fold{k}/, the others in fold{k}/seed{s}/; None = one model at trainer.seed
+    seeds: list[int] | None = None
     resume: bool = False
     # stop this process after N epochs as if interrupted (Kaggle session limits, tests); resume later
     interrupt_after_epochs: int | None = None

@@ -17,7 +17,9 @@ from torch import nn
 from codes.common.schema import NUM_GESTURES, ORIENTATIONS
 from codes.models.bert_config import ModelConfigError, build_bert, build_bert_config, build_squeezeformer
 from codes.models.demographics import DemographicsEncoder
-from codes.models.masking import check_mask, to_attention_mask
+from codes.models.masking import check_mask, masked_max, masked_mean, to_attention_mask
+
+HEAD_POOLINGS = ("cls", "cls_mean_max")
 
 __all__ = ["GestureClassifier", "ModelConfigError", "build_model", "classification_head"]
 
@@ -50,11 +52,17 @@ class GestureClassifier(nn.Module):
             raise ModelConfigError(
                 f"model.bert.position_embeddings must be 'learned' or 'none', got {cfg.bert.position_embeddings!r}"
             )
-        self.head_norm = nn.LayerNorm(hidden) if cfg.head_norm else nn.Identity()
+        if cfg.head_pooling not in HEAD_POOLINGS:
+            raise ModelConfigError(
+                f"model.head_pooling must be one of {HEAD_POOLINGS}, got {cfg.head_pooling!r}"
+            )
+        self.head_pooling = cfg.head_pooling
+        pooled_dim = hidden * (3 if cfg.head_pooling == "cls_mean_max" else 1)
+        self.head_norm = nn.LayerNorm(pooled_dim) if cfg.head_norm else nn.Identity()
         self.demographics_encoder = (
             DemographicsEncoder(out_dim=cfg.demographics_dim) if cfg.use_demographics else None
         )
-        fused_dim = hidden + (cfg.demographics_dim if cfg.use_demographics else 0)
+        fused_dim = pooled_dim + (cfg.demographics_dim if cfg.use_demographics else 0)
         self.gesture_head = classification_head(fused_dim, hidden, NUM_GESTURES, cfg.head_dropout)
         self.target_head = classification_head(fused_dim, hidden // 2, 1, cfg.head_dropout)
         self.orientation_head = (
@@ -82,8 +90,12 @@ class GestureClassifier(nn.Module):
     def forward(
         self, features: torch.Tensor, mask: torch.Tensor, demographics: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        hidden, _, _ = self.encode(features, mask)
-        pooled = self.head_norm(hidden[:, 0])  # the CLS output (B, H)
+        hidden, full_mask, _ = self.encode(features, mask)
+        pooled = hidden[:, 0]  # the CLS output (B, H)
+        if self.head_pooling == "cls_mean_max":  # + the masked mean and max of the step outputs (B, 3H)
+            steps, step_mask = hidden[:, 1:], full_mask[:, 1:]
+            pooled = torch.cat([pooled, masked_mean(steps, step_mask), masked_max(steps, step_mask)], dim=-1)
+        pooled = self.head_norm(pooled)
         if self.demographics_encoder is not None:
             encoded = self.demographics_encoder(demographics, batch_size=features.shape[0])
             pooled = torch.cat([pooled, encoded], dim=-1)  # (B, H) -> (B, H + E)
