@@ -51,20 +51,57 @@ def pinned_overrides(exp: str, data_dir: Path, output_dir: Path) -> list[str]:
         "trainer.epochs=3",
         *[f"model.{k}={v}" for k, v in TINY_MODEL.items()],
     ]
-    if exp == "exp018":
+    if exp in ("exp018", "exp019"):
         overrides += [f"model.bert.{k}={v}" for k, v in TINY_BERT.items()]
     return overrides
 
 
-def run_pinned(exp: str, data_dir: Path, output_dir: Path) -> tuple[dict, np.ndarray]:
-    """(metrics.json's content, the OOF probabilities (N, 18) in oof.parquet's row order)."""
+# exp019 with every part of its recipe switched off, and exp018's quick schedule: exp018's computation
+EXP019_AS_EXP018 = [
+    "data.max_len=64",
+    "model.dropout=0.1",
+    "model.attention_dropout=0.1",
+    "model.head_dropout=0.2",
+    "model.head_pooling=cls",
+    "model.head_norm=false",
+    "model.cls_init_std=0.0",
+    "model.orientation_head=false",
+    "model.bert.position_embeddings=learned",
+    "model.bert.hidden_dropout=0.1",
+    "model.bert.attention_dropout=0.1",
+    "trainer.lr=0.002",
+    "trainer.warmup_ratio=0.05",
+    "trainer.bert_lr_scale=1.0",
+    "trainer.orientation_weight=0.0",
+    "trainer.label_smoothing=0.0",
+    "trainer.ema_decay=0.999",
+    "trainer.early_stopping_patience=5",
+    "trainer.drop_last=false",
+    "trainer.seeds=null",
+    "augment.stretch_prob=0.0",
+    "augment.shift_max_steps=0",
+    "augment.rotation_prob=0.0",
+    "augment.flip_prob=0.0",
+    "augment.mixup_prob=0.0",
+]
+
+
+def run_pinned(
+    exp: str, data_dir: Path, output_dir: Path, extra: list[str] | None = None
+) -> tuple[dict, np.ndarray]:
+    """(metrics.json's content, the OOF probabilities (N, 18) in oof.parquet's row order).
+
+    ``extra`` overrides come last (exp019 run as exp018: ``EXP019_AS_EXP018``, with exp018's
+    BERT overrides)."""
     from hydra import compose, initialize_config_dir
 
     importlib.import_module(f"codes.exp.{exp}.config").register_configs()
     train_module = importlib.import_module(f"codes.exp.{exp}.train")
     configs = Path(__file__).resolve().parents[1] / "configs"
     with initialize_config_dir(config_dir=str(configs), version_base=None):
-        cfg = compose(config_name="experiment", overrides=pinned_overrides(exp, data_dir, output_dir))
+        cfg = compose(
+            config_name="experiment", overrides=[*pinned_overrides(exp, data_dir, output_dir), *(extra or [])]
+        )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -27,6 +27,7 @@ from codes.inference.predictor import EnsemblePredictor, FoldMember, quantize_fo
 from codes.inference.run_folder import (
     ConfigView,
     RunFolderError,
+    fold_seed_folders,
     load_fold_weights,
     load_normalizer,
     load_run_config,
@@ -117,18 +118,22 @@ def load_run_predictor(
         raise ValueError(f"quantize=true is a CPU setting; the device is {device}")
     members, kinds = [], set()
     for fold in select_folds(run_dir, folds):
-        weights, kind = load_fold_weights(run_dir, fold)
-        try:
-            model = build_model(cfg, n_features)
-            model.load_state_dict(weights)
-        except (AttributeError, KeyError, RuntimeError, ValueError) as error:
-            raise RunFolderError(
-                f"{run_dir}/fold{fold}: the checkpoint does not fit {exp_name}'s model built from the run's "
-                f"config (trained by {trained_by}; use codes/exp/{trained_by}/inference.py): {error}"
-            ) from error
-        model = quantize_for_cpu(model) if quantize else model
-        members.append(FoldMember(fold, model, load_normalizer(run_dir, fold)))
-        kinds.add(kind)
+        normalizer = load_normalizer(run_dir, fold)
+        # the fold's model, and those of further seeds (trainer.seeds): averaged like folds
+        for seed_folder in [None, *fold_seed_folders(run_dir, fold)]:
+            weights, kind = load_fold_weights(run_dir, fold, seed_folder)
+            try:
+                model = build_model(cfg, n_features)
+                model.load_state_dict(weights)
+            except (AttributeError, KeyError, RuntimeError, ValueError) as error:
+                raise RunFolderError(
+                    f"{run_dir}/fold{fold}/{seed_folder or ''}: the checkpoint does not fit {exp_name}'s model "
+                    f"built from the run's config (trained by {trained_by}; use codes/exp/{trained_by}/inference.py): "
+                    f"{error}"
+                ) from error
+            model = quantize_for_cpu(model) if quantize else model
+            members.append(FoldMember(fold, model, normalizer))
+            kinds.add(kind)
     predictor = EnsemblePredictor(
         members,
         settings,

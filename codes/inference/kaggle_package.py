@@ -34,6 +34,7 @@ from codes.inference.run_folder import (
     NORMALIZER_FILE,
     RunFolderError,
     evaluated_weights,
+    fold_seed_folders,
     load_normalizer,
     load_run_config,
     run_exp_name,
@@ -135,9 +136,10 @@ def stage_code_dataset(
     return out_dir
 
 
-def _readable_checkpoint(run_dir: Path, fold: int) -> dict:
-    """``fold{k}/best.pt``, loaded and checked to hold the weights inference uses."""
-    path = run_dir / f"fold{fold}" / CHECKPOINT_FILE
+def _readable_checkpoint(run_dir: Path, fold: int, seed_folder: str | None = None) -> dict:
+    """``fold{k}/best.pt`` (or ``fold{k}/<seed_folder>/best.pt``), loaded and checked to hold the
+    weights inference uses."""
+    path = run_dir / f"fold{fold}" / (seed_folder or "") / CHECKPOINT_FILE
     try:
         checkpoint = load_checkpoint(path)
     except CheckpointError as error:
@@ -176,19 +178,22 @@ def stage_run_dataset(
     checkpoints = {}
     for fold in selected:
         load_normalizer(run_dir, fold)  # readable, with sound statistics
-        checkpoints[fold] = _readable_checkpoint(run_dir, fold)
+        for seed_folder in [None, *fold_seed_folders(run_dir, fold)]:  # further seeds: trainer.seeds
+            checkpoints[fold, seed_folder] = _readable_checkpoint(run_dir, fold, seed_folder)
     out_dir = _fresh(Path(out_dir))
     for name in RUN_FILES:
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, out_dir / name)
     for fold in selected:
-        source, target = run_dir / f"fold{fold}", out_dir / f"fold{fold}"
-        target.mkdir()
-        shutil.copy2(source / NORMALIZER_FILE, target / NORMALIZER_FILE)
+        (out_dir / f"fold{fold}").mkdir()
+        shutil.copy2(run_dir / f"fold{fold}" / NORMALIZER_FILE, out_dir / f"fold{fold}" / NORMALIZER_FILE)
+    for (fold, seed_folder), checkpoint in checkpoints.items():
+        source = run_dir / f"fold{fold}" / (seed_folder or "")
+        target = out_dir / f"fold{fold}" / (seed_folder or "")
+        target.mkdir(exist_ok=True)
         if not slim:
             shutil.copy2(source / CHECKPOINT_FILE, target / CHECKPOINT_FILE)
             continue
-        checkpoint = checkpoints[fold]
         weights, kind = evaluated_weights(checkpoint)
         slimmed = {
             "model": weights,

@@ -29,6 +29,9 @@ CONFIG_FILE = "config.yaml"
 CHECKPOINT_FILE = "best.pt"
 NORMALIZER_FILE = "normalizer.json"
 _FOLD_DIR = re.compile(r"^fold(\d+)$")
+_SEED_DIR = re.compile(
+    r"^seed(-?\d+)$"
+)  # fold<k>/seed<s>/: a further seed's model of the fold (trainer.seeds)
 _EMA_PREFIX = "module."  # AveragedModel keeps the averaged model under .module
 # an experiment name as a single path component and a codes/exp/<exp> folder name: no "/" and no ".."
 _EXP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -248,9 +251,26 @@ def evaluated_weights(checkpoint: Mapping[str, Any]) -> tuple[dict[str, torch.Te
     raise RunFolderError("the checkpoint holds neither EMA nor model weights")
 
 
-def load_fold_weights(run_dir: Path, fold: int) -> tuple[dict[str, torch.Tensor], str]:
-    """:func:`evaluated_weights` of ``fold{k}/best.pt``, loaded on the CPU."""
-    path = Path(run_dir) / f"fold{fold}" / CHECKPOINT_FILE
+def fold_seed_folders(run_dir: Path, fold: int) -> list[str]:
+    """``fold{k}``'s further seed folders holding a best checkpoint (``trainer.seeds``), e.g.
+    ``["seed7"]``: their models join the fold's (the fold's normaliser serves them all)."""
+    folder = Path(run_dir) / f"fold{fold}"
+    if not folder.is_dir():
+        return []
+    seeds = [
+        child.name
+        for child in folder.iterdir()
+        if _SEED_DIR.match(child.name) and (child / CHECKPOINT_FILE).is_file()
+    ]
+    return sorted(seeds, key=lambda name: int(name[len("seed") :]))
+
+
+def load_fold_weights(
+    run_dir: Path, fold: int, seed_folder: str | None = None
+) -> tuple[dict[str, torch.Tensor], str]:
+    """:func:`evaluated_weights` of ``fold{k}/best.pt`` (or ``fold{k}/<seed_folder>/best.pt``),
+    loaded on the CPU."""
+    path = Path(run_dir) / f"fold{fold}" / (seed_folder or "") / CHECKPOINT_FILE
     if not path.is_file():
         raise RunFolderError(f"missing {path}: the fold's best checkpoint")
     try:
