@@ -1,16 +1,31 @@
 """Training throughput of an experiment's model: forward + backward + AdamW step, sequences/s.
 
     python benchmarks/bench_training_step.py --exp exp013 [--batch-size 32 --length 128 --features 16]
+        [--max-len N] [--variant quick] [--lengths-from data/synthetic]
         [--min-length 29] [--steps 10 --repeats 3] [--device cpu|cuda] [--bf16] [--compile]
-        [--no-time-reduction] [--no-cpu-fast-paths] [model.key=value ...]
+        [--full-step] [--ema torch|sync-free] [--profile] [--no-time-reduction]
+        [--no-cpu-fast-paths] [model.key=value ...]
 
-The model is built from the experiment's default ``ModelConfig`` (the full dims); trailing
-``model.key=value`` arguments override fields. Lengths are random in [min-length, length] with
-the mask set accordingly (``--min-length`` equal to ``--length``: no padding at all); the loss is
-the experiment's training loss. After the warm-up, ``--repeats`` rounds of ``--steps`` steps are
-timed; each round's throughput and their median are printed. On CPU the model gets the CPU fast
-paths (``codes.models.cpu_fast_paths.enable_cpu_fast_paths``) as training on CPU does;
-``--no-cpu-fast-paths`` measures the plain model.
+The model is built from the experiment's default ``ModelConfig`` (the full dims), or with
+``--variant NAME`` from that variant's ``model`` values (e.g. ``quick``); trailing
+``model.key=value`` arguments override fields. ``--max-len`` is the model's ``data.max_len``
+(positional tables, BERT positions; default ``--length``); batches are padded to ``--length``,
+as training pads every batch to ``data.max_len``.
+
+Real lengths are random in [min-length, length] with the mask set accordingly (``--min-length``
+equal to ``--length``: no padding at all), or, with ``--lengths-from DIR``, drawn from the
+training sequences of a dataset folder in the competition format (cropped to ``--length``), so
+that the padding is what training sees. The loss is the experiment's training loss.
+``--full-step`` adds what ``train.py`` does besides: gradient clipping (``trainer.grad_clip``)
+and the EMA update (``--ema torch``: ``torch.optim.swa_utils.AveragedModel`` as
+``codes.common.training.build_ema`` builds it; ``--ema sync-free``:
+``codes.common.ema.WarmupEMA``).
+
+After the warm-up, ``--repeats`` rounds of ``--steps`` steps are timed; each round's throughput
+and their median are printed. ``--profile`` then runs ``--steps`` more steps under
+``torch.profiler`` and prints the ops by self time, grouped by input shape. On CPU the model gets
+the CPU fast paths (``codes.models.cpu_fast_paths.enable_cpu_fast_paths``) as training on CPU
+does; ``--no-cpu-fast-paths`` measures the plain model.
 """
 
 from __future__ import annotations
@@ -21,10 +36,35 @@ import platform
 import statistics
 import time
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from codes.models.cpu_fast_paths import enable_cpu_fast_paths
+
+
+def real_lengths(args: argparse.Namespace, generator: torch.Generator) -> torch.Tensor:
+    """``(batch_size,)`` real lengths: uniform in [min-length, length], or from ``--lengths-from``."""
+    if args.lengths_from is None:
+        return torch.randint(args.min_length, args.length + 1, (args.batch_size,), generator=generator)
+    from codes.common.features import FeatureSettings
+    from codes.common.sequences import load_sequence_table
+
+    lengths = load_sequence_table(args.lengths_from, "train", FeatureSettings()).lengths
+    picked = torch.randint(0, len(lengths), (args.batch_size,), generator=generator).numpy()
+    return torch.from_numpy(np.minimum(lengths[picked], args.length).astype(np.int64))
+
+
+def build_ema(kind: str, model: torch.nn.Module, decay: float):
+    if kind == "torch":
+        from torch.optim.swa_utils import AveragedModel
+
+        from codes.common.ema import get_ema_multi_avg_fn_with_warmup
+
+        return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn_with_warmup(decay), use_buffers=True)
+    from codes.common.ema import WarmupEMA
+
+    return WarmupEMA(model, decay)
 
 
 def main() -> None:
@@ -32,49 +72,71 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--exp", default="exp013")
+    parser.add_argument("--variant", default=None, help="the experiment's VARIANTS[NAME]['model'] values")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--length", type=int, default=128, help="padded length of every batch")
+    parser.add_argument(
+        "--max-len", type=int, default=None, help="the model's data.max_len (default --length)"
+    )
     parser.add_argument("--features", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--min-length", type=int, default=29)
+    parser.add_argument(
+        "--lengths-from", default=None, help="draw real lengths from this dataset's train.csv"
+    )
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--bf16", action="store_true", help="torch.autocast with bfloat16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode")
+    parser.add_argument("--full-step", action="store_true", help="+ gradient clipping and the EMA update")
+    parser.add_argument("--ema", choices=("torch", "sync-free"), default="torch")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table afterwards")
+    parser.add_argument("--profile-rows", type=int, default=30)
     parser.add_argument("--no-time-reduction", action="store_true")
     parser.add_argument(
         "--no-cpu-fast-paths", action="store_true", help="the plain model on CPU (no enable_cpu_fast_paths)"
     )
     parser.add_argument("overrides", nargs="*", help="model.key=value")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    max_len = args.max_len or args.length
+    if max_len < args.length:
+        parser.error(f"--max-len ({max_len}) must be >= --length ({args.length})")
 
     config = importlib.import_module(f"codes.exp.{args.exp}.config")
     model_module = importlib.import_module(f"codes.exp.{args.exp}.model")
     train_module = importlib.import_module(f"codes.exp.{args.exp}.train")
     cfg = OmegaConf.structured(config.Config())
+    if args.variant is not None:
+        cfg.model = OmegaConf.merge(cfg.model, config.VARIANTS[args.variant].get("model", {}))
+        cfg.trainer = OmegaConf.merge(cfg.trainer, config.VARIANTS[args.variant].get("trainer", {}))
     cfg.merge_with_dotlist(list(args.overrides))
     if args.no_time_reduction:
         cfg.model.time_reduction = False
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = model_module.GestureClassifier(args.features, cfg.model, args.length)
+    model = model_module.GestureClassifier(args.features, cfg.model, max_len)
     fast_paths = device.type == "cpu" and not args.no_cpu_fast_paths
     if fast_paths:
         enable_cpu_fast_paths(model)
     model = model.to(device)
     n_parameters = sum(p.numel() for p in model.parameters())
-    step_model = torch.compile(model) if args.compile else model
+    step_model = torch.compile(model, mode=args.compile_mode) if args.compile else model
     if hasattr(train_module, "build_optimizer"):  # the experiment's own optimizer settings
         optimizer = train_module.build_optimizer(model, cfg.trainer)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ema = build_ema(args.ema, model, cfg.trainer.ema_decay) if args.full_step else None
 
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(args.batch_size, args.length, args.features, generator=generator)
     if not 1 <= args.min_length <= args.length:
         parser.error(f"--min-length must be in [1, --length={args.length}], got {args.min_length}")
-    lengths = torch.randint(args.min_length, args.length + 1, (args.batch_size,), generator=generator)
+    lengths = real_lengths(args, generator)
     mask = torch.arange(args.length)[None, :] < lengths[:, None]
     features = (features * mask[..., None]).to(device)
     mask = mask.to(device)
@@ -89,7 +151,11 @@ def main() -> None:
         loss = train_module.compute_loss(outputs, labels, cfg.trainer)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if args.full_step and cfg.trainer.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.grad_clip)
         optimizer.step()
+        if ema is not None:
+            ema.update_parameters(model)
 
     model.train()
     for _ in range(args.warmup):
@@ -113,13 +179,33 @@ def main() -> None:
         else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     )
     print(
-        f"{args.exp} | {name} | time_reduction={cfg.model.time_reduction} bf16={args.bf16} compile={args.compile} "
-        f"cpu_fast_paths={fast_paths} "
+        f"{args.exp} | {name} | variant={args.variant} time_reduction={cfg.model.time_reduction} "
+        f"bf16={args.bf16} compile={args.compile} cpu_fast_paths={fast_paths} "
+        f"full_step={args.full_step}{f' ema={args.ema}' if args.full_step else ''} "
         f"{' '.join(args.overrides)} | "
-        f"params {n_parameters / 1e6:.2f} M | batch {args.batch_size} x length {args.length} "
-        f"(real {args.min_length}-{args.length}) | rounds {per_round} | "
-        f"median {throughput:.1f} sequences/s ({seconds / args.steps * 1000:.0f} ms/step)"
+        f"params {n_parameters / 1e6:.2f} M | batch {args.batch_size} x length {args.length} (max_len {max_len}, "
+        f"real {int(lengths.min())}-{int(lengths.max())}, mean {lengths.float().mean():.1f}) | "
+        f"rounds {per_round} | median {throughput:.1f} sequences/s ({seconds / args.steps * 1000:.0f} ms/step)"
     )
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities, record_shapes=True) as profiler:
+            for _ in range(args.steps):
+                step()
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(
+            profiler.key_averages().table(sort_by=sort, row_limit=args.profile_rows, max_name_column_width=48)
+        )
+        print(
+            profiler.key_averages(group_by_input_shape=True).table(
+                sort_by=sort,
+                row_limit=args.profile_rows,
+                max_name_column_width=40,
+                max_shapes_column_width=70,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,11 @@ on a CPU, and this package has a faster form of each:
   :func:`~codes.models.cpu_fast_paths.attention.attention_with_dropout` computes it in fewer
   passes (the Squeezeformer's attention and BERT's ``"sdpa"`` entry alike);
 - the weight gradient of the depthwise convolution, several times slower than its forward pass
-  in oneDNN; :mod:`codes.models.cpu_fast_paths.depthwise_conv` computes it as a convolution.
+  in oneDNN; :mod:`codes.models.cpu_fast_paths.depthwise_conv` computes it as a convolution;
+- large tensors (attention scores over a few hundred steps) page-fault at every step because
+  glibc's ``malloc`` maps blocks above 32 MiB afresh each time;
+  :func:`~codes.models.cpu_fast_paths.allocator.keep_freed_cpu_memory` makes it reuse freed memory
+  (process-wide, called by :func:`enable_cpu_fast_paths`; ``CMI_KEEP_FREED_MEMORY=0`` switches it off).
 
 :func:`enable_cpu_fast_paths` swaps them into a built model, in place:
 
@@ -45,6 +49,7 @@ from __future__ import annotations
 from torch import nn
 from transformers import BertModel
 
+from codes.models.cpu_fast_paths.allocator import keep_freed_cpu_memory
 from codes.models.cpu_fast_paths.attention import CheapDropoutSelfAttention
 from codes.models.cpu_fast_paths.bert_attention import SDPA_CHEAP_CPU_DROPOUT
 from codes.models.cpu_fast_paths.depthwise_conv import FastWeightGradDepthwiseConv1d
@@ -92,8 +97,10 @@ def enable_cpu_fast_paths(model: nn.Module) -> nn.Module:
     """Swap the CPU fast paths into ``model`` in place (see the module docstring); returns ``model``.
 
     Call it on a built model (before or after ``.to(device)``, before or after the optimizer is
-    made); calling it again changes nothing.
+    made); calling it again changes nothing. It also makes this process's ``malloc`` keep freed
+    memory for reuse (:func:`~codes.models.cpu_fast_paths.allocator.keep_freed_cpu_memory`).
     """
+    keep_freed_cpu_memory()
     for module in model.modules():
         fast = _FAST_CLASSES.get(type(module))
         if fast is not None:

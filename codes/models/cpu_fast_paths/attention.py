@@ -6,9 +6,11 @@ softmax, ``bernoulli_`` mask, multiply) and as many again backward. :func:`atten
 computes the same attention with fewer passes:
 
 - the scale multiplies the queries ``(B, H, Q, d)``, not the scores (``K / d`` times smaller);
-- the mask is an additive bias (a boolean mask becomes ``0 / -inf``) added in place;
+- the mask is an additive bias (a boolean mask becomes ``0 / -inf``) added in place, built at
+  the mask's own size: a mask expanded over the queries (what ``transformers`` passes, a
+  ``(B, 1, Q, K)`` view of ``(B, 1, 1, K)``) gives a ``(B, 1, 1, K)`` bias;
 - dropped probabilities are zeroed with the cheap bit mask of :mod:`codes.models.cpu_fast_paths.dropout`
-  (``masked_fill`` with a bool mask, no float mask), and the ``1 / (1 - p)`` rescaling is applied
+  (one ``where`` with a bool mask, no float mask), and the ``1 / (1 - p)`` rescaling is applied
   to the ``(B, H, Q, d)`` output instead of the probabilities;
 - the backward pass is written out: two matrix products per input, one ``masked_fill`` and the
   fused softmax backward.
@@ -34,9 +36,15 @@ __all__ = ["CheapDropoutSelfAttention", "attention_with_dropout", "key_mask_bias
 
 def key_mask_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """An attention mask as an additive bias: a boolean one (True = attend) becomes 0 where
-    attended and ``-inf`` elsewhere; an additive one is returned as is (in ``dtype``)."""
+    attended and ``-inf`` elsewhere; an additive one is returned as is (in ``dtype``).
+
+    Dimensions along which the mask is a broadcast view (stride 0, e.g. the queries of a
+    ``(B, 1, 1, K)`` mask expanded to ``(B, 1, Q, K)``) stay of size 1 in the bias: the same
+    values broadcast in the addition, without materialising them."""
     if mask is None or mask.dtype != torch.bool:
         return None if mask is None else mask.to(dtype)
+    index = tuple(slice(0, 1) if stride == 0 else slice(None) for stride in mask.stride())
+    mask = mask[index]
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
@@ -50,7 +58,7 @@ class _AttentionWithDropout(torch.autograd.Function):
         probs = torch.softmax(scores, dim=-1)
         del scores
         dropped_mask = drop_mask(probs.shape, drop_levels, probs.device)
-        kept = probs.masked_fill(dropped_mask, 0.0)
+        kept = torch.where(dropped_mask, 0.0, probs)  # one pass (masked_fill copies, then fills)
         keep_scale = 65536.0 / (65536 - drop_levels)
         out = torch.matmul(kept, v).mul_(keep_scale)  # (B, H, Q, d)
         ctx.save_for_backward(scaled_q, k, v, probs, kept, dropped_mask)
