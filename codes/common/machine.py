@@ -31,6 +31,8 @@ class MachineConfig:
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False  # torch.compile the trained model
+    # torch.compile's mode: default | reduce-overhead (CUDA graphs: every batch the same shape) | max-autotune
+    compile_mode: str = "default"
     num_workers: int = 4  # DataLoader workers, where a DataLoader is used
     num_threads: int | None = None  # torch CPU threads; None = torch's default (1 on a busy shared CPU)
     # the CPU fast paths of codes/models/cpu_fast_paths/ (same results, faster training on a CPU)

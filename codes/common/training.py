@@ -155,9 +155,13 @@ class FoldRun:
         return place_model(model, self.device, self.cfg.machine)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """What the training step calls: DDP under ``torchrun``, ``torch.compile`` when asked for."""
+        """What the training step calls: DDP under ``torchrun``, ``torch.compile`` when asked for
+        (``machine.compile=true``), in ``machine.compile_mode`` (``default``; ``reduce-overhead``
+        replays CUDA graphs, which needs every batch of the same shape: drop the last ragged one)."""
         trained = DistributedDataParallel(model) if self.context.is_distributed else model
-        return torch.compile(trained) if self.cfg.machine.compile else trained
+        if not self.cfg.machine.compile:
+            return trained
+        return torch.compile(trained, mode=self.cfg.machine.get("compile_mode", "default"))
 
 
 def place_model(model: torch.nn.Module, device: torch.device, machine_cfg) -> torch.nn.Module:
@@ -210,8 +214,24 @@ class FoldCheckpoints:
         return FoldState(**checkpoint["state"])
 
     def save(self, state: FoldState, improved: bool, score: float) -> None:
-        """Rank 0 writes ``best.pt`` when improved, then ``last.pt``."""
+        """Rank 0 writes ``best.pt`` when improved, then ``last.pt`` when it is due: every
+        ``trainer.checkpoint_every_epochs`` epochs (1 when the key is absent), after the last
+        epoch, when training stops early, and before this process stops as asked
+        (``trainer.interrupt_after_epochs``). A crash between two writes resumes from the older
+        ``last.pt`` and repeats the epochs after it (each epoch's randomness is seeded by its index)."""
         if not self.run.context.is_main:
+            return
+        trainer_cfg = self.run.cfg.trainer
+        every = int(trainer_cfg.get("checkpoint_every_epochs", 1) or 1)
+        interrupt_after = trainer_cfg.get("interrupt_after_epochs")
+        last_due = (
+            every <= 1
+            or state.epoch % every == 0
+            or state.finished
+            or state.epoch >= trainer_cfg.epochs
+            or (interrupt_after is not None and self.run.epochs_this_process + 1 >= interrupt_after)
+        )
+        if not (improved or last_due):
             return
         weights = {
             "model": self.model.state_dict(),
@@ -219,6 +239,8 @@ class FoldCheckpoints:
         }
         if improved:
             save_atomically({**weights, "epoch": state.epoch - 1, "score": score}, self.best_path)
+        if not last_due:
+            return
         save_atomically(
             {
                 **weights,

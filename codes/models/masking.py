@@ -8,6 +8,8 @@ that way). Libraries that want something else get it from the helpers here, neve
 - :func:`to_key_padding_mask`: ``nn.MultiheadAttention`` / ``nn.TransformerEncoder``
   (True = ignore this key);
 - :func:`to_attention_mask`: Hugging Face models (``long`` 1 = real, 0 = padding);
+- :func:`to_bert_4d_mask`: the same mask already in the 4-D form a Hugging Face attention gets,
+  so that the library builds none (and never reads the mask back from a GPU);
 - :func:`sdpa_key_mask`: ``torch.nn.functional.scaled_dot_product_attention``
   (boolean ``(B, 1, 1, T)``, True = may attend).
 
@@ -35,6 +37,7 @@ __all__ = [
     "masked_mean",
     "sdpa_key_mask",
     "to_attention_mask",
+    "to_bert_4d_mask",
     "to_key_padding_mask",
 ]
 
@@ -82,6 +85,27 @@ def to_key_padding_mask(mask: torch.Tensor) -> torch.Tensor:
 def to_attention_mask(mask: torch.Tensor) -> torch.Tensor:
     """Hugging Face ``attention_mask``: ``(B, T)`` long, 1 = real step, 0 = padding."""
     return mask.long()
+
+
+def to_bert_4d_mask(
+    mask: torch.Tensor, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """A Hugging Face ``attention_mask`` in its 4-D form ``(B, 1, 1, T)``, which the library uses as is.
+
+    Given the 2-D mask, ``transformers`` (5.x, ``masking_utils``) first tests
+    ``padding_mask.all()`` to leave the mask out for a batch without padding: a Python ``bool``
+    of a device tensor, so on a GPU every forward pass waits there for the queued work. This
+    form skips that: ``"eager"`` gets the additive mask (0 = attend, ``finfo(dtype).min`` =
+    padding, ``dtype`` the embeddings' dtype), every other implementation the boolean one
+    (True = attend), broadcast over heads and queries. The attention is the one the 2-D mask
+    gives for a batch with padding; a batch without padding gets an all-True mask where the
+    library would pass none (the same values; on a GPU, SDPA then cannot take its flash kernel).
+    """
+    key = mask[:, None, None, :]  # (B, T) -> (B, 1, 1, T)
+    if attn_implementation == "eager":
+        zero = torch.zeros((), dtype=dtype, device=mask.device)
+        return torch.where(key, zero, torch.finfo(dtype).min)
+    return key
 
 
 def sdpa_key_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,10 @@ Deviations, on purpose:
 - **packed steps** (``pack_padded_steps``, default on): the per-step layers (Linear, LayerNorm,
   Swish, dropout, residuals, BatchNorm) run on the real steps only, packed as ``(N, D)`` rows by
   :class:`~codes.models.masking.StepLayout`; attention and the depthwise convolutions get the
-  padded batch with zeros at its padded steps. Same results up to float rounding.
+  padded batch with zeros at its padded steps. Same results up to float rounding. A CPU speed
+  path: on a GPU (any device but the CPU) and inside ``torch.compile`` the padded computation
+  runs, whose shapes are static and which reads nothing back from the device (packing reads the
+  number of real steps, a host synchronisation per layout).
 
 The mask convention is the repository's one (``codes.models.masking``): ``(B, T)`` bool, True =
 real step. Outputs at padded steps are zeroed.
@@ -504,8 +507,9 @@ class SqueezeformerEncoder(nn.Module):
         pack_padded_steps: run the per-step layers on the real steps only (a packed
             :class:`~codes.models.masking.StepLayout`); attention and convolutions still see the
             padded batch. Same results as the padded computation up to float rounding, less
-            work the more padding there is. Off inside ``torch.compile`` (the number of real
-            steps is data-dependent).
+            work the more padding there is. On the CPU only: on other devices and inside
+            ``torch.compile`` the padded computation runs (the number of real steps is
+            data-dependent; reading it would synchronise a GPU with the host).
 
     Outputs at padded steps are zero; the returned mask is the input mask (same ``T``).
     """
@@ -590,6 +594,10 @@ class SqueezeformerEncoder(nn.Module):
         self.time_reduce = TimeReduction(d_model) if time_reduction else None
         self.time_recover = TimeRecovery(d_model) if time_reduction else None
 
+    def packs(self, x: torch.Tensor) -> bool:
+        """Whether a forward pass on ``x`` runs packed: ``pack_padded_steps``, on the CPU, not compiling."""
+        return self.pack_padded_steps and x.device.type == "cpu" and not torch.compiler.is_compiling()
+
     def _run_block(self, block: SqueezeformerBlock, x: torch.Tensor, mask: StepLayout) -> torch.Tensor:
         if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
             return block(x, mask)
@@ -614,7 +622,7 @@ class SqueezeformerEncoder(nn.Module):
         x = _zero_padding(x, mask)
         if self.positional_encoding is not None:
             x = x + self.positional_encoding(x.shape[1]).to(x.dtype)  # (T, D) broadcast over B
-        full = StepLayout(mask, packed=self.pack_padded_steps and not torch.compiler.is_compiling())
+        full = StepLayout(mask, packed=self.packs(x))
         layout = full
         x = self.input_dropout(full.to_rows(x))  # (B, T, D) -> rows
         skip = None
