@@ -1,8 +1,9 @@
 """Subject-grouped folds."""
 
 import numpy as np
+import pytest
 
-from codes.common.folds import assign_folds
+from codes.common.folds import assign_folds, read_fold_file
 from codes.common.schema import GESTURES
 
 
@@ -36,3 +37,41 @@ def test_too_few_subjects_is_an_error():
         assert "at least 5 subjects" in str(error)
     else:
         raise AssertionError("expected a ValueError")
+
+
+# ---------------------------------------------------------------- folds from a file
+def _write(path, text: str):
+    path.write_text(text)
+    return path
+
+
+def test_fold_file_gives_every_sequence_its_subjects_fold(tmp_path):
+    path = _write(tmp_path / "folds.csv", "subject,fold\nA,1\nB,0\nC,1\nUNUSED,7\n")
+    folds = read_fold_file(path, ["A", "A", "B", "C", "B"])
+    assert folds.dtype == np.int64
+    np.testing.assert_array_equal(folds, [1, 1, 0, 1, 0])
+
+
+def test_absent_fold_file_is_none(tmp_path):
+    assert read_fold_file(tmp_path / "folds.csv", ["A"]) is None
+
+
+def test_fold_file_errors_name_the_file(tmp_path):
+    path = _write(tmp_path / "folds.csv", "subject,fold\nA,0\nB,1\n")
+    with pytest.raises(ValueError, match=r"folds\.csv has no fold for these subjects of the data: C, D"):
+        read_fold_file(path, ["A", "B", "C", "D"])
+    gap = _write(tmp_path / "gap.csv", "subject,fold\nA,0\nB,2\n")
+    with pytest.raises(ValueError, match=r"gap\.csv: the folds .* exactly 0\.\.k-1.*\[0, 2\]"):
+        read_fold_file(gap, ["A", "B"])
+    one_based = _write(tmp_path / "one.csv", "subject,fold\nA,1\nB,2\n")
+    with pytest.raises(ValueError, match=r"one\.csv"):
+        read_fold_file(one_based, ["A", "B"])
+    twice = _write(tmp_path / "twice.csv", "subject,fold\nA,0\nA,1\n")
+    with pytest.raises(ValueError, match=r"twice\.csv, line 3: subject 'A' is listed more than once"):
+        read_fold_file(twice, ["A"])
+    text = _write(tmp_path / "text.csv", "subject,fold\nA,first\n")
+    with pytest.raises(ValueError, match=r"text\.csv, line 2: fold 'first' of 'A' is not an integer"):
+        read_fold_file(text, ["A"])
+    header = _write(tmp_path / "header.csv", "subj,f\nA,0\n")
+    with pytest.raises(ValueError, match=r"header\.csv: expected the header 'subject,fold'"):
+        read_fold_file(header, ["A"])

@@ -1,8 +1,10 @@
-"""Subject-grouped, gesture-stratified cross-validation folds."""
+"""Subject-grouped, gesture-stratified cross-validation folds, or folds given by a file."""
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
@@ -26,4 +28,53 @@ def assign_folds(
     folds = np.full(len(gestures), -1, dtype=np.int64)
     for fold, (_, valid_index) in enumerate(splitter.split(np.zeros(len(gestures)), gestures, subjects)):
         folds[valid_index] = fold
+    return folds
+
+
+FOLD_FILE = "folds.csv"  # an optional file of the data folder: columns subject,fold
+
+
+def read_fold_file(path: Path | str, subjects: Sequence[str]) -> np.ndarray | None:
+    """The fold of every sequence from a ``subject,fold`` CSV, or None when ``path`` does not exist.
+
+    ``subjects`` holds the subject of every sequence; the answer is aligned with it. Every subject
+    of ``subjects`` must have exactly one row in the file (subjects of the file without sequences
+    are ignored), and the folds the sequences get must be exactly 0..k-1 (each used at least once).
+    Anything else raises a ``ValueError`` naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle)
+        header = [name.strip() for name in next(reader, [])]
+        if header[:2] != ["subject", "fold"] or len(header) != 2:
+            raise ValueError(f"{path}: expected the header 'subject,fold', got {','.join(header)!r}")
+        fold_of: dict[str, int] = {}
+        for line, row in enumerate(reader, start=2):
+            if not row or all(not field.strip() for field in row):
+                continue
+            if len(row) != 2:
+                raise ValueError(f"{path}, line {line}: expected 2 fields (subject,fold), got {len(row)}")
+            subject, fold = row[0].strip(), row[1].strip()
+            try:
+                fold_of_subject = int(fold)
+            except ValueError:
+                raise ValueError(
+                    f"{path}, line {line}: fold {fold!r} of {subject!r} is not an integer"
+                ) from None
+            if subject in fold_of:
+                raise ValueError(f"{path}, line {line}: subject {subject!r} is listed more than once")
+            fold_of[subject] = fold_of_subject
+    subjects = np.asarray(subjects).astype(str)
+    missing = sorted(set(subjects.tolist()) - set(fold_of))
+    if missing:
+        shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
+        raise ValueError(f"{path} has no fold for these subjects of the data: {shown}")
+    folds = np.array([fold_of[s] for s in subjects], dtype=np.int64)
+    used = sorted(set(folds.tolist()))
+    if used != list(range(len(used))):
+        raise ValueError(
+            f"{path}: the folds of the data's subjects must be exactly 0..k-1, each used; got {used}"
+        )
     return folds

@@ -50,7 +50,7 @@ from codes.common.distributed import (
 )
 from codes.common.ema import get_ema_multi_avg_fn_with_warmup
 from codes.common.features import FeatureSettings
-from codes.common.folds import assign_folds
+from codes.common.folds import FOLD_FILE, assign_folds, read_fold_file
 from codes.common.machine import apply_num_threads, autocast, autocast_dtype
 from codes.common.metric import binary_f1, competition_score, macro_f1
 from codes.common.plots import plot_confusion_matrix, plot_fold_curves
@@ -473,6 +473,35 @@ TrainFold = Callable[[DictConfig, FoldRun, Any, Any], dict]
 SplitFold = Callable[[SequenceTable, np.ndarray, int, int], tuple]
 
 
+def seed_members(cfg: DictConfig, fold_dir: Path) -> list[tuple[DictConfig, Path]]:
+    """(config, folder) of every model a fold trains: one at ``trainer.seed`` in ``fold{k}/``, or
+    with ``trainer.seeds=[s0, s1, ...]`` one per seed: s0 in ``fold{k}/``, the others in
+    ``fold{k}/seed{s}/`` (inference averages them with the folds, the OOF averages them)."""
+    seeds = cfg.trainer.get("seeds")
+    if not seeds:
+        return [(cfg, fold_dir)]
+    members = []
+    for index, seed in enumerate(seeds):
+        member_cfg = cfg.copy()
+        member_cfg.trainer.seed = int(seed)
+        members.append((member_cfg, fold_dir if index == 0 else fold_dir / f"seed{int(seed)}"))
+    return members
+
+
+def average_seed_members(members: list[dict]) -> dict:
+    """One fold's result from its seeds' :func:`fold_predictions`: probabilities averaged, the
+    first seed's history and best epoch, the training time summed."""
+    if len(members) == 1:
+        return members[0]
+    return {
+        "probabilities": np.mean([m["probabilities"] for m in members], axis=0),
+        "imu_probabilities": np.mean([m["imu_probabilities"] for m in members], axis=0),
+        "history": members[0]["history"],
+        "best_epoch": members[0]["best_epoch"],
+        "train_seconds": sum(m["train_seconds"] for m in members),
+    }
+
+
 def run_kfold(
     cfg: DictConfig,
     train_fold: TrainFold,
@@ -531,18 +560,26 @@ def _run_folds(
         "synthetic_seed": cfg.data.synthetic_seed,
     }  # fmt: skip
     if context.is_main:  # rank 0 generates the synthetic data and fills the cache first
-        table = load_sequence_table(
-            resolve_data_dir(**data_dir_kwargs), "train", settings, keep_sensors=keep_sensors
-        )
+        data_dir = resolve_data_dir(**data_dir_kwargs)
+        table = load_sequence_table(data_dir, "train", settings, keep_sensors=keep_sensors)
     barrier(context)
     if not context.is_main:
-        table = load_sequence_table(
-            resolve_data_dir(**data_dir_kwargs), "train", settings, keep_sensors=keep_sensors
-        )
+        data_dir = resolve_data_dir(**data_dir_kwargs)
+        table = load_sequence_table(data_dir, "train", settings, keep_sensors=keep_sensors)
     if context.is_main:  # per-subject gesture counts, for subject-aware inference
         write_json_atomically(protocol_record(table.gestures, table.subjects), run_dir / PROTOCOL_FILE)
-    folds = assign_folds(table.gestures, table.subjects, cfg.data.n_folds, cfg.data.fold_seed)
-    selected = list(cfg.data.folds) if cfg.data.folds is not None else list(range(cfg.data.n_folds))
+    folds = read_fold_file(data_dir / FOLD_FILE, table.subjects)  # the data folder's own folds, if any
+    n_folds = cfg.data.n_folds
+    if folds is None:
+        folds = assign_folds(table.gestures, table.subjects, n_folds, cfg.data.fold_seed)
+    else:
+        n_folds = int(folds.max()) + 1
+        logger.info(
+            "folds from %s: %d folds (data.n_folds and data.fold_seed are not used)",
+            data_dir / FOLD_FILE,
+            n_folds,
+        )
+    selected = list(cfg.data.folds) if cfg.data.folds is not None else list(range(n_folds))
     columns = non_imu_columns(table)
 
     results = {}
@@ -552,8 +589,15 @@ def _run_folds(
         if context.is_main:
             fold_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomically(normalizer.state_dict(), fold_dir / "normalizer.json")
-        run = FoldRun(cfg=cfg, fold=fold, fold_dir=fold_dir, context=context, non_imu_columns=columns)
-        results[fold] = train_fold(cfg, run, train, valid)
+        members = []
+        for member_cfg, member_dir in seed_members(cfg, fold_dir):
+            if context.is_main:
+                member_dir.mkdir(parents=True, exist_ok=True)
+            run = FoldRun(
+                cfg=member_cfg, fold=fold, fold_dir=member_dir, context=context, non_imu_columns=columns
+            )
+            members.append(train_fold(member_cfg, run, train, valid))
+        results[fold] = average_seed_members(members)
         if wandb_run is not None:
             for row in results[fold]["history"]:
                 wandb_run.log({f"fold{fold}/{k}": v for k, v in row.items()})

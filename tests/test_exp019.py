@@ -1,0 +1,121 @@
+"""exp019's own parts: the loss with mixup and the orientation head, the BERT-head switches, and
+several seeds per fold averaged at inference (the contract suite covers the rest)."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+import torch.nn.functional as F
+
+from codes.common.schema import GESTURES, TEST_COLUMNS
+from codes.exp.exp019.dataset import target_labels
+from codes.exp.exp019.losses import compute_loss
+from codes.exp.exp019.model import build_model
+from codes.exp.exp019.train import build_optimizer, run_training
+from tests.helpers import experiment_config
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def smoke(*overrides: str, data_dir="data", output_dir="outputs"):
+    return experiment_config(
+        "exp019", "variant=smoke", "machine=cpu", "data=competition",
+        f"paths.data_dir={data_dir}", f"paths.output_dir={output_dir}", *overrides,
+    )  # fmt: skip
+
+
+def outputs_for(batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "gesture_logits": torch.randn(batch, 18, generator=generator),
+        "target_logit": torch.randn(batch, generator=generator),
+        "orientation_logits": torch.randn(batch, 4, generator=generator),
+    }
+
+
+def test_mixed_loss_is_the_lam_weighted_loss_of_both_labels():
+    cfg = smoke("trainer.orientation_weight=0.5").trainer
+    outputs, pos_weight = outputs_for(6), torch.tensor(2.0)
+    labels = torch.tensor([0, 9, 3, 17, 8, 1])
+    orientations = torch.tensor([0, 1, 2, 3, 1, 0])
+    partner = torch.tensor([1, 0, 3, 2, 5, 4])
+    ones = torch.ones(6)
+    unmixed = compute_loss(outputs, labels, cfg, pos_weight, orientations)
+    assert compute_loss(outputs, labels, cfg, pos_weight, orientations, (partner, ones)) == pytest.approx(
+        float(unmixed), rel=1e-6
+    )
+    lam = torch.tensor([0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    logits = outputs["gesture_logits"]
+    gesture = (lam * F.cross_entropy(logits, labels, reduction="none")
+               + (1 - lam) * F.cross_entropy(logits, labels[partner], reduction="none")).mean()  # fmt: skip
+    target = (lam * F.binary_cross_entropy_with_logits(outputs["target_logit"], target_labels(labels), pos_weight=pos_weight, reduction="none")
+              + (1 - lam) * F.binary_cross_entropy_with_logits(outputs["target_logit"], target_labels(labels[partner]), pos_weight=pos_weight, reduction="none")).mean()  # fmt: skip
+    o = outputs["orientation_logits"]
+    orientation = (lam * F.cross_entropy(o, orientations, reduction="none")
+                   + (1 - lam) * F.cross_entropy(o, orientations[partner], reduction="none")).mean()  # fmt: skip
+    expected = gesture + cfg.bce_weight * target + 0.5 * orientation
+    got = compute_loss(outputs, labels, cfg, pos_weight, orientations, (partner, lam))
+    assert float(got) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_unknown_orientations_do_not_count():
+    cfg = smoke("trainer.orientation_weight=1.0").trainer
+    outputs, labels = outputs_for(4), torch.tensor([0, 1, 2, 3])
+    known = torch.tensor([2, 1, -1, -1])
+    first = compute_loss(outputs, labels, cfg, torch.tensor(1.0), known)
+    changed = {**outputs, "orientation_logits": outputs["orientation_logits"].clone()}
+    changed["orientation_logits"][2:] += 100.0  # logits of the unknown rows
+    assert compute_loss(changed, labels, cfg, torch.tensor(1.0), known) == first
+    without = compute_loss(outputs, labels, smoke().trainer, torch.tensor(1.0), known)
+    assert first > without
+
+
+def test_bert_lr_scale_gives_the_head_its_own_rate_and_covers_every_parameter_once():
+    cfg = smoke("trainer.bert_lr_scale=0.25", "trainer.lr=0.002")
+    model = build_model(cfg, 44)
+    optimizer = build_optimizer(model, cfg.trainer)
+    body, head = optimizer.param_groups
+    assert body["lr"] == 0.002 and head["lr"] == pytest.approx(0.0005)
+    ids = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(ids) == len(set(ids))
+    assert any(p is model.cls_token for p in head["params"])
+
+
+def test_switched_off_bert_position_embeddings_stay_zero_and_cls_init_is_random():
+    cfg = smoke("model.bert.position_embeddings=none", "model.cls_init_std=0.02", "model.head_norm=true")
+    model = build_model(cfg, 44)
+    table = model.bert.embeddings.position_embeddings.weight
+    assert not table.requires_grad and torch.count_nonzero(table) == 0
+    assert model.cls_token.std() > 0.005
+    assert isinstance(model.head_norm, torch.nn.LayerNorm)
+    with pytest.raises(ValueError, match="position_embeddings"):
+        build_model(smoke("model.bert.position_embeddings=sinusoidal"), 44)
+
+
+def test_seeds_are_averaged_in_the_oof_and_at_inference(toy_data, tmp_path):
+    cfg = smoke("trainer.seeds=[3,4]", "trainer.epochs=1", "run_name=seeds", "data.folds=[0]",
+                data_dir=toy_data, output_dir=tmp_path)  # fmt: skip
+    run_training(cfg)
+    run_dir = tmp_path / "exp019" / "seeds"
+    assert (run_dir / "fold0" / "best.pt").is_file() and (run_dir / "fold0" / "seed4" / "best.pt").is_file()
+    from codes.exp.exp019.inference import load_predictor
+
+    both = load_predictor(run_dir, device="cpu", strict=True, subject_aware=False)
+    assert len(both.members) == 2
+    oof = pl.read_parquet(run_dir / "oof.parquet")
+    expected = oof.select([f"prob_{g}" for g in GESTURES]).to_numpy()
+    train = pl.read_csv(toy_data / "train.csv")
+    demographics = pl.read_csv(toy_data / "train_demographics.csv")
+    first_member_differs = False
+    for row, sequence_id in enumerate(oof["sequence_id"][:5]):
+        sequence = train.filter(pl.col("sequence_id") == sequence_id).select(TEST_COLUMNS)
+        subject = demographics.filter(pl.col("subject") == sequence["subject"][0])
+        got = both.predict_probabilities(sequence, subject)
+        np.testing.assert_allclose(got, expected[row], atol=1e-4)
+        both.members, saved = both.members[:1], both.members
+        alone = both.predict_probabilities(sequence, subject)
+        both.members = saved
+        first_member_differs |= not np.allclose(alone, expected[row], atol=1e-4)
+    assert first_member_differs  # the average is not just the first seed's model
