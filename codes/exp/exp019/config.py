@@ -47,13 +47,13 @@ class AugmentConfig:
     workers); validation and inference always use the cached features.
     """
 
-    stretch_prob: float = 0.0  # time stretch by s in stretch_range (log-uniform), slerped quaternions
+    stretch_prob: float = 0.5  # time stretch by s in stretch_range (log-uniform), slerped quaternions
     stretch_range: list[float] = field(default_factory=lambda: [0.8, 1.25])
     shift_max_steps: int = 0  # the sequence ends up to this many steps earlier
-    rotation_prob: float = 0.0  # a random rotation of the device frame, angle uniform in [0, max]
+    rotation_prob: float = 0.5  # a random rotation of the device frame, angle uniform in [0, max]
     rotation_max_deg: float = 10.0
     flip_prob: float = 0.0  # mirror the sensors as if worn on the other wrist
-    mixup_prob: float = 0.0  # share of training batches mixed up
+    mixup_prob: float = 0.3  # share of training batches mixed up
     mixup_alpha: float = 0.4  # lam ~ Beta(alpha, alpha)
     mixup_same_orientation: bool = False  # mix only sequences of the same orientation
 
@@ -96,9 +96,9 @@ class ModelConfig:
     cls_init_std: float = 0.0  # the CLS token starts at N(0, std^2); 0 = zeros (as exp018)
     # what the heads read: cls (the CLS output, as exp018) | cls_mean_max (the CLS output with the
     # masked mean and max of the BERT step outputs)
-    head_pooling: str = "cls"
-    head_norm: bool = False  # a LayerNorm on the pooled vector before the heads
-    orientation_head: bool = False  # an auxiliary head over the 4 orientations (trainer.orientation_weight)
+    head_pooling: str = "cls_mean_max"
+    head_norm: bool = True  # a LayerNorm on the pooled vector before the heads
+    orientation_head: bool = True  # an auxiliary head over the 4 orientations (trainer.orientation_weight)
     bert: BertHeadConfig = field(default_factory=BertHeadConfig)
     # initialise the Squeezeformer + BERT stack from a checkpoint (e.g. NoiseBERT pretraining);
     # tensors are matched by name and shape, and the log lists what was loaded and what is new
@@ -115,7 +115,7 @@ class TrainerConfig:
     bert_lr_scale: float = 1.0  # the BERT head's (and the CLS token's) learning rate = lr x this
     # drop an epoch's last, smaller batch (fixed shapes for CUDA graphs, machine.compile_mode)
     drop_last: bool = False
-    orientation_weight: float = 0.0  # weight of the orientation head's cross-entropy (model.orientation_head)
+    orientation_weight: float = 0.2  # weight of the orientation head's cross-entropy (model.orientation_head)
     label_smoothing: float = 0.0
     bce_weight: float = 0.5  # weight of the target-vs-non-target BCE next to the 18-way CE
     bce_pos_weight: float = 1.0
@@ -151,7 +151,7 @@ VARIANTS: dict[str, dict] = {
     "quick": {
         "data": {"max_len": 64},
         "model": {"d_model": 64, "num_blocks": 4, "num_heads": 4, "ff_dim": 128, "conv_kernel": 15},
-        "trainer": {"epochs": 9, "lr": 2.0e-3, "early_stopping_patience": 5},
+        "trainer": {"epochs": 12, "lr": 2.0e-3, "early_stopping_patience": 5},
     },
     # seconds on a CPU: checks that the code runs end to end (the contract tests use it), not that it learns
     "smoke": {
