@@ -16,7 +16,7 @@ def compute_loss(
     outputs: dict[str, torch.Tensor],
     labels: torch.Tensor,
     trainer_cfg,
-    pos_weight: torch.Tensor,
+    pos_weight: torch.Tensor | None = None,
     orientations: torch.Tensor | None = None,
     mix: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
@@ -24,11 +24,14 @@ def compute_loss(
     (+ ``orientation_weight`` x cross-entropy over the orientations when the model has that head).
 
     ``pos_weight``: ``trainer.bce_pos_weight`` as a tensor on the device, made once per fold (not
-    per step). ``mix = (partner, lam)``: a mixup batch; every term is ``lam`` x the loss against
+    per step; made here when not given). Without ``orientations`` the orientation head joins the
+    loss with weight 0 (every parameter still gets a gradient, which DDP needs). ``mix = (partner, lam)``: a mixup batch; every term is ``lam`` x the loss against
     the sequence's own label + ``(1 - lam)`` x the loss against its partner's, which for the
     binary head is the BCE of the mixed target label ``lam t + (1 - lam) t_partner`` (BCE is
     linear in its label).
     """
+    if pos_weight is None:
+        pos_weight = torch.tensor(trainer_cfg.bce_pos_weight, device=labels.device)
     logits = outputs["gesture_logits"].float()
     target_logit = outputs["target_logit"].float()
     smoothing = trainer_cfg.label_smoothing
@@ -47,7 +50,9 @@ def compute_loss(
         mixed_target = lam * target_labels(labels) + (1 - lam) * target_labels(labels[partner])
         target_loss = F.binary_cross_entropy_with_logits(target_logit, mixed_target, pos_weight=pos_weight)
     loss = gesture_loss + trainer_cfg.bce_weight * target_loss
-    if "orientation_logits" in outputs and trainer_cfg.orientation_weight > 0 and orientations is not None:
+    if "orientation_logits" in outputs and (orientations is None or trainer_cfg.orientation_weight <= 0):
+        return loss + 0.0 * outputs["orientation_logits"].float().sum()
+    if "orientation_logits" in outputs:
         orientation_logits = outputs["orientation_logits"].float()
         known = orientations >= 0
         per_sample = F.cross_entropy(orientation_logits, orientations.clamp(min=0), reduction="none")
