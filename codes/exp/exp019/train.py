@@ -73,12 +73,14 @@ def build_optimizer(model: torch.nn.Module, trainer_cfg) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=trainer_cfg.lr, weight_decay=trainer_cfg.weight_decay, fused=True)
 
 
-def training_batches(cfg, run: FoldRun, train: FoldTensors, batches: list[torch.Tensor], epoch_seed: int):
-    """An epoch's batches (features, mask, demographics, labels, orientations): from the cached
-    features, or computed from augmented raw signals in DataLoader workers (``RawBatches``)."""
+def training_batches(
+    cfg, run: FoldRun, train: FoldTensors, batches: list[torch.Tensor], epoch_seed: int, cached: tuple | None
+):
+    """An epoch's batches (features, mask, demographics, labels, orientations) on the device: from
+    the cached features (``cached``: the fold's tensors, already on the device), or computed from
+    augmented raw signals in DataLoader workers (``RawBatches``, pinned memory on CUDA)."""
     if train.table is None:
-        tensors = train.to_dataset().tensors
-        return ((t[batch] for t in tensors) for batch in batches)
+        return ((t[batch.to(t.device)] for t in cached) for batch in batches)
     augmenter = RawAugmenter.from_config(cfg.augment, feature_settings(cfg.data).sensor_columns)
     dataset = RawBatches(
         train,
@@ -88,14 +90,13 @@ def training_batches(cfg, run: FoldRun, train: FoldTensors, batches: list[torch.
         augmenter,
         cfg.data.max_len,
     )
-    return iter(
-        torch.utils.data.DataLoader(
-            dataset,
-            batch_size=None,  # an item is a whole batch
-            num_workers=cfg.machine.num_workers,
-            pin_memory=run.device.type == "cuda",
-        )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,  # an item is a whole batch
+        num_workers=cfg.machine.num_workers,
+        pin_memory=run.device.type == "cuda",
     )
+    return ((t.to(run.device, non_blocking=True) for t in batch) for batch in loader)
 
 
 def train_fold(cfg: DictConfig, run: FoldRun, train: FoldTensors, valid: FoldTensors) -> dict:
@@ -120,6 +121,8 @@ def train_fold(cfg: DictConfig, run: FoldRun, train: FoldTensors, valid: FoldTen
     trained = run.wrap(model)  # DDP under torchrun, torch.compile when asked for
     evaluated = ema if ema is not None else model
     pos_weight = torch.tensor(trainer_cfg.bce_pos_weight, device=run.device)  # once, not every step
+    # without raw-signal augmentation the fold's tensors move to the device once, not every step
+    cached = None if train.table is not None else tuple(t.to(run.device) for t in train.to_dataset().tensors)
 
     while not state.finished and state.epoch < trainer_cfg.epochs:
         started = time.perf_counter()
@@ -131,23 +134,23 @@ def train_fold(cfg: DictConfig, run: FoldRun, train: FoldTensors, valid: FoldTen
         mixup_rng = np.random.default_rng([epoch_seed, 2])
         trained.train()
         losses = EpochLosses(run, state.epoch, steps_per_epoch)
-        epoch_batches = training_batches(cfg, run, train, batches, epoch_seed)
+        epoch_batches = training_batches(cfg, run, train, batches, epoch_seed, cached)
         for step in losses.steps():
             features, mask, demographics, labels, orientations = next(epoch_batches)
             mix = None
             if augment_cfg.mixup_prob > 0 and mixup_rng.random() < augment_cfg.mixup_prob:
-                groups = orientations.numpy() if augment_cfg.mixup_same_orientation else None
-                mix = mixup_batch(len(labels), augment_cfg.mixup_alpha, mixup_rng, groups)
+                # the groups from the CPU copy of the orientations: no device-to-host copy
+                groups = (
+                    train.orientations[batches[step]].numpy() if augment_cfg.mixup_same_orientation else None
+                )
+                mix = tuple(
+                    t.to(run.device, non_blocking=True)
+                    for t in mixup_batch(len(batches[step]), augment_cfg.mixup_alpha, mixup_rng, groups)
+                )
                 partner, lam = mix
                 features = lam[:, None, None] * features + (1 - lam[:, None, None]) * features[partner]
                 mask = mask | mask[partner]  # padded steps are 0, so the union holds both sequences
             features = drop_sensors(features, run.non_imu_columns, cfg.data.sensor_drop_prob, drop_generator)
-            features, mask, demographics, labels, orientations = (
-                t.to(run.device, non_blocking=True)
-                for t in (features, mask, demographics, labels, orientations)
-            )
-            if mix is not None:
-                mix = tuple(t.to(run.device, non_blocking=True) for t in mix)
             with run.autocast():
                 outputs = trained(features, mask, demographics)
             loss = compute_loss(outputs, labels, trainer_cfg, pos_weight, orientations, mix)
@@ -159,7 +162,7 @@ def train_fold(cfg: DictConfig, run: FoldRun, train: FoldTensors, valid: FoldTen
             scheduler.step()
             if ema is not None:
                 ema.update_parameters(model)
-            losses.add(step, loss, len(labels))
+            losses.add(step, loss, len(batches[step]))
         end_epoch(
             run, state, checkpoints, evaluated, valid, losses.mean(), scheduler.get_last_lr()[0], started
         )
