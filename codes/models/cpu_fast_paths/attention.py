@@ -58,7 +58,8 @@ class _AttentionWithDropout(torch.autograd.Function):
         probs = torch.softmax(scores, dim=-1)
         del scores
         dropped_mask = drop_mask(probs.shape, drop_levels, probs.device)
-        kept = torch.where(dropped_mask, 0.0, probs)  # one pass (masked_fill copies, then fills)
+        # one pass (masked_fill copies, then fills); a 0-dim zero is faster than a Python scalar
+        kept = torch.where(dropped_mask, probs.new_zeros(()), probs)
         keep_scale = 65536.0 / (65536 - drop_levels)
         out = torch.matmul(kept, v).mul_(keep_scale)  # (B, H, Q, d)
         ctx.save_for_backward(scaled_q, k, v, probs, kept, dropped_mask)
