@@ -351,3 +351,15 @@ def test_the_kaggle_script_applies_cmi_num_threads(pristine_run, tmp_path):
 def test_the_kaggle_script_refuses_bad_settings_before_loading(pristine_run, tmp_path, settings, expected):
     result = run_submission(submission_environment(pristine_run, tmp_path, **settings), tmp_path)
     assert result.returncode != 0 and expected in result.stderr
+
+
+def test_a_setting_added_after_a_run_was_saved_resumes_only_at_its_old_behaviour():
+    from codes.common.runs import resume_differences
+
+    saved = {"machine": {"compile": False}, "trainer": {"epochs": 3}}
+    assert resume_differences(saved, {"machine": {"compile": False, "compile_mode": "default"},
+                                      "trainer": {"epochs": 3, "checkpoint_every_epochs": 1}}) == []  # fmt: skip
+    changed = resume_differences(saved, {"machine": {"compile": False, "compile_mode": "reduce-overhead"},
+                                         "trainer": {"epochs": 3}})  # fmt: skip
+    assert changed == ["machine.compile_mode: 'default' -> 'reduce-overhead'"]
+    assert resume_differences(saved, {"machine": {"compile": True}, "trainer": {"epochs": 3}})

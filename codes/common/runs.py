@@ -180,9 +180,15 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: node}
 
 
+# settings added after runs were saved, with the value that reproduces what those runs did: a
+# saved config without the key resumes under that value
+ADDED_KEY_DEFAULTS = {"machine.compile_mode": "default", "trainer.checkpoint_every_epochs": 1}
+
+
 def resume_differences(saved: dict, current: dict) -> list[str]:
     """``key: saved -> current`` for every setting that differs and may not differ on resume."""
     old, new = _flatten(saved), _flatten(current)
+    old = {**{k: v for k, v in ADDED_KEY_DEFAULTS.items() if k in new}, **old}
     return [
         f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}"
         for key in sorted(set(old) | set(new))

@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from codes.common.checkpoint import load_checkpoint, load_matching_weights, save_atomically
@@ -48,7 +47,7 @@ from codes.common.distributed import (
     shard_indices,
     shutdown_distributed,
 )
-from codes.common.ema import get_ema_multi_avg_fn_with_warmup
+from codes.common.ema import WarmupEMA
 from codes.common.features import FeatureSettings
 from codes.common.folds import FOLD_FILE, assign_folds, read_fold_file
 from codes.common.machine import apply_num_threads, autocast, autocast_dtype
@@ -176,11 +175,11 @@ def place_model(model: torch.nn.Module, device: torch.device, machine_cfg) -> to
     return model
 
 
-def build_ema(model: torch.nn.Module, decay: float) -> AveragedModel | None:
+def build_ema(model: torch.nn.Module, decay: float) -> WarmupEMA | None:
     """EMA weights (decay warmed up as ``min(decay, (1 + n) / (10 + n))``); None when ``decay`` is 0."""
     if decay <= 0:
         return None
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn_with_warmup(decay), use_buffers=True)
+    return WarmupEMA(model, decay)  # AveragedModel's values and state dict, without host syncs
 
 
 def initialise_from(model: torch.nn.Module, path: str, fold: int) -> None:

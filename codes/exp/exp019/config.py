@@ -113,6 +113,8 @@ class TrainerConfig:
     weight_decay: float = 1e-2
     warmup_ratio: float = 0.05  # share of the optimizer steps spent warming up
     bert_lr_scale: float = 1.0  # the BERT head's (and the CLS token's) learning rate = lr x this
+    # write last.pt every k epochs (and after the last epoch, an early stop or an asked interruption)
+    checkpoint_every_epochs: int = 1
     # drop an epoch's last, smaller batch (fixed shapes for CUDA graphs, machine.compile_mode)
     drop_last: bool = False
     orientation_weight: float = 0.2  # weight of the orientation head's cross-entropy (model.orientation_head)

@@ -17,7 +17,7 @@ from torch import nn
 from codes.common.schema import NUM_GESTURES, ORIENTATIONS
 from codes.models.bert_config import ModelConfigError, build_bert, build_bert_config, build_squeezeformer
 from codes.models.demographics import DemographicsEncoder
-from codes.models.masking import check_mask, masked_max, masked_mean, to_attention_mask
+from codes.models.masking import check_mask, masked_max, masked_mean, to_attention_mask, to_bert_4d_mask
 
 HEAD_POOLINGS = ("cls", "cls_mean_max")
 
@@ -82,9 +82,11 @@ class GestureClassifier(nn.Module):
         cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
         x = torch.cat([cls, x], dim=1)  # (B, T, H) -> (B, 1 + T, H)
         mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)  # (B, T) -> (B, 1 + T)
-        out = self.bert(
-            inputs_embeds=x, attention_mask=to_attention_mask(mask), output_attentions=output_attentions
-        )
+        if mask.device.type == "cuda":  # the 4-D form: no padding_mask.all() host sync per forward
+            attention_mask = to_bert_4d_mask(mask, self.bert.config._attn_implementation, x.dtype)
+        else:  # the CPU keeps exp018's path (its numbers bit for bit)
+            attention_mask = to_attention_mask(mask)
+        out = self.bert(inputs_embeds=x, attention_mask=attention_mask, output_attentions=output_attentions)
         return out.last_hidden_state, mask, out.attentions
 
     def forward(
