@@ -62,6 +62,7 @@ from codes.common.schema import (  # noqa: E402
     sequence_type_of,
 )
 from codes.common.sequences import load_sequence_table  # noqa: E402
+from codes.common.synthetic import quat_from_rotvec, quat_multiply  # noqa: E402
 
 # Persons 8-10 of load_watch() are reserved for acceptance testing: no code path, plot,
 # statistic, tuning or decision may use them. They are dropped right after loading, before
@@ -142,29 +143,6 @@ def load_benchmark_recordings() -> Recordings:
 
 
 # ---------------------------------------------------------------- quaternions and the filter
-def quaternion_multiply(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """Hamilton product of ``(..., 4)`` quaternions (w, x, y, z)."""
-    pw, px, py, pz = np.moveaxis(p, -1, 0)
-    qw, qx, qy, qz = np.moveaxis(q, -1, 0)
-    return np.stack(
-        [
-            pw * qw - px * qx - py * qy - pz * qz,
-            pw * qx + px * qw + py * qz - pz * qy,
-            pw * qy - px * qz + py * qw + pz * qx,
-            pw * qz + px * qy - py * qx + pz * qw,
-        ],
-        axis=-1,
-    )
-
-
-def rotation_vector_to_quaternion(vectors: np.ndarray) -> np.ndarray:
-    """``exp``: rotation vectors ``(..., 3)`` (axis times angle, rad) -> unit quaternions ``(..., 4)``."""
-    angle = np.linalg.norm(vectors, axis=-1, keepdims=True)
-    # sin(angle / 2) / angle, exact at 0: np.sinc(x) = sin(pi x) / (pi x)
-    scale = 0.5 * np.sinc(angle / (2 * np.pi))
-    return np.concatenate([np.cos(angle / 2), scale * vectors], axis=-1)
-
-
 def tilt_quaternion(up: np.ndarray) -> np.ndarray:
     """The shortest rotation taking body-frame vectors ``up`` ``(..., 3)`` onto world +z (yaw 0).
 
@@ -223,10 +201,10 @@ def complementary_filter(
         start = np.broadcast_to(np.asarray(initial, dtype=np.float64), (batch, 4))
         quaternions[:, 0] = start / np.linalg.norm(start, axis=-1, keepdims=True)
     for t in range(1, steps):
-        predicted = quaternion_multiply(quaternions[:, t - 1], rotation_vector_to_quaternion(gyro[:, t] * dt))
+        predicted = quat_multiply(quaternions[:, t - 1], quat_from_rotvec(gyro[:, t] * dt))
         predicted_up = gravity_in_body_frame(predicted) / GRAVITY
         correction = weight[:, t, None] * np.cross(direction[:, t], predicted_up)
-        current = quaternion_multiply(predicted, rotation_vector_to_quaternion(correction * dt))
+        current = quat_multiply(predicted, quat_from_rotvec(correction * dt))
         quaternions[:, t] = current / np.linalg.norm(current, axis=-1, keepdims=True)
     return quaternions[0] if single else quaternions
 
