@@ -119,3 +119,37 @@ def test_seeds_are_averaged_in_the_oof_and_at_inference(toy_data, tmp_path):
         both.members = saved
         first_member_differs |= not np.allclose(alone, expected[row], atol=1e-4)
     assert first_member_differs  # the average is not just the first seed's model
+
+
+def test_init_from_a_checkpoint_of_other_model_settings_raises_unless_not_strict(toy_data, tmp_path):
+    """``model.init_from`` with a checkpoint of another preset (other d_model) is an error naming
+    ``model.init_strict``; ``model.init_strict=false`` trains from what fits. A checkpoint of the
+    same settings loads every stack tensor."""
+    from codes.common.checkpoint import save_atomically
+    from codes.common.features import feature_layout
+    from codes.common.training import initialise_from
+    from codes.exp.exp019.dataset import feature_settings
+
+    cfg = smoke()
+    n_features = len(feature_layout(feature_settings(cfg.data))[0])
+    torch.manual_seed(0)
+    other = build_model(smoke("model.d_model=48"), n_features)
+    save_atomically({"model": other.state_dict()}, tmp_path / "other.pt")
+    same = build_model(cfg, n_features)
+    save_atomically({"model": same.state_dict()}, tmp_path / "same.pt")
+
+    torch.manual_seed(1)
+    model = build_model(cfg, n_features)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model\.init_strict=false"):
+        initialise_from(model, str(tmp_path / "other.pt"), fold=0)
+    initialise_from(model, str(tmp_path / "other.pt"), fold=0, strict=False)  # loads what fits
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and len(changed) < len(before)
+    initialise_from(model, str(tmp_path / "same.pt"), fold=0)  # strict, nothing mismatched
+    assert all(torch.equal(v, same.state_dict()[k]) for k, v in model.state_dict().items())
+
+    run = smoke("run_name=strict", "trainer.epochs=1", "data.folds=[0]", f"model.init_from={tmp_path / 'other.pt'}",
+                data_dir=toy_data, output_dir=tmp_path)  # fmt: skip
+    with pytest.raises(ValueError, match="another shape"):
+        run_training(run)

@@ -182,7 +182,11 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 # settings added after runs were saved, with the value that reproduces what those runs did: a
 # saved config without the key resumes under that value
-ADDED_KEY_DEFAULTS = {"machine.compile_mode": "default", "trainer.checkpoint_every_epochs": 1}
+ADDED_KEY_DEFAULTS = {
+    "machine.compile_mode": "default",
+    "trainer.checkpoint_every_epochs": 1,
+    "model.init_strict": True,  # read only when a run starts, never on resume
+}
 
 
 def resume_differences(saved: dict, current: dict) -> list[str]:

@@ -182,14 +182,28 @@ def build_ema(model: torch.nn.Module, decay: float) -> WarmupEMA | None:
     return WarmupEMA(model, decay)  # AveragedModel's values and state dict, without host syncs
 
 
-def initialise_from(model: torch.nn.Module, path: str, fold: int) -> None:
-    """Copy the tensors of a checkpoint (e.g. NoiseBERT pretraining) that fit, and log the rest."""
+def initialise_from(model: torch.nn.Module, path: str, fold: int, strict: bool = True) -> None:
+    """Copy the tensors of a checkpoint (e.g. NoiseBERT pretraining) that fit, and log the rest.
+
+    ``strict`` (``model.init_strict``): a checkpoint with a tensor of the model's name but another
+    shape (pretrained with another preset), or with no tensor the model takes, raises instead of
+    training almost from scratch. New tensors (the heads) and unused ones (a pretraining head)
+    are expected and only logged.
+    """
     report = load_matching_weights(model, repo_path(path))
     logger.info(
         "fold %d: initialised from %s: %d tensors loaded, %d new (%s), %d with another shape (%s), %d unused",
         fold, path, len(report["loaded"]), len(report["new"]), ", ".join(report["new"][:8]),
         len(report["mismatched"]), ", ".join(report["mismatched"][:8]), len(report["unused"]),
     )  # fmt: skip
+    if strict and (report["mismatched"] or not report["loaded"]):
+        raise ValueError(
+            f"model.init_from={path}: {len(report['loaded'])} tensors fit the model, "
+            f"{len(report['mismatched'])} have another shape ({', '.join(report['mismatched'][:5])}): "
+            "the checkpoint was trained with other model settings (another preset or variant). "
+            "Pretrain with the same model settings, or set model.init_strict=false to load only "
+            "the tensors that fit."
+        )
 
 
 class FoldCheckpoints:

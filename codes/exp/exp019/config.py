@@ -103,6 +103,9 @@ class ModelConfig:
     # initialise the Squeezeformer + BERT stack from a checkpoint (e.g. NoiseBERT pretraining);
     # tensors are matched by name and shape, and the log lists what was loaded and what is new
     init_from: str | None = None
+    # a checkpoint with tensors of another shape (other model settings) or none that fit is an
+    # error; false loads what fits and logs the rest
+    init_strict: bool = True
 
 
 @dataclass

@@ -106,7 +106,7 @@ def train_fold(cfg: DictConfig, run: FoldRun, train: FoldTensors, valid: FoldTen
     seed_everything(seed)
     model = run.place(build_model(cfg, train.features.shape[-1]))
     if cfg.model.init_from and not run.resuming:
-        initialise_from(model, cfg.model.init_from, run.fold)
+        initialise_from(model, cfg.model.init_from, run.fold, strict=cfg.model.init_strict)
     ema = build_ema(model, trainer_cfg.ema_decay)
     optimizer = build_optimizer(model, trainer_cfg)
     steps_per_epoch = run.steps_per_epoch(len(train), batch_size)
