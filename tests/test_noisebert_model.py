@@ -124,6 +124,19 @@ def test_masked_mse_ignores_unmasked_steps_and_matches_a_hand_computed_value():
     assert masked_mse(prediction, target, torch.zeros_like(masked)).item() == 0.0
 
 
+def test_masked_mse_counts_the_masked_values_exactly_for_a_bf16_prediction():
+    """48,720 masked values: a count summed in bf16 rounds to 48,640 (the mean 0.16% too high);
+    the loss counts in integers, so a bf16 prediction gives the float64 mean of its values."""
+    generator = torch.Generator().manual_seed(0)
+    masked = torch.zeros(8, 400, dtype=torch.bool)
+    masked.view(-1)[:2564] = True  # 2,564 steps x 19 features = 48,716 values
+    prediction = torch.randn(8, 400, 19, generator=generator).to(torch.bfloat16)
+    target = torch.randn(8, 400, 19, generator=generator)
+    diff = (prediction.double() - target.double()).square()[masked]
+    expected = diff.sum() / (2564 * 19)
+    assert masked_mse(prediction, target, masked).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_penalty_is_zero_without_noise_and_finite_for_full_mass():
     attention = torch.softmax(torch.randn(3, 2, 4, 10, requires_grad=True), dim=-1)
     no_noise = torch.zeros(3, 10, dtype=torch.bool)
