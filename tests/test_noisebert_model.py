@@ -264,3 +264,21 @@ def test_pretraining_run_writes_its_outputs_and_resumes_to_the_same_history(toy_
     for a, b in zip(straight["history"], resumed["history"], strict=True):
         assert a["valid_masked_mse"] == pytest.approx(b["valid_masked_mse"], rel=1e-5)
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+
+
+def test_the_cls_row_is_float32_under_bf16_autocast():
+    """Under bf16 autocast the CLS row is computed in float32 from the captured query and key: it
+    matches the same row without autocast to 1e-5 (a bf16 matmul is ~1e-3 off)."""
+    model = NoiseBERT(6, tiny_model_cfg(), max_len=64).eval()
+    generator = torch.Generator().manual_seed(0)
+    query, key = (
+        torch.randn(3, 21, 32, generator=generator) * 3,
+        torch.randn(3, 21, 32, generator=generator) * 3,
+    )
+    mask = torch.arange(21)[None] < torch.tensor([21, 14, 5])[:, None]
+    reference = model.cls_attention_row(query, key, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        row = model.cls_attention_row(query, key, mask)
+    assert row.dtype == torch.float32
+    torch.testing.assert_close(row, reference, atol=1e-5, rtol=0)
+    assert torch.equal(row[1, :, 14:], torch.zeros_like(row[1, :, 14:]))  # padded keys get nothing

@@ -76,11 +76,15 @@ class NoiseBERT(nn.Module):
         """The CLS row of one layer: ``query, key (B, 1 + T, H), mask (B, 1 + T)`` -> ``(B, heads, 1 + T)``."""
         b, n, hidden = key.shape
         head_dim = hidden // self.num_heads
-        q_cls = query[:, 0].reshape(b, self.num_heads, 1, head_dim).float()  # (B, heads, 1, d)
-        keys = key.reshape(b, n, self.num_heads, head_dim).transpose(1, 2).float()  # (B, heads, 1 + T, d)
-        scores = torch.matmul(q_cls, keys.transpose(-2, -1)).squeeze(2) * head_dim**-0.5  # (B, heads, 1 + T)
-        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))  # the CLS key is always real
-        return torch.softmax(scores, dim=-1)
+        # float32 even under bf16/fp16 autocast (which would run the matmul in bf16, ~2e-3 off)
+        with torch.autocast(device_type=query.device.type, enabled=False):
+            q_cls = query[:, 0].reshape(b, self.num_heads, 1, head_dim).float()  # (B, heads, 1, d)
+            keys = key.reshape(b, n, self.num_heads, head_dim).transpose(1, 2).float()  # (B, heads, 1 + T, d)
+            scores = (
+                torch.matmul(q_cls, keys.transpose(-2, -1)).squeeze(2) * head_dim**-0.5
+            )  # (B, heads, 1 + T)
+            scores = scores.masked_fill(~mask[:, None, :], float("-inf"))  # the CLS key is always real
+            return torch.softmax(scores, dim=-1)
 
     def forward(
         self,
