@@ -186,6 +186,7 @@ ADDED_KEY_DEFAULTS = {
     "machine.compile_mode": "default",
     "trainer.checkpoint_every_epochs": 1,
     "model.init_strict": True,  # read only when a run starts, never on resume
+    "cls_objective.weight": 0.0,  # NoiseBERT runs saved before the CLS objective
 }
 
 

@@ -78,6 +78,15 @@ class RegularizerConfig:
 
 
 @dataclass
+class ClsObjectiveConfig:
+    """The CLS output predicts a summary of the clean sequence (per-channel mean and standard
+    deviation over its real steps), so the CLS token must collect information from the steps and
+    the penalty has something to trade against (docs/noisebert.md)."""
+
+    weight: float = 1.0  # 0 = no CLS objective (the CLS output is then unused in pretraining)
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = 30
     batch_size: int = 64
@@ -102,6 +111,7 @@ class NoiseBERTRunConfig:
     noise: VibrationNoiseConfig = field(default_factory=VibrationNoiseConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
+    cls_objective: ClsObjectiveConfig = field(default_factory=ClsObjectiveConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 

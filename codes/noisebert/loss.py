@@ -7,6 +7,10 @@
   noisy intervals), averaged over heads and over the chosen layers: ``(B,)`` in [0, 1]. The CLS
   key's own probability is left out (the row is renormalised over the steps): otherwise the
   penalty is met by the CLS attending only to itself, which carries no information.
+- ``clean_summary`` / ``cls_summary_loss``: the CLS objective's target, the per-channel mean and
+  standard deviation of the clean sequence over its real steps ``(B, 2F)``, and the mean squared
+  error of the CLS output's prediction of it. The target is a property of the clean signal, not
+  of the noise: attending to noisy steps only adds error to it.
 - ``attention_penalty``: the mean over the samples that have a noisy step of ``mass`` (form
   ``"mass"``) or ``-log(1 - mass)`` (form ``"log"``, with ``1 - mass`` clamped to at least
   ``log_floor`` so that it stays finite); samples without a noisy step contribute nothing, and a
@@ -17,7 +21,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["PENALTY_FORMS", "attention_penalty", "masked_mse", "noise_region", "noisy_attention_mass"]
+__all__ = [
+    "PENALTY_FORMS",
+    "attention_penalty",
+    "clean_summary",
+    "cls_summary_loss",
+    "masked_mse",
+    "noise_region",
+    "noisy_attention_mass",
+]
 
 PENALTY_FORMS = ("mass", "log")
 
@@ -68,3 +80,21 @@ def attention_penalty(
     has_noise = region.any(dim=1)  # (B,)
     total = torch.where(has_noise, per_sample, 0.0).sum()
     return total / has_noise.sum().clamp(min=1)
+
+
+def clean_summary(clean: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+    """``clean (B, T, F), padding_mask (B, T) bool (True = real)`` -> ``(B, 2F)``: per-channel mean
+    and standard deviation over the real steps (float32; padded steps have no influence)."""
+    real = padding_mask.unsqueeze(-1)  # (B, T, 1)
+    values = torch.where(real, clean.float(), 0.0)
+    count = padding_mask.sum(dim=1, keepdim=True).clamp(min=1).to(torch.float32)  # (B, 1)
+    mean = values.sum(dim=1) / count  # (B, F)
+    variance = torch.where(real, (clean.float() - mean.unsqueeze(1)).square(), 0.0).sum(dim=1) / count
+    return torch.cat([mean, variance.clamp(min=0.0).sqrt()], dim=-1)
+
+
+def cls_summary_loss(
+    prediction: torch.Tensor, clean: torch.Tensor, padding_mask: torch.Tensor
+) -> torch.Tensor:
+    """Mean squared error of the CLS output's ``(B, 2F)`` prediction of :func:`clean_summary`."""
+    return (prediction.float() - clean_summary(clean, padding_mask)).square().mean()

@@ -8,7 +8,8 @@ per-step reconstruction head on the step outputs (B, T, F).
 The stack's modules carry the names exp018's ``GestureClassifier`` gives them
 (``input_projection``, ``encoder``, ``bert_projection``, ``cls_token``, ``bert``), so a NoiseBERT
 checkpoint initialises exp018 through ``model.init_from`` with the same model settings;
-``mask_embedding`` and ``reconstruction_head`` are pretraining-only.
+``mask_embedding``, ``reconstruction_head`` and ``cls_summary_head`` (the CLS objective: the
+last layer's CLS output predicts a summary of the clean sequence) are pretraining-only.
 
 CLS-to-token attention without giving up fused attention: forward hooks on the chosen BERT
 layers' ``query`` and ``key`` Linears keep their outputs (tensors the layer computes anyway), and
@@ -32,14 +33,17 @@ ATTENTION_LAYERS = ("last", "all")
 
 
 class NoiseBERT(nn.Module):
-    """``forward(features, mask, masked_steps)`` -> ``{"reconstruction": (B, T, F), "cls_attention": (B, L, heads, T)}``.
+    """``forward(features, mask, masked_steps)`` -> ``{"reconstruction": (B, T, F), "cls_attention": (B, L, heads, T),
+    "cls_summary": (B, 2F) or None}`` (``cls_summary=True`` builds the CLS objective's head).
 
     ``cls_attention`` holds the CLS row of the chosen layers (``attention_layers``: ``"last"`` or
     ``"all"``) over the T step keys (the CLS key itself left out), 0 at padded steps; it is
     ``None`` when ``return_cls_attention=False``.
     """
 
-    def __init__(self, n_features: int, cfg, max_len: int, attention_layers: str = "last") -> None:
+    def __init__(
+        self, n_features: int, cfg, max_len: int, attention_layers: str = "last", cls_summary: bool = False
+    ) -> None:
         super().__init__()
         if attention_layers not in ATTENTION_LAYERS:
             raise ValueError(f"attention_layers must be one of {ATTENTION_LAYERS}, got {attention_layers!r}")
@@ -52,6 +56,8 @@ class NoiseBERT(nn.Module):
         self.bert = build_bert(cfg, max_len)
         self.mask_embedding = nn.Parameter(torch.randn(cfg.d_model) * 0.02)
         self.reconstruction_head = nn.Linear(hidden, n_features)
+        # the CLS objective's head (built last, so the other modules keep their initialisation)
+        self.cls_summary_head = nn.Linear(hidden, 2 * n_features) if cls_summary else None
 
         layers = self.bert.encoder.layer
         self.attention_layer_indices = (
@@ -127,4 +133,7 @@ class NoiseBERT(nn.Module):
             ]
             cls_attention = torch.stack(rows, dim=1)[..., 1:]  # (B, layers, heads, T): step keys only
             self._captured.clear()
-        return {"reconstruction": reconstruction, "cls_attention": cls_attention}
+        summary = (
+            None if self.cls_summary_head is None else self.cls_summary_head(out.last_hidden_state[:, 0])
+        )
+        return {"reconstruction": reconstruction, "cls_attention": cls_attention, "cls_summary": summary}

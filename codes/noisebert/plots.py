@@ -16,17 +16,26 @@ from codes.noisebert.dataset import NoiseBERTDataset, expand_intervals
 
 
 def plot_loss_curves(history: list[dict[str, float]], interpolation_mse: float, path: Path) -> Path:
-    """Total, masked-MSE and regularizer losses per epoch (solid: train, dashed: validation)."""
-    figure, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    """Total, masked-MSE, CLS-objective and regularizer losses per epoch (solid: train, dashed: validation)."""
+    figure, axes = plt.subplots(1, 5, figsize=(21, 3.8))
     epochs = [row["epoch"] for row in history]
     for axis, key, title in zip(
         axes,
-        ("loss", "masked_mse", "regularizer", "cls_mass_on_noisy"),
-        ("total loss", "masked MSE", "penalty (before lambda)", "CLS attention mass on noisy steps"),
+        ("loss", "masked_mse", "cls_objective", "regularizer", "cls_mass_on_noisy"),
+        (
+            "total loss",
+            "masked MSE",
+            "CLS objective (clean summary MSE)",
+            "penalty (before lambda)",
+            "CLS attention mass on noisy steps",
+        ),
         strict=True,
     ):
-        axis.plot(epochs, [row[f"train_{key}"] for row in history], label="train")
-        axis.plot(epochs, [row[f"valid_{key}"] for row in history], "--", label="validation")
+        # runs resumed from before the CLS objective have no such key in their first rows
+        axis.plot(epochs, [row.get(f"train_{key}", float("nan")) for row in history], label="train")
+        axis.plot(
+            epochs, [row.get(f"valid_{key}", float("nan")) for row in history], "--", label="validation"
+        )
         if key == "masked_mse":
             axis.axhline(interpolation_mse, color="grey", linestyle=":", label="linear interpolation")
         axis.set(xlabel="epoch", title=title)

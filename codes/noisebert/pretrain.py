@@ -58,7 +58,13 @@ from codes.common.sequences import FeatureNormalizer, SequenceTable, load_sequen
 from codes.common.training import place_model
 from codes.noisebert.config import register_configs
 from codes.noisebert.dataset import MaskingConfig, NoiseBERTDataset
-from codes.noisebert.loss import attention_penalty, masked_mse, noise_region, noisy_attention_mass
+from codes.noisebert.loss import (
+    attention_penalty,
+    cls_summary_loss,
+    masked_mse,
+    noise_region,
+    noisy_attention_mass,
+)
 from codes.noisebert.model import NoiseBERT
 from codes.noisebert.noise import VibrationNoiseConfig
 from codes.noisebert.plots import plot_cls_attention, plot_loss_curves
@@ -174,7 +180,9 @@ def run_epoch(
     training = optimizer is not None
     model.train(training)
     # running sums stay on the device: one host read per epoch, not several per step
-    sums = torch.zeros(5, device=device)  # loss, masked MSE, regularizer, mass on noisy, samples with noise
+    # loss, masked MSE, regularizer, mass on noisy, samples with noise, CLS objective
+    sums = torch.zeros(6, device=device)
+    cls_weight = cfg.cls_objective.weight
     n_batches = 0
     with torch.set_grad_enabled(training):
         for batch in tqdm(
@@ -188,6 +196,11 @@ def run_epoch(
                 out["cls_attention"], noise_region(batch, reg.region), reg.form, reg.log_floor
             )
             loss = mse + reg.weight * penalty
+            if out["cls_summary"] is not None:
+                cls_loss = cls_summary_loss(out["cls_summary"], batch["target"], batch["padding_mask"])
+                loss = loss + cls_weight * cls_loss
+            else:
+                cls_loss = torch.zeros((), device=device)
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -199,19 +212,24 @@ def run_epoch(
                 mass = noisy_attention_mass(out["cls_attention"].detach(), noisy)
                 has_noise = noisy.any(dim=1)
                 step_sums = torch.stack([loss, mse, penalty, torch.where(has_noise, mass, 0.0).sum(),
-                                         has_noise.sum()])  # fmt: skip
+                                         has_noise.sum(), cls_loss])  # fmt: skip
                 sums += step_sums.detach().float()
             n_batches += 1
     if training and context.is_distributed:
         sums = torch.cat([sums, torch.tensor([float(n_batches)], device=device)])
         dist.all_reduce(sums)
-        sums, n_batches = sums[:5], int(sums[5].item())
-    loss_sum, mse_sum, penalty_sum, mass_sum, mass_count = sums.tolist()
+        sums, n_batches = sums[:6], int(sums[6].item())
+    loss_sum, mse_sum, penalty_sum, mass_sum, mass_count, cls_sum = sums.tolist()
     if not math.isfinite(loss_sum):
         raise FloatingPointError(f"non-finite NoiseBERT loss in {description}")
     means = {
         key: value / max(n_batches, 1)
-        for key, value in (("loss", loss_sum), ("masked_mse", mse_sum), ("regularizer", penalty_sum))
+        for key, value in (
+            ("loss", loss_sum),
+            ("masked_mse", mse_sum),
+            ("regularizer", penalty_sum),
+            ("cls_objective", cls_sum),
+        )
     }
     means["cls_mass_on_noisy"] = mass_sum / max(mass_count, 1.0)
     return means
@@ -240,7 +258,11 @@ def _pretrain(cfg: DictConfig, context: DistributedContext, run_dir: Path) -> di
     train, valid, n_features = build_datasets(cfg, run_dir, context)
 
     model = place_model(
-        NoiseBERT(n_features, cfg.model, cfg.data.max_len, cfg.regularizer.layers), device, cfg.machine
+        NoiseBERT(
+            n_features, cfg.model, cfg.data.max_len, cfg.regularizer.layers, cfg.cls_objective.weight > 0
+        ),
+        device,
+        cfg.machine,
     )
     if cfg.machine.compile:
         model.encoder.compile()  # the Squeezeformer; the hooked BERT layers stay eager
@@ -320,9 +342,11 @@ def _pretrain(cfg: DictConfig, context: DistributedContext, run_dir: Path) -> di
             )  # fmt: skip
         barrier(context)
         logger.info(
-            "epoch %d: train loss %.4f (mse %.4f, reg %.4f) | valid mse %.4f, reg %.4f, CLS mass on noisy %.3f%s",
-            epoch, row["train_loss"], row["train_masked_mse"], row["train_regularizer"], row["valid_masked_mse"],
-            row["valid_regularizer"], row["valid_cls_mass_on_noisy"], " *" if improved else "",
+            "epoch %d: train loss %.4f (mse %.4f, reg %.4f, cls %.4f) | valid mse %.4f, reg %.4f, cls %.4f, "
+            "CLS mass on noisy %.3f%s",
+            epoch, row["train_loss"], row["train_masked_mse"], row["train_regularizer"], row["train_cls_objective"],
+            row["valid_masked_mse"], row["valid_regularizer"], row["valid_cls_objective"],
+            row["valid_cls_mass_on_noisy"], " *" if improved else "",
         )  # fmt: skip
         if (
             cfg.trainer.interrupt_after_epochs is not None
@@ -339,6 +363,7 @@ def _pretrain(cfg: DictConfig, context: DistributedContext, run_dir: Path) -> di
         "best": {k: v for k, v in best.items() if k.startswith("valid_")},
         "valid_interpolation_mse": baseline,
         "regularizer": OmegaConf.to_container(cfg.regularizer, resolve=True),
+        "cls_objective": OmegaConf.to_container(cfg.cls_objective, resolve=True),
         "wall_seconds": time.perf_counter() - started,
     }
     write_json_atomically(metrics, run_dir / "metrics.json")
