@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from codes.models.masking import masked_mean
+
 __all__ = [
     "PENALTY_FORMS",
     "attention_penalty",
@@ -85,12 +87,10 @@ def attention_penalty(
 def clean_summary(clean: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
     """``clean (B, T, F), padding_mask (B, T) bool (True = real)`` -> ``(B, 2F)``: per-channel mean
     and standard deviation over the real steps (float32; padded steps have no influence)."""
-    real = padding_mask.unsqueeze(-1)  # (B, T, 1)
-    values = torch.where(real, clean.float(), 0.0)
-    count = padding_mask.sum(dim=1, keepdim=True).clamp(min=1).to(torch.float32)  # (B, 1)
-    mean = values.sum(dim=1) / count  # (B, F)
-    variance = torch.where(real, (clean.float() - mean.unsqueeze(1)).square(), 0.0).sum(dim=1) / count
-    return torch.cat([mean, variance.clamp(min=0.0).sqrt()], dim=-1)
+    clean = clean.float()
+    mean = masked_mean(clean, padding_mask)  # (B, F)
+    variance = masked_mean((clean - mean.unsqueeze(1)).square(), padding_mask)  # (B, F)
+    return torch.cat([mean, variance.sqrt()], dim=-1)
 
 
 def cls_summary_loss(
