@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from codes.common.folds import assign_folds, read_fold_file
+from codes.common.folds import FOLD_FILE, assign_folds, data_folds, read_fold_file
 from codes.common.schema import GESTURES
 
 
@@ -75,3 +75,28 @@ def test_fold_file_errors_name_the_file(tmp_path):
     header = _write(tmp_path / "header.csv", "subj,f\nA,0\n")
     with pytest.raises(ValueError, match=r"header\.csv: expected the header 'subject,fold'"):
         read_fold_file(header, ["A"])
+
+
+def test_data_folds_without_a_fold_file_are_the_assigned_folds(tmp_path):
+    gestures, subjects = _toy_labels()
+    (tmp_path / "other.csv").write_text("subject,fold\n")  # only folds.csv counts
+    folds, from_file = data_folds(tmp_path, gestures, subjects, n_folds=4, seed=1)
+    assert from_file is False
+    np.testing.assert_array_equal(folds, assign_folds(gestures, subjects, n_folds=4, seed=1))
+    default, _ = data_folds(str(tmp_path), gestures, subjects)
+    np.testing.assert_array_equal(default, assign_folds(gestures, subjects))  # 5 folds, seed 42
+
+
+def test_data_folds_take_the_folders_fold_file(tmp_path):
+    gestures, subjects = _toy_labels(n_subjects=6, per_subject=3)
+    names = np.unique(subjects)
+    fold_of = {name: i % 2 for i, name in enumerate(names)}  # 2 folds, unlike anything assign_folds gives
+    _write(tmp_path / FOLD_FILE, "subject,fold\n" + "".join(f"{s},{f}\n" for s, f in fold_of.items()))
+    folds, from_file = data_folds(tmp_path, gestures, subjects, n_folds=5, seed=0)
+    assert from_file is True
+    np.testing.assert_array_equal(folds, [fold_of[s] for s in subjects])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    _write(bad / FOLD_FILE, "subject,fold\nSUBJ_000000,0\n")
+    with pytest.raises(ValueError, match="has no fold for these subjects"):
+        data_folds(bad, gestures, subjects)  # a broken file is an error, not a fallback

@@ -7,8 +7,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from codes.common.features import FeatureSettings
+from codes.common.augment import batch_step_features
+from codes.common.features import FeatureSettings, gravity_in_body_frame
 from codes.common.sequences import FeatureNormalizer, build_sequence_table, pad_sequences
+from codes.common.synthetic import quat_conjugate, quat_from_rotvec, quat_multiply, quat_to_rotvec
 from codes.noisebert.dataset import (
     MaskingConfig,
     NoiseBERTDataset,
@@ -17,7 +19,12 @@ from codes.noisebert.dataset import (
     noisy_intervals,
     sample_span_mask,
 )
-from codes.noisebert.noise import VibrationNoiseConfig, add_vibration_noise
+from codes.noisebert.noise import (
+    VibrationNoiseConfig,
+    add_raw_vibration,
+    add_vibration_noise,
+    feature_strength,
+)
 from tests.helpers import make_demographics, make_frame, rest_sensors
 
 FS = 10.0
@@ -305,7 +312,7 @@ def test_from_sequence_table_uses_the_normalised_features_and_vibrates_imu_only(
     table = build_sequence_table(frame, make_demographics(["SUBJ_000000"]), FeatureSettings())
     assert (table.labels == -1).all()
     normalizer = FeatureNormalizer().fit(table)
-    dataset = NoiseBERTDataset.from_sequence_table(table, normalizer, 16, ONE_BURST)
+    dataset = NoiseBERTDataset.from_sequence_table(table, normalizer, 16, ONE_BURST, noise_domain="features")
     padded = pad_sequences(table, 16, normalizer.transform(table))
     imu = table.feature_groups["imu"]
     other = np.setdiff1d(np.arange(table.features.shape[1]), imu)
@@ -318,3 +325,372 @@ def test_from_sequence_table_uses_the_normalised_features_and_vibrates_imu_only(
             item["input"].numpy()[unmasked][:, other], padded.features[i][unmasked][:, other]
         )
         assert item["noisy"].any()
+
+
+# ---------------------------------------------------------------- raw vibration
+SETTINGS = FeatureSettings()
+COLUMNS = SETTINGS.sensor_columns
+ACC, ROT = slice(0, 3), slice(3, 7)  # IMU columns of the raw rows (SENSOR_COLUMNS order)
+RAW_BURSTS = VibrationNoiseConfig(min_bursts=1, max_bursts=3, min_burst_length=8, max_burst_length=20)
+
+
+def _orientations(n_steps: int, rng: np.random.Generator, upside_down: bool = False) -> np.ndarray:
+    """(n_steps, 4) a smooth random turning of the wrist, w >= 0 as in the files; ``upside_down``
+    keeps it about half a turn away from the world frame (w near 0, where the sign flips)."""
+    q = np.empty((n_steps, 4))
+    axis = rng.normal(size=3)
+    q[0] = quat_from_rotvec(axis / np.linalg.norm(axis) * (np.pi - 0.01) if upside_down else axis)
+    turns = quat_from_rotvec(rng.normal(scale=0.01 if upside_down else 0.1, size=(n_steps, 3)))
+    for t in range(1, n_steps):
+        q[t] = quat_multiply(q[t - 1], turns[t])
+    return np.where(q[:, :1] < 0, -q, q)
+
+
+def _raw_rows(
+    n_steps: int, seed: int = 0, linear_scale: float = 1.0, upside_down: bool = False
+) -> np.ndarray:
+    """(n_steps, 332) float32 raw rows (as ``SequenceTable.sensors`` holds them): gravity seen
+    from a turning wrist plus a random-walk linear acceleration, random thermopiles and ToF."""
+    rng = np.random.default_rng(seed)
+    q = _orientations(n_steps, rng, upside_down)
+    linear = linear_scale * np.cumsum(rng.normal(scale=0.3, size=(n_steps, 3)), axis=0)
+    rows = rest_sensors(q[0], np.zeros(3), n_steps, rng)
+    rows[:, ACC] = gravity_in_body_frame(q) + linear
+    rows[:, ROT] = q
+    return rows.astype(np.float32)
+
+
+def _features(*sequences: np.ndarray, left_handed: bool = False) -> list[np.ndarray]:
+    """Raw features ``(n, F)`` of each raw sequence, computed on their own."""
+    step, offsets = batch_step_features(list(sequences), np.full(len(sequences), left_handed), SETTINGS)
+    return np.split(step.features, offsets[1:-1])
+
+
+def _with_missing_rows(rows: np.ndarray, nan_acc: list[int], zero_rot: list[int]) -> np.ndarray:
+    rows = rows.copy()
+    rows[nan_acc, ACC] = np.nan
+    rows[zero_rot, ROT] = 0.0
+    return rows
+
+
+def _relative_angle(clean_q: np.ndarray, shaken_q: np.ndarray) -> np.ndarray:
+    """(S,) angle in radians of the rotation from ``clean_q`` to ``shaken_q``, sign-blind."""
+    relative = quat_multiply(quat_conjugate(clean_q.astype(np.float64)), shaken_q.astype(np.float64))
+    return 2 * np.arctan2(np.linalg.norm(relative[:, 1:], axis=1), np.abs(relative[:, 0]))
+
+
+def _internal_draw(rows: np.ndarray, seed: int, cfg: VibrationNoiseConfig):
+    """The six-channel draw :func:`add_raw_vibration` makes: a_vib (m/s^2), then the rotation vector
+    (rad), in units of the acc axes' std (NaN ignored, floored) and of ``rotation_deg_per_unit``."""
+    acc_scale = np.maximum(np.nanstd(rows[:, ACC].astype(np.float64), axis=0), cfg.min_reference_std)
+    reference = np.concatenate([acc_scale, np.full(3, np.deg2rad(cfg.rotation_deg_per_unit))])
+    return add_vibration_noise(
+        np.zeros((len(rows), 6)),
+        np.random.default_rng(seed),
+        replace(cfg, channels=None),
+        reference_scale=reference,
+    )
+
+
+def test_feature_strength_is_the_larger_of_the_row_and_its_predecessor():
+    strength = np.array([0.0, 0.0, 0.4, 0.1, 0.0, 0.0, 0.7], dtype=np.float32)
+    before = strength.copy()
+    expected = np.array([0.0, 0.0, 0.4, 0.4, 0.1, 0.0, 0.7], dtype=np.float32)
+    np.testing.assert_array_equal(feature_strength(strength), expected)
+    np.testing.assert_array_equal(strength, before)
+    assert feature_strength(np.zeros(0)).shape == (0,)
+
+
+def test_reference_scale_sets_the_amplitude_of_each_channel():
+    x = _clean(150, n_channels=3)
+    cfg = replace(ONE_BURST, min_reference_std=0.1)
+    by_std = add_vibration_noise(x, np.random.default_rng(5), cfg)
+    given_std = add_vibration_noise(
+        x, np.random.default_rng(5), cfg, reference_scale=np.maximum(x.astype(np.float64).std(axis=0), 0.1)
+    )
+    np.testing.assert_array_equal(by_std.noisy, given_std.noisy)  # None = the floored std
+    np.testing.assert_array_equal(by_std.strength, given_std.strength)
+    zeros = np.zeros((150, 3))
+    unit = add_vibration_noise(zeros, np.random.default_rng(5), cfg, reference_scale=np.ones(3))
+    scaled = add_vibration_noise(
+        zeros, np.random.default_rng(5), cfg, reference_scale=np.array([0.0, 2.0, 30.0])
+    )
+    np.testing.assert_allclose(scaled.noisy, unit.noisy * np.array([0.0, 2.0, 30.0]), rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(scaled.strength, unit.strength)  # strength is in reference units
+    for bad in (np.ones(2), np.array([1.0, -1.0, 1.0]), np.array([1.0, np.nan, 1.0])):
+        with pytest.raises(ValueError, match="reference_scale"):
+            add_vibration_noise(zeros, np.random.default_rng(5), cfg, reference_scale=bad)
+
+
+def test_config_rejects_a_negative_rotation_amplitude():
+    assert VibrationNoiseConfig(rotation_deg_per_unit=0.0).rotation_deg_per_unit == 0.0
+    with pytest.raises(ValueError, match="rotation_deg_per_unit"):
+        VibrationNoiseConfig(rotation_deg_per_unit=-1.0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_raw_vibration_leaves_quiet_steps_features_bit_identical(seed):
+    rows = _raw_rows(90, seed=seed)
+    vibration = add_raw_vibration(rows, COLUMNS, np.random.default_rng(seed), RAW_BURSTS)
+    quiet_rows = vibration.strength == 0
+    assert quiet_rows.any() and not quiet_rows.all()
+    # untouched raw rows bit for bit; thermopiles and ToF never change
+    np.testing.assert_array_equal(vibration.noisy[quiet_rows], rows[quiet_rows])
+    np.testing.assert_array_equal(vibration.noisy[:, 7:], rows[:, 7:])
+    assert (vibration.noisy[~quiet_rows][:, :7] != rows[~quiet_rows][:, :7]).any(axis=1).all()
+    for left_handed in (False, True):
+        clean, shaken = _features(rows, vibration.noisy, left_handed=left_handed)
+        quiet = feature_strength(vibration.strength) == 0
+        np.testing.assert_array_equal(shaken[quiet], clean[quiet])
+        assert (shaken[~quiet] != clean[~quiet]).any(axis=1).all()
+
+
+def test_raw_vibration_keeps_missing_values_missing_and_quiet_steps_identical():
+    rows = _raw_rows(80, seed=11)
+    probe = add_raw_vibration(rows, COLUMNS, np.random.default_rng(0), RAW_BURSTS)
+    shaken_rows = np.flatnonzero(probe.strength > 0)
+    first = int(shaken_rows[0])
+    # a quiet row after the first burst whose predecessor is quiet too
+    later = next(t for t in range(first + 1, len(rows) - 1) if probe.strength[t - 1 : t + 2].max() == 0)
+    assert 6 <= first and len(shaken_rows) >= 4
+    # missing rows before, inside and between the bursts, each filled from a row of its own kind
+    # (quiet or shaken); a missing row just after a burst is another matter (the test below)
+    nan_acc = [first - 4, first - 3, int(shaken_rows[1]), later]
+    zero_rot = [first - 2, int(shaken_rows[2]), later + 1]
+    rows = _with_missing_rows(rows, nan_acc, zero_rot)
+    rows[first + 3, 0] = np.nan  # a row with one acc axis missing
+    vibration = add_raw_vibration(rows, COLUMNS, np.random.default_rng(0), RAW_BURSTS)
+    np.testing.assert_array_equal(vibration.strength, probe.strength)  # NaN leaves the draw alone
+    np.testing.assert_array_equal(
+        np.isnan(vibration.noisy)[:, :3] | np.isnan(rows)[:, :3], np.isnan(vibration.noisy)[:, :3]
+    )
+    assert np.isnan(vibration.noisy[nan_acc, :3]).all() and np.isnan(vibration.noisy[first + 3, 0])
+    np.testing.assert_array_equal(vibration.noisy[zero_rot, 3:7], 0.0)  # a missing rotation is not rotated
+    np.testing.assert_array_equal(vibration.noisy[:, 7:], rows[:, 7:])
+    quiet_rows = vibration.strength == 0
+    np.testing.assert_array_equal(vibration.noisy[quiet_rows], rows[quiet_rows])  # NaN included
+    clean, shaken = _features(rows, vibration.noisy)
+    quiet = feature_strength(vibration.strength) == 0
+    np.testing.assert_array_equal(shaken[quiet], clean[quiet])
+    assert (shaken[~quiet] != clean[~quiet]).any(axis=1).sum() >= 0.9 * (~quiet).sum()
+
+
+@pytest.mark.parametrize("missing", ["acc", "rot"])
+def test_a_missing_row_after_a_burst_takes_the_strength_it_is_filled_from(missing):
+    """Missing rows just after a burst are filled (forward) from the last shaken row: with the
+    raw rows given, feature_strength counts them as shaken, and every step it calls 0 has the
+    clean features bit for bit."""
+    rows = _raw_rows(60, seed=2)
+    probe = add_raw_vibration(rows, COLUMNS, np.random.default_rng(1), RAW_BURSTS)
+    last = int(np.flatnonzero(probe.strength > 0)[-1])
+    assert last + 3 < len(rows)
+    gap = [last + 1, last + 2]  # quiet rows, filled from the shaken row `last`
+    rows = _with_missing_rows(rows, gap if missing == "acc" else [], gap if missing == "rot" else [])
+    vibration = add_raw_vibration(rows, COLUMNS, np.random.default_rng(1), RAW_BURSTS)
+    clean, shaken = _features(rows, vibration.noisy)
+    strength = feature_strength(vibration.strength, (rows, vibration.noisy), COLUMNS)
+    assert (strength[gap] > 0).all() and strength[last + 3] > 0  # the filled rows and the step after
+    assert (feature_strength(vibration.strength)[[last + 2]] == 0).all()  # rows alone would miss them
+    quiet = strength == 0
+    assert quiet[last + 4 :].any()
+    np.testing.assert_array_equal(shaken[quiet], clean[quiet])
+    assert (shaken[gap[0]] != clean[gap[0]]).any()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_gravity_removed_with_the_shaken_rotation_leaves_the_translational_vibration(seed):
+    # the wrist only turns (acc is gravity alone), about half a turn from the world frame
+    rows = _raw_rows(70, seed=seed, linear_scale=0.0, upside_down=True)
+    cfg = replace(RAW_BURSTS, rotation_deg_per_unit=5.0)
+    vibration = add_raw_vibration(rows, COLUMNS, np.random.default_rng(seed), cfg)
+    drawn = _internal_draw(rows, seed, cfg)
+    np.testing.assert_array_equal(vibration.strength, drawn.strength)
+    assert [b.start for b in vibration.bursts] == [b.start for b in drawn.bursts]
+    shaken = drawn.strength > 0
+    acc, q = vibration.noisy[:, ACC].astype(np.float64), vibration.noisy[:, ROT].astype(np.float64)
+    np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-5)
+    assert (q[:, 0] >= 0).all()
+    # no tilt leak: the linear acceleration seen with the shaken rotation is the vibration alone
+    np.testing.assert_allclose(
+        acc - gravity_in_body_frame(q), np.where(shaken[:, None], drawn.noisy[:, :3], 0.0), atol=1e-4
+    )
+    # the device frame wobbles about its own axes: q' = q * exp(r)
+    wobble = quat_multiply(quat_conjugate(rows[:, ROT].astype(np.float64)), q)
+    np.testing.assert_allclose(quat_to_rotvec(wobble)[shaken], drawn.noisy[shaken, 3:], atol=1e-4)
+    assert np.abs(drawn.noisy[shaken, 3:]).max() > 1e-2  # the wobble is not negligible
+    assert (
+        quat_multiply(rows[:, ROT].astype(np.float64), quat_from_rotvec(drawn.noisy[:, 3:]))[shaken, 0] < 0
+    ).any()
+
+
+def test_without_rotation_amplitude_only_the_translational_vibration_is_added():
+    rows = _with_missing_rows(_raw_rows(70, seed=4), [10, 40], [11, 41])
+    cfg = replace(RAW_BURSTS, rotation_deg_per_unit=0.0)
+    vibration = add_raw_vibration(rows, COLUMNS, np.random.default_rng(4), cfg)
+    drawn = _internal_draw(rows, 4, cfg)
+    shaken = drawn.strength > 0
+    assert shaken.any()
+    np.testing.assert_array_equal(vibration.noisy[:, ROT], rows[:, ROT])
+    added = vibration.noisy[:, ACC].astype(np.float64) - rows[:, ACC]
+    read = np.isfinite(rows[:, 0])
+    assert not read.all()
+    np.testing.assert_allclose(
+        added[read], np.where(shaken[:, None], drawn.noisy[:, :3], 0.0)[read], atol=1e-4
+    )
+    # amplitudes are in units of each acc axis's std (over the rows read): the vibration has about that size
+    ratio = np.abs(added[shaken & read]).max(axis=0) / np.nanstd(rows[:, ACC].astype(np.float64), axis=0)
+    assert ((ratio > 0.05) & (ratio < 3 * RAW_BURSTS.max_amplitude)).all()
+
+
+@pytest.mark.parametrize("n_steps", [5, 120])
+def test_raw_vibration_is_deterministic_and_strength_marks_the_clipped_bursts(n_steps):
+    rows = _raw_rows(n_steps, seed=6)
+    cfg = replace(RAW_BURSTS, min_burst_length=10, max_burst_length=30)
+    first = add_raw_vibration(rows, COLUMNS, np.random.default_rng(9), cfg)
+    again = add_raw_vibration(rows, COLUMNS, np.random.default_rng(9), cfg)
+    other = add_raw_vibration(rows, COLUMNS, np.random.default_rng(10), cfg)
+    np.testing.assert_array_equal(first.noisy, again.noisy)
+    np.testing.assert_array_equal(first.strength, again.strength)
+    assert first.bursts == again.bursts and first.frequency == again.frequency
+    assert not np.array_equal(first.noisy, other.noisy)
+    assert first.noisy.dtype == np.float32 and first.strength.dtype == np.float32
+    np.testing.assert_array_equal(rows, _raw_rows(n_steps, seed=6))  # the input is left as it was
+    covered = np.zeros(n_steps, dtype=bool)
+    for burst in first.bursts:
+        start, stop = burst.clipped(n_steps)
+        covered[start:stop] = True
+    np.testing.assert_array_equal(first.strength > 0, covered)
+    assert (first.strength[~covered] == 0).all()
+    np.testing.assert_array_equal(first.noisy_steps, first.strength > cfg.strength_threshold)
+    if n_steps < cfg.min_burst_length:
+        assert covered.all()  # the sequence lies inside its bursts
+
+
+def test_raw_vibration_without_a_burst_copies_the_rows():
+    rows = _with_missing_rows(_raw_rows(30), [3], [4])
+    silent = add_raw_vibration(rows, COLUMNS, np.random.default_rng(0), NO_BURST)
+    np.testing.assert_array_equal(silent.noisy, rows)
+    assert silent.bursts == [] and (silent.strength == 0).all() and silent.frequency == 0.0
+    empty = add_raw_vibration(rows[:0], COLUMNS, np.random.default_rng(0), RAW_BURSTS)
+    assert empty.noisy.shape == (0, len(COLUMNS)) and empty.strength.shape == (0,)
+    with pytest.raises(ValueError, match="rot_w"):
+        add_raw_vibration(rows[:, [0, 1, 2, 4, 5, 6]], ["acc_x", "acc_y", "acc_z", "rot_x", "rot_y", "rot_z"],
+                          np.random.default_rng(0), RAW_BURSTS)  # fmt: skip
+    with pytest.raises(ValueError, match="sensors must be"):
+        add_raw_vibration(rows[:, :7], COLUMNS, np.random.default_rng(0), RAW_BURSTS)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_rotation_angle_scales_with_rotation_deg_per_unit(seed):
+    rows = _raw_rows(100, seed=seed)
+    small = add_raw_vibration(
+        rows, COLUMNS, np.random.default_rng(seed), replace(RAW_BURSTS, rotation_deg_per_unit=3.0)
+    )
+    large = add_raw_vibration(
+        rows, COLUMNS, np.random.default_rng(seed), replace(RAW_BURSTS, rotation_deg_per_unit=6.0)
+    )
+    np.testing.assert_array_equal(small.strength, large.strength)
+    shaken = small.strength > 0
+    assert shaken.any()
+    clean_q = rows[shaken, ROT]
+    angle_small = _relative_angle(clean_q, small.noisy[shaken, ROT])
+    angle_large = _relative_angle(clean_q, large.noisy[shaken, ROT])
+    # float32 outputs: about 1e-7 rad of rounding on top of the relative tolerance
+    np.testing.assert_allclose(angle_large, 2 * angle_small, rtol=1e-4, atol=1e-6)
+    assert np.deg2rad(0.5) < angle_large.max() < np.deg2rad(6.0 * 3 * RAW_BURSTS.max_amplitude)
+
+
+# ---------------------------------------------------------------- dataset, raw noise
+RAW_LENGTHS = (12, 5, 30, 70)
+RAW_MAX_LEN = 32
+
+
+@pytest.fixture(scope="module")
+def raw_table():
+    """Four test-format sequences with their raw rows (one wearer left-handed, one sequence longer
+    than RAW_MAX_LEN), and a normaliser fitted on them."""
+    sequences = [
+        (f"SEQ_{i:06d}", f"SUBJ_{i % 2:06d}", _raw_rows(n, seed=20 + i).astype(np.float64))
+        for i, n in enumerate(RAW_LENGTHS)
+    ]
+    subjects = ["SUBJ_000000", "SUBJ_000001"]
+    table = build_sequence_table(
+        make_frame(sequences), make_demographics(subjects, {"SUBJ_000001"}), SETTINGS, keep_sensors=True
+    )
+    assert table.left_handed.any() and not table.left_handed.all()
+    return table, FeatureNormalizer().fit(table)
+
+
+def _raw_dataset(table, normalizer, **kwargs):
+    kwargs.setdefault("noise_cfg", replace(RAW_BURSTS, min_burst_length=4, max_burst_length=12))
+    return NoiseBERTDataset.from_sequence_table(
+        table, normalizer, RAW_MAX_LEN, masking_cfg=MaskingConfig(num_intervals=8), noise_domain="raw",
+        settings=SETTINGS, **kwargs,
+    )  # fmt: skip
+
+
+def test_raw_dataset_input_equals_target_where_the_strength_is_zero(raw_table):
+    table, normalizer = raw_table
+    dataset = _raw_dataset(table, normalizer)
+    assert dataset.raw is not None and len(dataset) == table.n_sequences
+    imu = np.array(table.feature_groups["imu"])
+    other = np.setdiff1d(np.arange(table.features.shape[1]), imu)
+    n_noisy = n_changed = 0
+    for item in _items(dataset, epochs=range(3)):
+        real, masked, noisy = item["padding_mask"], item["masked"], item["noisy"]
+        quiet = real & ~masked & (item["noise_strength"] == 0)
+        np.testing.assert_array_equal(item["input"][quiet], item["target"][quiet])
+        np.testing.assert_array_equal(noisy, item["noise_strength"] > dataset.threshold)
+        assert not (masked & noisy).any() and not (masked & ~real).any() and not (noisy & ~real).any()
+        assert (item["input"][masked] == 0).all() and (item["input"][~real] == 0).all()
+        # thermopiles and ToF are never shaken
+        visible = real & ~masked
+        np.testing.assert_array_equal(item["input"][visible][:, other], item["target"][visible][:, other])
+        n_noisy += int(noisy.sum())
+        n_changed += int((item["input"][noisy][:, imu] != item["target"][noisy][:, imu]).any(axis=1).sum())
+    assert n_noisy > 0 and n_changed == n_noisy  # every noisy step has shaken IMU features
+
+
+def test_raw_dataset_target_is_the_tables_features(raw_table):
+    """The clean target is the experiments' features: computed over the whole sequence, then cut
+    to its last max_len steps (angular velocity, jerk and the quaternion signs of the first kept
+    step are the whole sequence's), bit for bit, also for sequences longer than max_len."""
+    table, normalizer = raw_table
+    item_of = _raw_dataset(table, normalizer, add_noise=False)
+    padded = pad_sequences(table, RAW_MAX_LEN, normalizer.transform(table))
+    assert max(RAW_LENGTHS) > RAW_MAX_LEN
+    for i in range(len(RAW_LENGTHS)):
+        item = item_of[i]
+        np.testing.assert_array_equal(item["padding_mask"].numpy(), padded.mask[i])
+        np.testing.assert_array_equal(item["target"].numpy(), padded.features[i])
+        assert not item["noisy"].any() and (item["noise_strength"] == 0).all()
+        unmasked = ~item["masked"].numpy()
+        np.testing.assert_array_equal(item["input"].numpy()[unmasked], item["target"].numpy()[unmasked])
+
+
+def test_raw_dataset_needs_the_sensor_rows_and_a_known_domain(raw_table):
+    table, normalizer = raw_table
+    without_sensors = replace(table, sensors=None)
+    with pytest.raises(ValueError, match="keep_sensors"):
+        _raw_dataset(without_sensors, normalizer)
+    with pytest.raises(ValueError, match="settings"):
+        NoiseBERTDataset.from_sequence_table(table, normalizer, RAW_MAX_LEN, noise_domain="raw")
+    with pytest.raises(ValueError, match="noise_domain"):
+        NoiseBERTDataset.from_sequence_table(table, normalizer, RAW_MAX_LEN, noise_domain="raw_rows")
+    # the features domain needs no sensor rows
+    features = NoiseBERTDataset.from_sequence_table(
+        without_sensors, normalizer, RAW_MAX_LEN, noise_domain="features"
+    )
+    assert features.raw is None and len(features) == table.n_sequences
+
+
+def test_transform_rows_equals_transform(raw_table):
+    table, normalizer = raw_table
+    table = replace(table, feature_present=table.feature_present.copy())
+    table.feature_present[1, table.feature_groups["thm"]] = False  # a sequence without thermopiles
+    expected = normalizer.transform(table)
+    got = normalizer.transform_rows(table.features, table.feature_present, table.lengths)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected)
+    absent_rows = slice(table.offsets[1], table.offsets[2])
+    assert (got[absent_rows][:, table.feature_groups["thm"]] == 0).all()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -345,3 +346,46 @@ def test_the_penalty_lowers_the_cls_mass_on_noisy_steps_in_a_short_run(toy_data,
         cls_losses[weight] = metrics["history"][-1]["valid_cls_objective"]
     assert masses[10] < masses[0] - 0.1, masses
     assert cls_losses[10] > cls_losses[0] > 0, cls_losses
+
+
+def test_strict_pretraining_leaves_every_sequence_of_the_fold_out(toy_data, tmp_path):
+    """``data.exclude_fold=k``: no train or test sequence of fold k's subjects (the experiments'
+    folds) is pretraining or validation data; every other subject's sequences stay."""
+    from codes.common.features import FeatureSettings
+    from codes.common.folds import assign_folds
+    from codes.common.sequences import load_sequence_table
+    from codes.noisebert.pretrain import without_fold
+
+    train = load_sequence_table(toy_data, "train", FeatureSettings())
+    test = train.subset(np.arange(0, train.n_sequences, 2))  # a stand-in test file: every subject
+    folds = assign_folds(train.gestures, train.subjects, 3, 42)
+    held_out = set(train.subjects[folds == 1])
+    cfg = OmegaConf.create({"exclude_fold": 1, "n_folds": 3, "fold_seed": 42})
+    kept_train, kept_test = without_fold(train, test, toy_data, cfg)
+    assert held_out and not held_out & set(kept_train.subjects) and not held_out & set(kept_test.subjects)
+    assert kept_train.n_sequences == int((folds != 1).sum())
+    assert set(kept_train.subjects) == set(train.subjects) - held_out
+    assert set(kept_test.subjects) == set(test.subjects) - held_out
+    with pytest.raises(ValueError, match="exclude_fold=5"):
+        without_fold(
+            train, test, toy_data, OmegaConf.create({"exclude_fold": 5, "n_folds": 3, "fold_seed": 42})
+        )
+
+    pretrain(pretrain_config(toy_data, tmp_path, "trainer.epochs=1", "run_name=strict", "data.exclude_fold=1",
+                             "data.n_folds=3", "data.valid_fraction=0.5"))  # fmt: skip
+    log = (tmp_path / "noisebert" / "strict" / "train.log").read_text()
+    assert f"fold 1's {len(held_out)} subjects left out" in log
+
+
+def test_init_from_takes_the_folds_own_checkpoint(tmp_path):
+    """``{fold}`` in ``model.init_from`` becomes the fold: fold k loads pretraining k's tensors."""
+    from codes.common.training import initialise_from
+
+    for fold in (0, 1):
+        torch.manual_seed(fold)
+        save_atomically({"model": torch.nn.Linear(3, 2).state_dict()}, tmp_path / f"strict-fold{fold}.pt")
+    for fold in (0, 1):
+        model = torch.nn.Linear(3, 2)
+        initialise_from(model, str(tmp_path / "strict-fold{fold}.pt"), fold=fold)
+        torch.manual_seed(fold)
+        assert torch.equal(model.weight, torch.nn.Linear(3, 2).weight)

@@ -78,3 +78,15 @@ def read_fold_file(path: Path | str, subjects: Sequence[str]) -> np.ndarray | No
             f"{path}: the folds of the data's subjects must be exactly 0..k-1, each used; got {used}"
         )
     return folds
+
+
+def data_folds(
+    data_dir: Path | str, gestures: Sequence[str], subjects: Sequence[str], n_folds: int = 5, seed: int = 42
+) -> tuple[np.ndarray, bool]:
+    """The folds an experiment trains on: the data folder's ``folds.csv`` when it has one, else
+    :func:`assign_folds` with ``n_folds`` and ``seed``. Returns (fold of every sequence, whether
+    they came from the file)."""
+    folds = read_fold_file(Path(data_dir) / FOLD_FILE, subjects)
+    if folds is not None:
+        return folds, True
+    return assign_folds(gestures, subjects, n_folds, seed), False

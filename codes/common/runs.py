@@ -187,6 +187,12 @@ ADDED_KEY_DEFAULTS = {
     "trainer.checkpoint_every_epochs": 1,
     "model.init_strict": True,  # read only when a run starts, never on resume
     "cls_objective.weight": 0.0,  # NoiseBERT runs saved before the CLS objective
+    # NoiseBERT runs saved before the raw-signal vibration and strict (fold-excluding) pretraining
+    "data.noise_domain": "features",
+    "noise.rotation_deg_per_unit": 2.0,
+    "data.exclude_fold": None,
+    "data.n_folds": 5,
+    "data.fold_seed": 42,
 }
 
 

@@ -427,6 +427,11 @@ def pad_sequences(table: SequenceTable, max_len: int, features: np.ndarray | Non
     return PaddedSequences(features=padded, mask=mask, step_valid=table.step_valid[rows] & mask)
 
 
+def _absent_as_nan(features: np.ndarray, feature_present: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    absent = ~np.repeat(feature_present, lengths, axis=0)
+    return np.where(absent, np.float32(np.nan), features)
+
+
 class FeatureNormalizer:
     """Per-feature standardisation fitted on real steps of sequences where the feature was read.
 
@@ -439,8 +444,7 @@ class FeatureNormalizer:
 
     @staticmethod
     def _rows_with_absent_as_nan(table: SequenceTable) -> np.ndarray:
-        absent = ~np.repeat(table.feature_present, table.lengths, axis=0)
-        return np.where(absent, np.float32(np.nan), table.features)
+        return _absent_as_nan(table.features, table.feature_present, table.lengths)
 
     def fit(self, table: SequenceTable) -> FeatureNormalizer:
         """Fit on every row of ``table`` (pass the training fold's subset)."""
@@ -454,7 +458,13 @@ class FeatureNormalizer:
 
     def transform(self, table: SequenceTable) -> np.ndarray:
         """Normalised ``(R, F)`` float32 features of ``table``; absent features are 0."""
-        scaled = self.scaler.transform(self._rows_with_absent_as_nan(table))
+        return self.transform_rows(table.features, table.feature_present, table.lengths)
+
+    def transform_rows(
+        self, features: np.ndarray, feature_present: np.ndarray, lengths: np.ndarray
+    ) -> np.ndarray:
+        """:meth:`transform` of rows ``(R, F)`` of sequences of ``lengths`` (N,) with ``feature_present`` (N, F)."""
+        scaled = self.scaler.transform(_absent_as_nan(features, feature_present, lengths))
         return np.nan_to_num(scaled, nan=0.0).astype(np.float32)
 
     def state_dict(self) -> dict[str, list[float]]:

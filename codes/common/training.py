@@ -49,7 +49,7 @@ from codes.common.distributed import (
 )
 from codes.common.ema import WarmupEMA
 from codes.common.features import FeatureSettings
-from codes.common.folds import FOLD_FILE, assign_folds, read_fold_file
+from codes.common.folds import FOLD_FILE, data_folds
 from codes.common.machine import apply_num_threads, autocast, autocast_dtype
 from codes.common.metric import binary_f1, competition_score, macro_f1
 from codes.common.plots import plot_confusion_matrix, plot_fold_curves
@@ -188,8 +188,10 @@ def initialise_from(model: torch.nn.Module, path: str, fold: int, strict: bool =
     ``strict`` (``model.init_strict``): a checkpoint with a tensor of the model's name but another
     shape (pretrained with another preset), or with no tensor the model takes, raises instead of
     training almost from scratch. New tensors (the heads) and unused ones (a pretraining head)
-    are expected and only logged.
+    are expected and only logged. ``{fold}`` in ``path`` becomes the fold's number (one
+    pretraining per fold, e.g. ``outputs/noisebert/strict-fold{fold}/best.pt``).
     """
+    path = str(path).replace("{fold}", str(fold))
     report = load_matching_weights(model, repo_path(path))
     logger.info(
         "fold %d: initialised from %s: %d tensors loaded, %d new (%s), %d with another shape (%s), %d unused",
@@ -581,11 +583,12 @@ def _run_folds(
         table = load_sequence_table(data_dir, "train", settings, keep_sensors=keep_sensors)
     if context.is_main:  # per-subject gesture counts, for subject-aware inference
         write_json_atomically(protocol_record(table.gestures, table.subjects), run_dir / PROTOCOL_FILE)
-    folds = read_fold_file(data_dir / FOLD_FILE, table.subjects)  # the data folder's own folds, if any
+    # the data folder's own folds (folds.csv), if any
+    folds, from_file = data_folds(
+        data_dir, table.gestures, table.subjects, cfg.data.n_folds, cfg.data.fold_seed
+    )
     n_folds = cfg.data.n_folds
-    if folds is None:
-        folds = assign_folds(table.gestures, table.subjects, n_folds, cfg.data.fold_seed)
-    else:
+    if from_file:
         n_folds = int(folds.max()) + 1
         logger.info(
             "folds from %s: %d folds (data.n_folds and data.fold_seed are not used)",

@@ -32,6 +32,14 @@ class DataConfig:
     include_test: bool = True  # the test sequences are unlabelled pretraining data too
     valid_fraction: float = 0.1  # share of the train subjects held out for validation
     split_seed: int = 0
+    # where the vibration goes: raw (the raw acceleration and rotation, before the features) |
+    # features (added to the normalised IMU features, as runs before 2026-12-04)
+    noise_domain: str = "raw"
+    # strict pretraining for fine-tuning fold k: every sequence of fold k's subjects (train and
+    # test file) is left out; the folds are the experiments' (folds.csv, else n_folds/fold_seed)
+    exclude_fold: int | None = None
+    n_folds: int = 5
+    fold_seed: int = 42
 
 
 @dataclass

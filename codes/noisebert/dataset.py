@@ -5,8 +5,19 @@ Rules of an item (``L = max_len``, ``n`` = real steps kept, ``K = num_intervals`
 - Length: a sequence longer than ``L`` keeps its LAST ``L`` steps (as
   ``codes.common.sequences.pad_sequences``); a shorter one is padded at the end with zeros, so
   real steps are positions ``0..n-1``. ``padding_mask`` is True at real steps.
-- Noise: vibration bursts (:mod:`codes.noisebert.noise`) are added to the kept steps, on the
-  ``noise_channels`` only. A step is noisy when its strength is strictly above the threshold
+- Noise, in one of two places (``noise_domain``):
+
+  - ``raw`` (:meth:`NoiseBERTDataset.from_sequence_table`'s default): the vibration bursts shake
+    the kept steps' raw acceleration and rotation (:func:`codes.noisebert.noise.add_raw_vibration`)
+    and the features of the clean and the shaken whole sequences are then computed alike
+    (``codes.common.augment.batch_step_features``, the on-the-fly path of the raw augmentations),
+    cut to the kept steps (so they are the features the experiments compute) and normalised. A
+    step's strength is what its features see (:func:`~codes.noisebert.noise.feature_strength`:
+    rows ``t - 1`` and ``t``, and the rows a missing reading is filled from); a step of strength
+    0 has the clean features bit for bit. Thermopiles and ToF are untouched.
+  - ``features``: the bursts are added to the normalised features, on the ``noise_channels``.
+
+  A step is noisy when its strength is strictly above the threshold
   (``MaskingConfig.noise_threshold``, by default the noise config's ``strength_threshold``);
   the same rule gives ``noisy`` and decides which steps may be masked.
 - Masking: ``round(mask_ratio * n)`` steps (at least 1, at most the eligible ones) are masked,
@@ -33,12 +44,23 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from codes.common.augment import batch_step_features
+from codes.common.features import FeatureSettings
 from codes.common.sequences import FeatureNormalizer, SequenceTable
-from codes.noisebert.noise import VibrationNoiseConfig, add_vibration_noise
+from codes.noisebert.noise import (
+    VibrationNoiseConfig,
+    add_raw_vibration,
+    add_vibration_noise,
+    feature_strength,
+)
+
+NOISE_DOMAINS = ("raw", "features")
 
 __all__ = [
+    "NOISE_DOMAINS",
     "MaskingConfig",
     "NoiseBERTDataset",
+    "RawSequences",
     "expand_intervals",
     "interval_bounds",
     "interval_index",
@@ -136,6 +158,57 @@ def expand_intervals(intervals: np.ndarray, n_real: int, length: int) -> np.ndar
 
 
 # ---------------------------------------------------------------- dataset
+@dataclass
+class RawSequences:
+    """The raw sensor rows of some sequences, to shake and featurise.
+
+    Features are computed over a whole sequence and then cut to its last ``max_len`` steps, as
+    the experiments compute them (angular velocity and jerk at the first kept step, and the
+    quaternions' sign continuity, are those of the whole sequence); only the kept steps vibrate.
+    """
+
+    sensors: list[np.ndarray]  # (T_i, C) float32 raw rows of settings.sensor_columns (whole sequences)
+    left_handed: np.ndarray  # (N,) bool
+    settings: FeatureSettings
+    normalizer: FeatureNormalizer
+    max_len: int
+
+    @classmethod
+    def from_table(
+        cls, table: SequenceTable, settings: FeatureSettings, normalizer: FeatureNormalizer, max_len: int
+    ) -> RawSequences:
+        if table.sensors is None:
+            raise ValueError(
+                "raw noise needs the raw sensor rows: load the table with keep_sensors=True "
+                "(or use noise_domain='features')"
+            )
+        sensors = [table.sensors[a:b] for a, b in zip(table.offsets[:-1], table.offsets[1:], strict=True)]
+        return cls(sensors, np.asarray(table.left_handed, dtype=bool), settings, normalizer, int(max_len))
+
+    def features(self, index: int, rows: np.ndarray) -> np.ndarray:
+        """Normalised features ``(n, F)`` of the last ``max_len`` steps of ``rows`` (a whole
+        sequence's raw rows, of sequence ``index``)."""
+        step, offsets = batch_step_features([rows], self.left_handed[index : index + 1], self.settings)
+        normalised = self.normalizer.transform_rows(step.features, step.feature_present, np.diff(offsets))
+        return normalised[-self.max_len :]
+
+    def shaken(
+        self, index: int, rng: np.random.Generator, cfg: VibrationNoiseConfig
+    ) -> tuple[np.ndarray, np.ndarray, float]:
+        """The kept steps' features after a vibration of the kept rows: ``(features (n, F),
+        feature strength (n,), frequency)``."""
+        rows = self.sensors[index]
+        kept = slice(max(len(rows) - self.max_len, 0), len(rows))
+        columns = self.settings.sensor_columns
+        vibration = add_raw_vibration(rows[kept], columns, rng, cfg)
+        noisy = rows.copy()
+        noisy[kept] = vibration.noisy
+        strength = np.zeros(len(rows), dtype=np.float32)
+        strength[kept] = vibration.strength
+        step_strength = feature_strength(strength, (rows, noisy), columns)[kept]
+        return self.features(index, noisy), step_strength, vibration.frequency
+
+
 class NoiseBERTDataset(Dataset):
     """Pretraining items of normalised ``(T_i, C)`` sequences; no labels needed.
 
@@ -161,7 +234,10 @@ class NoiseBERTDataset(Dataset):
         seed: int = 0,
         noise_channels: list[int] | None = None,
         add_noise: bool = True,
+        raw: RawSequences | None = None,
     ) -> None:
+        """``sequences``: normalised features ``(T_i, C)`` (noise added to them); with ``raw``, the
+        noise shakes ``raw``'s sensor rows instead and ``sequences`` are their clean features."""
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
         if seed < 0:
@@ -179,6 +255,9 @@ class NoiseBERTDataset(Dataset):
         self.max_len = int(max_len)
         self.seed = int(seed)
         self.add_noise = add_noise
+        self.raw = raw
+        if raw is not None and len(raw.sensors) != len(sequences):
+            raise ValueError(f"{len(raw.sensors)} raw sequences for {len(sequences)} feature sequences")
         self.epoch = 0
         self.sequences: list[np.ndarray] = []  # the kept (last max_len) steps of each sequence
         n_channels = None
@@ -209,11 +288,24 @@ class NoiseBERTDataset(Dataset):
         seed: int = 0,
         noise_channels: list[int] | None = None,
         add_noise: bool = True,
+        noise_domain: str = "raw",
+        settings: FeatureSettings | None = None,
     ) -> NoiseBERTDataset:
         """Every sequence of ``table`` (train or test), normalised by a fitted ``normalizer``.
 
-        ``noise_channels`` defaults to the table's IMU features (``feature_groups["imu"]``).
+        ``noise_domain="raw"`` shakes the raw acceleration and rotation (the table must hold its
+        sensor rows, ``keep_sensors=True``, and ``settings`` be the table's feature settings);
+        ``"features"`` adds the noise to the ``noise_channels`` of the normalised features
+        (default: the table's IMU features, ``feature_groups["imu"]``).
         """
+        if noise_domain not in NOISE_DOMAINS:
+            raise ValueError(f"noise_domain must be one of {NOISE_DOMAINS}, got {noise_domain!r}")
+        if noise_domain == "raw":
+            if settings is None:
+                raise ValueError("noise_domain='raw' needs the table's FeatureSettings (settings=...)")
+            raw = RawSequences.from_table(table, settings, normalizer, max_len)
+            sequences = [raw.features(i, rows) for i, rows in enumerate(raw.sensors)]
+            return cls(sequences, max_len, noise_cfg, masking_cfg, seed, None, add_noise, raw)
         if noise_channels is None:
             if "imu" not in table.feature_groups:
                 raise ValueError(
@@ -239,7 +331,9 @@ class NoiseBERTDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         clean = self.sequences[index]  # (n, C)
         n_real = len(clean)
-        if self.add_noise:
+        if self.add_noise and self.raw is not None:
+            noisy_values, strength, frequency = self.raw.shaken(index, rng, self.noise_cfg)
+        elif self.add_noise:
             vibration = add_vibration_noise(clean, rng, self.noise_cfg)
             noisy_values, strength, frequency = vibration.noisy, vibration.strength, vibration.frequency
         else:

@@ -35,19 +35,27 @@ one result. Work is vectorised over steps and channels; the only Python loop run
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy.signal.windows import tukey
+
+from codes.common.features import fill_within_segments, impossible_readings
+from codes.common.schema import ACC_COLUMNS, ROT_COLUMNS
+from codes.common.synthetic import quat_from_rotvec, quat_multiply, quat_to_matrix
 
 __all__ = [
     "HARMONIC_AMPLITUDE_RANGES",
     "VibrationBurst",
     "VibrationNoise",
     "VibrationNoiseConfig",
+    "add_raw_vibration",
     "add_vibration_noise",
     "band_limited_noise",
     "burst_envelope",
+    "feature_strength",
 ]
 
 # (low, high) amplitude of the 2nd and 3rd harmonic, relative to the fundamental
@@ -75,6 +83,9 @@ class VibrationNoiseConfig:
     min_reference_std: float = 0.1  # floor on the per-channel std that amplitudes are measured in
     channels: list[int] | None = None  # channels that vibrate; None = all channels of the input
     strength_threshold: float = 0.1  # strength above which a step counts as noisy
+    # raw injection (add_raw_vibration): the angular oscillation, in degrees, of a unit-strength
+    # vibration on a channel of gain 1 (the wrist shakes angularly as well as linearly)
+    rotation_deg_per_unit: float = 2.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -95,6 +106,7 @@ class VibrationNoiseConfig:
             (0 <= self.envelope_taper <= 1, "envelope_taper must lie in [0, 1]"),
             (self.min_reference_std > 0, "min_reference_std must be positive"),
             (self.strength_threshold >= 0, "strength_threshold must be >= 0"),
+            (self.rotation_deg_per_unit >= 0, "rotation_deg_per_unit must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -159,11 +171,17 @@ def band_limited_noise(
     return np.divide(filtered, rms * np.sqrt(2.0), out=np.zeros_like(filtered), where=rms > 0)
 
 
-def add_vibration_noise(x: np.ndarray, rng: np.random.Generator, cfg: VibrationNoiseConfig) -> VibrationNoise:
+def add_vibration_noise(
+    x: np.ndarray,
+    rng: np.random.Generator,
+    cfg: VibrationNoiseConfig,
+    reference_scale: np.ndarray | None = None,
+) -> VibrationNoise:
     """Add vibration bursts to the ``cfg.channels`` of ``x`` ``(T, C)``; see the module docstring.
 
     ``x`` is not modified. ``T = 0`` gives an empty result with no burst. Amplitudes are measured
-    in each channel's std floored at ``min_reference_std`` (the floor alone for a non-finite channel).
+    in each channel's std floored at ``min_reference_std`` (the floor alone for a non-finite
+    channel), or in ``reference_scale`` (one positive value per noised channel) when given.
     """
     x = np.asarray(x)
     if x.ndim != 2:
@@ -180,8 +198,18 @@ def add_vibration_noise(x: np.ndarray, rng: np.random.Generator, cfg: VibrationN
         return VibrationNoise(noisy, strength.astype(np.float32), 0.0, cfg.strength_threshold)
 
     clean = x[:, channels].astype(np.float64)  # (T, K)
-    spread = clean.std(axis=0)  # (K,); a channel with a non-finite value falls back to the floor
-    scale = np.where(np.isfinite(spread), np.maximum(spread, cfg.min_reference_std), cfg.min_reference_std)
+    if reference_scale is None:
+        spread = clean.std(axis=0)  # (K,); a channel with a non-finite value falls back to the floor
+        scale = np.where(
+            np.isfinite(spread), np.maximum(spread, cfg.min_reference_std), cfg.min_reference_std
+        )
+    else:
+        scale = np.asarray(reference_scale, dtype=np.float64)
+        if scale.shape != (len(channels),) or not (np.isfinite(scale) & (scale >= 0)).all():
+            raise ValueError(
+                f"reference_scale must hold one finite value >= 0 per noised channel ({len(channels)}), "
+                f"got {reference_scale}"
+            )
     noise = np.zeros_like(clean)  # (T, K)
     band = (cfg.freq_low, cfg.freq_high)
     bursts: list[VibrationBurst] = []
@@ -222,3 +250,97 @@ def add_vibration_noise(x: np.ndarray, rng: np.random.Generator, cfg: VibrationN
     strength = strength.astype(np.float32)
     frequency_hz = bursts[int(np.argmax(burst_weights))].frequency_hz if bursts else 0.0
     return VibrationNoise(noisy, strength, frequency_hz, cfg.strength_threshold, bursts)
+
+
+def add_raw_vibration(
+    sensors: np.ndarray, columns: Sequence[str], rng: np.random.Generator, cfg: VibrationNoiseConfig
+) -> VibrationNoise:
+    """Vibration bursts in one sequence's raw sensor rows ``(T, C)``, before any feature.
+
+    ``columns`` names the columns of ``sensors`` (``FeatureSettings.sensor_columns``: acc in m/s^2,
+    the quaternion rot_w..rot_z rotating device vectors into the world). The bursts are drawn as in
+    :func:`add_vibration_noise` (same rules, same strength), on six channels at once: three of
+    translational vibration, in units of each acc axis's std over the sequence (NaN ignored,
+    floored at ``min_reference_std``), and three of angular vibration, a rotation vector ``r(t)``
+    in units of ``rotation_deg_per_unit`` degrees. A shaken device then reads, at every step where
+    the strength is above 0,
+
+    - rotation ``q' = q * exp(r)`` (the device frame wobbles about its own axes), with w >= 0 as
+      in the files;
+    - acceleration ``acc' = R(exp(r))^T acc + a_vib``: the same specific force seen in the
+      wobbled frame, plus the translational vibration. Gravity removed with ``q'`` leaves the
+      linear acceleration and the vibration, no tilt leak.
+
+    Rows where the strength is 0 are copied bit for bit; missing values stay missing (a missing
+    quaternion is not rotated; an acc row missing one axis comes back missing all three, as the
+    rotation mixes the axes: the features count such a row as missing either way); thermopiles
+    and ToF are untouched. A step's features are unchanged where :func:`feature_strength` is 0.
+    ``cfg.channels`` is not used.
+    """
+    sensors = np.asarray(sensors)
+    if sensors.ndim != 2 or sensors.shape[1] != len(columns):
+        raise ValueError(
+            f"sensors must be (T, {len(columns)}) for the columns given, got shape {sensors.shape}"
+        )
+    missing = [c for c in (*ACC_COLUMNS, *ROT_COLUMNS) if c not in columns]
+    if missing:
+        raise ValueError(f"raw vibration needs the columns {missing}, which the sensor rows lack")
+    acc_cols = [list(columns).index(c) for c in ACC_COLUMNS]
+    rot_cols = [list(columns).index(c) for c in ROT_COLUMNS]
+    acc = sensors[:, acc_cols].astype(np.float64)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN axis: the floor
+        spread = np.nanstd(acc, axis=0) if len(acc) else np.zeros(3)
+    acc_scale = np.where(
+        np.isfinite(spread), np.maximum(spread, cfg.min_reference_std), cfg.min_reference_std
+    )
+    reference = np.concatenate([acc_scale, np.full(3, np.deg2rad(cfg.rotation_deg_per_unit))])
+    drawn = add_vibration_noise(
+        np.zeros((len(sensors), 6)), rng, replace(cfg, channels=None), reference_scale=reference
+    )
+    noisy = sensors.astype(np.float32, copy=True)
+    shaken = np.flatnonzero(drawn.strength > 0)
+    if shaken.size:
+        vibration = drawn.noisy[shaken].astype(np.float64)  # (S, 6): a_vib, then the rotation vector
+        wobble = quat_from_rotvec(vibration[:, 3:])  # (S, 4)
+        # R(wobble)^T acc for row vectors: acc @ R(wobble)
+        shaken_acc = np.einsum("sj,sjk->sk", acc[shaken], quat_to_matrix(wobble)) + vibration[:, :3]
+        noisy[np.ix_(shaken, acc_cols)] = shaken_acc
+        rot = sensors[np.ix_(shaken, rot_cols)].astype(np.float64)
+        valid = np.isfinite(rot).all(axis=1) & (np.abs(np.nan_to_num(rot)).sum(axis=1) > 0)
+        turned = quat_multiply(rot[valid], wobble[valid])
+        turned = np.where(turned[:, :1] < 0, -turned, turned)  # w >= 0, the files' convention
+        noisy[np.ix_(shaken[valid], rot_cols)] = turned
+    return VibrationNoise(noisy, drawn.strength, drawn.frequency, cfg.strength_threshold, drawn.bursts)
+
+
+def feature_strength(
+    strength: np.ndarray, rows: Sequence[np.ndarray] = (), columns: Sequence[str] = ()
+) -> np.ndarray:
+    """(T,) the strength a step's derived features see.
+
+    A step's features read rows ``t - 1`` and ``t`` (angular velocity, jerk): its strength is the
+    larger of theirs. With ``rows`` (the clean and the shaken raw rows, ``columns`` naming their
+    columns), a row whose acc or rotation is missing (the features' rule: non-finite, an
+    all-zero quaternion, a physically impossible reading) takes the strength of the row the
+    features fill it from (forward, then backward, within the sequence): a missing row right
+    after a burst is filled with a shaken reading.
+    """
+    strength = np.asarray(strength)
+    row_strength = strength.copy()
+    if len(rows) and len(strength):
+        columns = list(columns)
+        bounds = np.array([0, len(strength)])
+        for names in (ACC_COLUMNS, ROT_COLUMNS):
+            positions = [columns.index(c) for c in names]
+            read = np.ones(len(strength), dtype=bool)
+            for values in rows:
+                block = np.asarray(values)[:, positions]
+                read &= np.isfinite(block).all(axis=1) & ~impossible_readings(block, names).any(axis=1)
+                if names is ROT_COLUMNS:
+                    read &= np.abs(np.nan_to_num(block)).sum(axis=1) > 0
+            filled = fill_within_segments(strength[:, None], read, bounds)[:, 0]
+            row_strength = np.maximum(row_strength, filled)
+    out = row_strength.copy()
+    out[1:] = np.maximum(row_strength[1:], row_strength[:-1])
+    return out

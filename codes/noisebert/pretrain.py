@@ -44,6 +44,7 @@ from codes.common.distributed import (
     shutdown_distributed,
 )
 from codes.common.features import FeatureSettings
+from codes.common.folds import FOLD_FILE, data_folds
 from codes.common.machine import apply_num_threads, autocast, autocast_dtype
 from codes.common.runs import (
     REPO_ROOT,
@@ -80,6 +81,28 @@ def validation_subjects(subjects: np.ndarray, fraction: float, seed: int) -> np.
     n_valid = max(1, round(fraction * len(unique)))
     held_out = np.random.default_rng(seed).choice(unique, size=n_valid, replace=False)
     return np.isin(subjects, held_out)
+
+
+def without_fold(
+    train_table: SequenceTable, test_table: SequenceTable | None, data_dir: Path, data_cfg: DictConfig
+) -> tuple[SequenceTable, SequenceTable | None]:
+    """The tables without any sequence of ``data.exclude_fold``'s subjects (strict pretraining:
+    the fold's validation subjects are never seen), with the experiments' folds."""
+    folds, from_file = data_folds(
+        data_dir, train_table.gestures, train_table.subjects, data_cfg.n_folds, data_cfg.fold_seed
+    )
+    fold = int(data_cfg.exclude_fold)
+    if fold not in set(folds.tolist()):
+        raise ValueError(f"data.exclude_fold={fold}, but the folds are 0..{int(folds.max())}")
+    held_out = np.unique(train_table.subjects[folds == fold])
+    logger.info(
+        "strict pretraining: fold %d's %d subjects left out (folds from %s)",
+        fold, len(held_out), FOLD_FILE if from_file else f"{data_cfg.n_folds} folds, seed {data_cfg.fold_seed}",
+    )  # fmt: skip
+    train_table = train_table.subset(np.flatnonzero(~np.isin(train_table.subjects, held_out)))
+    if test_table is not None:
+        test_table = test_table.subset(np.flatnonzero(~np.isin(test_table.subjects, held_out)))
+    return train_table, test_table
 
 
 def interpolation_mse(dataset: NoiseBERTDataset) -> float:
@@ -126,17 +149,21 @@ def build_datasets(
         mirror_left_handed=data.mirror_left_handed,
         sampling_rate_hz=data.sampling_rate_hz,
     )
+    raw = data.noise_domain == "raw"
     if not context.is_main:  # rank 0 generates the synthetic data and fills the cache first
         barrier(context)
-    train_table = load_sequence_table(data_dir, "train", settings)
+    train_table = load_sequence_table(data_dir, "train", settings, keep_sensors=raw)
+    test_table = (
+        load_sequence_table(data_dir, "test", settings, keep_sensors=raw) if data.include_test else None
+    )
+    if context.is_main:
+        barrier(context)
+    if data.exclude_fold is not None:
+        train_table, test_table = without_fold(train_table, test_table, data_dir, data)
     is_valid = validation_subjects(train_table.subjects, data.valid_fraction, data.split_seed)
     fit_table = train_table.subset(np.flatnonzero(~is_valid))
     valid_table = train_table.subset(np.flatnonzero(is_valid))
-    tables: list[SequenceTable] = [fit_table]
-    if data.include_test:
-        tables.append(load_sequence_table(data_dir, "test", settings))
-    if context.is_main:
-        barrier(context)
+    tables: list[SequenceTable] = [fit_table] + ([test_table] if test_table is not None else [])
     normalizer = FeatureNormalizer().fit(fit_table)
     if context.is_main:
         write_json_atomically(normalizer.state_dict(), run_dir / "normalizer.json")
@@ -147,8 +174,9 @@ def build_datasets(
 
     def dataset(table: SequenceTable, offset: int) -> NoiseBERTDataset:
         return NoiseBERTDataset.from_sequence_table(
-            table, normalizer, data.max_len, noise_cfg, masking_cfg, seed=seed + offset
-        )
+            table, normalizer, data.max_len, noise_cfg, masking_cfg, seed=seed + offset,
+            noise_domain=data.noise_domain, settings=settings,
+        )  # fmt: skip
 
     train = ConcatDataset([dataset(table, offset) for offset, table in enumerate(tables)])
     valid = dataset(valid_table, 1000)

@@ -1,0 +1,208 @@
+"""Robustness to vibration: the same fine-tuned models scored on clean and on shaken validation data.
+
+    python benchmarks/noise_robustness.py \
+        --arm scratch outputs/exp019/ab-scratch-s42 outputs/exp019/ab-scratch-s7 \
+        --arm lambda0 outputs/exp019/ab-l0-s42 ... --arm lambda0.1 ... --out noise_robustness.json
+
+Every trained fold of each run folder predicts its own validation sequences (the run's folds,
+checked against its ``oof.parquet``) three times: clean (this reproduces the run's CV exactly,
+a check the script makes) and with vibration bursts shaking the raw acceleration and rotation
+before the features are computed (``codes.noisebert.noise.add_raw_vibration``, the pretraining
+noise model) at each strength ``m`` of ``--strengths``: 1 to 3 bursts per sequence (anywhere in
+the whole sequence, as a vibration would fall), amplitudes drawn in ``[0.5 m, 2 m]`` acc stds /
+``rotation_deg_per_unit`` degrees. The noise of sequence ``i`` of the train file comes from
+``default_rng([--seed, i, round(1000 m)])``: every run and arm sees the very same shaken
+sequences. Scores are the competition score of the pooled out-of-fold predictions, all
+sensors and IMU-only (thermopiles and ToF removed); the score loss is clean minus shaken.
+
+The table gives each arm's mean over its runs (seeds) with the min-max spread, and how much less
+score each arm loses than the others (``1 - loss_arm / loss_other``; the issue's target is 30%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from codes.common.augment import batch_step_features  # noqa: E402
+from codes.common.data_source import resolve_data_dir  # noqa: E402
+from codes.common.folds import data_folds  # noqa: E402
+from codes.common.machine import apply_num_threads  # noqa: E402
+from codes.common.metric import competition_score  # noqa: E402
+from codes.common.runs import repo_path  # noqa: E402
+from codes.common.schema import GESTURES  # noqa: E402
+from codes.common.sequences import SequenceTable, load_sequence_table  # noqa: E402
+from codes.common.training import predict_probabilities  # noqa: E402
+from codes.inference.run_folder import load_run_config  # noqa: E402
+from codes.noisebert.noise import VibrationNoiseConfig, add_raw_vibration  # noqa: E402
+
+CONDITIONS_CLEAN = "clean"
+
+
+def shaken_table(
+    table: SequenceTable, settings, strength: float, seed: int, sampling_rate_hz: float
+) -> SequenceTable:
+    """``table`` with every sequence's raw acc and rotation shaken, features recomputed."""
+    cfg = VibrationNoiseConfig(
+        sampling_rate_hz=sampling_rate_hz, min_bursts=1, max_bursts=3,
+        min_amplitude=0.5 * strength, max_amplitude=2.0 * strength,
+    )  # fmt: skip
+    sequences = []
+    for i in range(table.n_sequences):
+        rows = table.sensors[table.offsets[i] : table.offsets[i + 1]]
+        rng = np.random.default_rng([seed, i, round(1000 * strength)])
+        sequences.append(add_raw_vibration(rows, settings.sensor_columns, rng, cfg).noisy)
+    step, offsets = batch_step_features(sequences, table.left_handed, settings)
+    assert np.array_equal(offsets, table.offsets)
+    return replace(
+        table, features=step.features, step_valid=step.step_valid, feature_present=step.feature_present
+    )
+
+
+def score_run(run_dir: Path, strengths: list[float], seed: int, tables: dict) -> dict:
+    """Clean and shaken OOF scores of one run folder (``tables`` caches data between runs)."""
+    cfg = load_run_config(run_dir)
+    exp = cfg.exp_name
+    inference = importlib.import_module(f"codes.exp.{exp}.inference")
+    dataset = importlib.import_module(f"codes.exp.{exp}.dataset")
+    settings = dataset.feature_settings(cfg.data)
+    data_dir = resolve_data_dir(
+        source=cfg.data.source, competition_dir=repo_path(cfg.paths.data_dir),
+        synthetic_dir=repo_path(cfg.paths.synthetic_dir), synthetic_subjects=cfg.data.synthetic_subjects,
+        synthetic_seed=cfg.data.synthetic_seed,
+    )  # fmt: skip
+    key = (str(data_dir), settings)
+    if key not in tables:
+        table = load_sequence_table(data_dir, "train", settings, keep_sensors=True)
+        conditions = {CONDITIONS_CLEAN: table}
+        for strength in strengths:
+            conditions[f"x{strength:g}"] = shaken_table(
+                table, settings, strength, seed, cfg.data.sampling_rate_hz
+            )
+        tables[key] = (table, conditions, data_dir)
+    table, conditions, data_dir = tables[key]
+    folds, _ = data_folds(data_dir, table.gestures, table.subjects, cfg.data.n_folds, cfg.data.fold_seed)
+    oof = pl.read_parquet(run_dir / "oof.parquet")
+    position = {sid: i for i, sid in enumerate(table.sequence_ids)}
+    oof_index = np.array([position[s] for s in oof["sequence_id"].to_list()])
+    if not np.array_equal(folds[oof_index], oof["fold"].to_numpy()):
+        raise ValueError(f"{run_dir}: its oof.parquet folds differ from the data's folds")
+
+    predictor = inference.load_predictor(run_dir, device="cpu")
+    names = np.array(GESTURES)
+    result = {}
+    for condition, data in conditions.items():
+        true, pred, imu = [], [], []
+        for fold in sorted({m.fold for m in predictor.members}):
+            members = [m for m in predictor.members if m.fold == fold]
+            index = np.flatnonzero(folds == fold)
+            tensors = dataset.make_tensors(data.subset(index), members[0].normalizer, cfg.data.max_len)
+            imu_tensors = tensors.imu_only(dataset.non_imu_columns(table))
+            probabilities = np.mean(
+                [predict_probabilities(m.model, tensors, 256, torch.device("cpu"), None)[0] for m in members],
+                axis=0,
+            )
+            imu_probabilities = np.mean(
+                [
+                    predict_probabilities(m.model, imu_tensors, 256, torch.device("cpu"), None)[0]
+                    for m in members
+                ],
+                axis=0,
+            )
+            true.append(names[table.labels[index]])
+            pred.append(names[probabilities.argmax(1)])
+            imu.append(names[imu_probabilities.argmax(1)])
+        y_true = np.concatenate(true)
+        result[condition] = {
+            "score": competition_score(y_true, np.concatenate(pred)),
+            "score_imu_only": competition_score(y_true, np.concatenate(imu)),
+        }
+    recorded = json.loads((run_dir / "metrics.json").read_text())["overall"]
+    for name in ("score", "score_imu_only"):
+        if abs(result[CONDITIONS_CLEAN][name] - recorded[name]) > 1e-9:
+            raise ValueError(
+                f"{run_dir}: clean {name} {result[CONDITIONS_CLEAN][name]:.6f} does not reproduce the "
+                f"run's {recorded[name]:.6f}"
+            )
+    return result
+
+
+def summarise(arms: dict[str, dict[str, dict]], strengths: list[float]) -> list[str]:
+    """Markdown rows: each arm's mean (min-max) per condition, its losses, and the loss ratios."""
+    lines = []
+    conditions = [CONDITIONS_CLEAN] + [f"x{s:g}" for s in strengths]
+    for metric in ("score", "score_imu_only"):
+        lines += [f"\n{metric}: mean over runs (min-max); loss = clean - shaken\n"]
+        header = (
+            "| arm | runs | "
+            + " | ".join(conditions)
+            + " | "
+            + " | ".join(f"loss {c}" for c in conditions[1:])
+            + " |"
+        )
+        lines += [header, "|" + " --- |" * (2 + 2 * len(conditions) - 1)]
+        losses = {}
+        for arm, runs in arms.items():
+            cells = []
+            for condition in conditions:
+                values = np.array([r[condition][metric] for r in runs.values()])
+                cells.append(f"{values.mean():.4f} ({values.min():.4f}-{values.max():.4f})")
+            for condition in conditions[1:]:
+                loss = np.array([r[CONDITIONS_CLEAN][metric] - r[condition][metric] for r in runs.values()])
+                losses[(arm, condition)] = loss.mean()
+                cells.append(f"{loss.mean():+.4f} ({loss.min():+.4f}..{loss.max():+.4f})")
+            lines.append(f"| {arm} | {len(runs)} | " + " | ".join(cells) + " |")
+        for condition in conditions[1:]:
+            for arm in arms:
+                for other in arms:
+                    if other != arm and losses[(other, condition)] > 0:
+                        reduction = 1 - losses[(arm, condition)] / losses[(other, condition)]
+                        lines.append(
+                            f"- {metric} {condition}: {arm} loses {reduction:+.0%} less than {other}"
+                        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--arm", nargs="+", action="append", required=True, metavar=("NAME", "RUN_DIR"),
+                        help="an arm's name and its run folders (one per seed)")  # fmt: skip
+    parser.add_argument("--strengths", nargs="+", type=float, default=[1.0, 2.0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None, help="write every run's scores as JSON")
+    args = parser.parse_args(argv)
+    apply_num_threads(args.threads)
+    tables: dict = {}
+    arms: dict[str, dict[str, dict]] = {}
+    for name, *run_dirs in args.arm:
+        if not run_dirs:
+            parser.error(f"--arm {name} names no run folder")
+        arms[name] = {}
+        for run_dir in run_dirs:
+            arms[name][run_dir] = score_run(repo_path(run_dir), args.strengths, args.seed, tables)
+            print(name, run_dir, json.dumps(arms[name][run_dir]), flush=True)
+    lines = summarise(arms, args.strengths)
+    print("\n".join(lines))
+    if args.out is not None:
+        args.out.write_text(
+            json.dumps({"strengths": args.strengths, "seed": args.seed, "arms": arms}, indent=1)
+        )
+    return arms
+
+
+if __name__ == "__main__":
+    main()
