@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--arm", nargs="+", action="append", required=True, metavar=("NAME", "RUN_DIR"),
                         help="an arm's name and its run folders (one per seed)")  # fmt: skip
-    parser.add_argument("--strengths", nargs="+", type=float, default=[1.0, 2.0])
+    parser.add_argument("--strengths", nargs="+", type=float, default=[0.5, 1.0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="write every run's scores as JSON")
