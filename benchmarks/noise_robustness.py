@@ -70,6 +70,12 @@ def shaken_table(
     )
 
 
+def fold_probabilities(members: list, inputs) -> np.ndarray:
+    """(N, 18) probabilities of a fold's models (its seeds) averaged, as inference averages them."""
+    cpu = torch.device("cpu")
+    return np.mean([predict_probabilities(m.model, inputs, 256, cpu, None)[0] for m in members], axis=0)
+
+
 def score_run(run_dir: Path, strengths: list[float], seed: int, tables: dict) -> dict:
     """Clean and shaken OOF scores of one run folder (``tables`` caches data between runs)."""
     cfg = load_run_config(run_dir)
@@ -109,17 +115,9 @@ def score_run(run_dir: Path, strengths: list[float], seed: int, tables: dict) ->
             index = np.flatnonzero(folds == fold)
             tensors = dataset.make_tensors(data.subset(index), members[0].normalizer, cfg.data.max_len)
             imu_tensors = tensors.imu_only(dataset.non_imu_columns(table))
-            probabilities = np.mean(
-                [predict_probabilities(m.model, tensors, 256, torch.device("cpu"), None)[0] for m in members],
-                axis=0,
-            )
-            imu_probabilities = np.mean(
-                [
-                    predict_probabilities(m.model, imu_tensors, 256, torch.device("cpu"), None)[0]
-                    for m in members
-                ],
-                axis=0,
-            )
+
+            probabilities = fold_probabilities(members, tensors)
+            imu_probabilities = fold_probabilities(members, imu_tensors)
             true.append(names[table.labels[index]])
             pred.append(names[probabilities.argmax(1)])
             imu.append(names[imu_probabilities.argmax(1)])

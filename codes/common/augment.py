@@ -56,6 +56,7 @@ __all__ = [
     "shift_end",
     "slerp_at",
     "time_stretch",
+    "valid_quaternions",
 ]
 
 
@@ -63,7 +64,7 @@ def _positions(columns: list[str], names: list[str]) -> list[int]:
     return [columns.index(c) for c in names]
 
 
-def _valid_quaternions(rot: np.ndarray) -> np.ndarray:
+def valid_quaternions(rot: np.ndarray) -> np.ndarray:
     """(T,) bool: a finite, non-zero quaternion (the features' rule for a read rotation)."""
     return np.isfinite(rot).all(axis=1) & (np.abs(np.nan_to_num(rot)).sum(axis=1) > 0)
 
@@ -144,7 +145,7 @@ def time_stretch(sensors: np.ndarray, columns: list[str], factor: float) -> np.n
     acc = sensors[:, acc_cols].astype(np.float64)
     out[:, acc_cols] = _interpolate_columns(acc, positions)
     rot = sensors[:, rot_cols].astype(np.float64)
-    valid = _valid_quaternions(rot)
+    valid = valid_quaternions(rot)
     if valid.sum() < 2:
         return out
     keys = np.flatnonzero(valid)
@@ -172,7 +173,7 @@ def rotate_device(
     acc_cols, rot_cols, _, _ = _column_roles(tuple(columns))
     out[:, acc_cols] = sensors[:, acc_cols].astype(np.float64) @ quat_to_matrix(rotation).T  # NaN stays NaN
     rot = sensors[:, rot_cols].astype(np.float64)
-    valid = _valid_quaternions(rot)
+    valid = valid_quaternions(rot)
     out[np.ix_(valid, rot_cols)] = _canonical(quat_multiply(rot[valid], quat_conjugate(rotation)))
     return out
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from scipy.signal.windows import tukey
 
+from codes.common.augment import valid_quaternions
 from codes.common.features import fill_within_segments, impossible_readings
 from codes.common.schema import ACC_COLUMNS, ROT_COLUMNS
 from codes.common.synthetic import quat_from_rotvec, quat_multiply, quat_to_matrix
@@ -307,7 +308,7 @@ def add_raw_vibration(
         shaken_acc = np.einsum("sj,sjk->sk", acc[shaken], quat_to_matrix(wobble)) + vibration[:, :3]
         noisy[np.ix_(shaken, acc_cols)] = shaken_acc
         rot = sensors[np.ix_(shaken, rot_cols)].astype(np.float64)
-        valid = np.isfinite(rot).all(axis=1) & (np.abs(np.nan_to_num(rot)).sum(axis=1) > 0)
+        valid = valid_quaternions(rot)
         turned = quat_multiply(rot[valid], wobble[valid])
         turned = np.where(turned[:, :1] < 0, -turned, turned)  # w >= 0, the files' convention
         noisy[np.ix_(shaken[valid], rot_cols)] = turned
@@ -336,9 +337,8 @@ def feature_strength(
             read = np.ones(len(strength), dtype=bool)
             for values in rows:
                 block = np.asarray(values)[:, positions]
+                # an all-zero quaternion is an impossible reading too (norm 0)
                 read &= np.isfinite(block).all(axis=1) & ~impossible_readings(block, names).any(axis=1)
-                if names is ROT_COLUMNS:
-                    read &= np.abs(np.nan_to_num(block)).sum(axis=1) > 0
             filled = fill_within_segments(strength[:, None], read, bounds)[:, 0]
             row_strength = np.maximum(row_strength, filled)
     out = row_strength.copy()
