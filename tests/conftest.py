@@ -24,3 +24,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Which comparison each pinned run made (bit for bit, or at tolerance and why)."""
+    import sys
+
+    pinned = sys.modules.get("tests.pinned_runs")
+    if pinned is not None and pinned.COMPARISONS:
+        terminalreporter.section("pinned runs")
+        for line in pinned.COMPARISONS:
+            terminalreporter.write_line(line)
