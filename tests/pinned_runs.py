@@ -45,7 +45,7 @@ PINNED_THREADS = (
 
 # The tolerance branch. Measured on a 2-core AMD EPYC (AVX512), the pinned runs with other CPU kernels
 # (ATEN_CPU_CAPABILITY=avx2 / default, ONEDNN_MAX_CPU_ISA=AVX2 with numpy's AVX512 dispatch off) and the
-# references written on an Intel AVX512 machine differ by at most 4.1e-7 relative and 2.3e-8 absolute in
+# references written on another x86-64 AVX512 machine differ by at most 4.1e-7 relative and 2.3e-8 absolute in
 # the OOF probabilities (a few float32 ulps): the tolerances leave a factor of 25 over that. A run with
 # the learning rate changed by 1% differs far beyond them (tested). The smallest top-2 margin of the
 # reference probabilities (2.4e-4) is far above them, so the same predictions give the same scores.
