@@ -17,6 +17,9 @@ staged by ``python -m codes.inference.kaggle_package``). Internet off: nothing i
   busy or shared CPU and with CMI_FOLD_THREADS=2.
 - CMI_SUBJECT_AWARE=1 / 0 turns subject-aware answers on / off (default: the predictor's,
   ``SUBJECT_AWARE_BY_DEFAULT``; it needs the run's protocol.json, staged with the run).
+- Yes/no switches (CMI_SUBJECT_AWARE, CMI_QUANTIZE) take 1/0, true/false, yes/no, on/off (any
+  case); whole numbers (CMI_NUM_THREADS, CMI_FOLD_THREADS) are at least 1. Any other value stops
+  the script before the run loads, naming the variable (``codes/common/env_flags.py``).
 """
 
 from __future__ import annotations
@@ -36,13 +39,6 @@ COMPETITION_DIR = Path(
 )
 CODE_DIR = os.environ.get("CMI_CODE_DIR", "")  # "" = search INPUT_ROOT for the code dataset
 RUN_DIR = os.environ.get("CMI_RUN_DIR", "")  # "" = search INPUT_ROOT for a run folder
-# CPU only: int8 Linear layers, about twice as fast, probabilities slightly off training's
-QUANTIZE_ON_CPU = os.environ.get("CMI_QUANTIZE", "0") == "1"
-FOLD_THREADS = int(os.environ.get("CMI_FOLD_THREADS", "1"))  # fold models run at once per sequence
-# torch CPU threads ("" = torch's default, one per core): 1 on a busy or shared CPU, or with fold threads
-NUM_THREADS = os.environ.get("CMI_NUM_THREADS", "").strip()
-# subject-aware answers: "1" on, "0" off, "" the predictor's default
-SUBJECT_AWARE = {"1": True, "0": False}.get(os.environ.get("CMI_SUBJECT_AWARE", "").strip())
 WORKING_DIR = Path("/kaggle/working")
 SEARCH_DEPTH = 4
 
@@ -85,20 +81,19 @@ def find_run_dir() -> Path:
     return found
 
 
-def num_threads_setting(text: str) -> int | None:
-    """CMI_NUM_THREADS as ``load_predictor``'s ``num_threads`` (None when unset)."""
-    if not text:
-        return None
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"CMI_NUM_THREADS must be a positive whole number (e.g. 1), got {text!r}")
-    return int(text)
-
-
 if not EXPERIMENT.isidentifier():  # a module name under codes/exp/, nothing else
     raise ValueError(f"CMI_EXPERIMENT must name an experiment folder such as exp018, got {EXPERIMENT!r}")
-num_threads = num_threads_setting(NUM_THREADS)
-code_dir, run_dir = find_code_dir(), find_run_dir()
+code_dir = find_code_dir()
 sys.path.insert(0, str(code_dir))
+from codes.common.env_flags import env_flag, env_positive_int  # noqa: E402  (the code dataset's)
+
+# CPU only: int8 Linear layers, about twice as fast, probabilities slightly off training's
+QUANTIZE_ON_CPU = env_flag("CMI_QUANTIZE", False)
+FOLD_THREADS = env_positive_int("CMI_FOLD_THREADS", 1)  # fold models run at once per sequence
+# torch CPU threads (None = torch's default, one per core): 1 on a busy or shared CPU, or with fold threads
+NUM_THREADS = env_positive_int("CMI_NUM_THREADS", None)
+SUBJECT_AWARE = env_flag("CMI_SUBJECT_AWARE", None)  # None: the predictor's default
+run_dir = find_run_dir()
 inference = importlib.import_module(f"codes.exp.{EXPERIMENT}.inference")
 from codes.common.runs import setup_logging  # noqa: E402  (importable once code_dir is on the path)
 
@@ -112,7 +107,7 @@ predictor = inference.load_predictor(
     run_dir,
     quantize=quantize,
     fold_threads=FOLD_THREADS,
-    num_threads=num_threads,
+    num_threads=NUM_THREADS,
     subject_aware=SUBJECT_AWARE,
 )  # every fold, once, before the server starts
 print(
@@ -147,5 +142,5 @@ else:
     default_output = WORKING_DIR if WORKING_DIR.is_dir() else Path.cwd()
     output = Path(os.environ.get("CMI_OUTPUT", str(default_output / "submission.csv")))
     print("kaggle_evaluation is not importable (not on Kaggle?): falling back to batch mode")
-    run_batch(predictor, COMPETITION_DIR, output)
+    run_batch(predictor, COMPETITION_DIR, output, run_dir=run_dir)  # never over an input file
     print(f"submission: {output}")

@@ -3,7 +3,8 @@
 The synthetic data ships ``test_labels.csv``; with it the competition score is printed (overall,
 and on the IMU-only and the full-sensor sequences). The competition's own test.csv has no labels.
 Every sequence is answered by ``predict``'s rules; one odd sequence never fails the file
-(``EnsemblePredictor.predict_frame``). The labels file is checked before anything is written.
+(``EnsemblePredictor.predict_frame``). The labels file is checked before anything is written, and
+the output never replaces an input (:func:`check_output_path`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from codes.common.data_files import (
     TEST_DEMOGRAPHICS_FILE,
     TEST_FILE,
     TEST_LABELS_FILE,
+    TRAIN_DEMOGRAPHICS_FILE,
+    TRAIN_FILE,
     DataFileError,
     check_columns,
     check_gestures,
@@ -28,6 +31,7 @@ from codes.common.data_files import (
     read_test,
 )
 from codes.common.data_source import DATA_SOURCES, resolve_data_dir
+from codes.common.folds import FOLD_FILE
 from codes.common.metric import competition_score
 from codes.common.schema import GESTURES
 from codes.inference.predictor import EnsemblePredictor
@@ -63,6 +67,51 @@ def resolve_test_dir(data: str, run_cfg, repo_root: Path) -> Path:
             f"{TEST_FILE} and {TEST_DEMOGRAPHICS_FILE} (missing: {missing})"
         )
     return directory
+
+
+DATA_FOLDER_FILES = (
+    TEST_FILE,
+    TEST_DEMOGRAPHICS_FILE,
+    TEST_LABELS_FILE,
+    TRAIN_FILE,
+    TRAIN_DEMOGRAPHICS_FILE,
+    FOLD_FILE,
+)
+
+
+def protected_files(data_dir: Path, run_dir: Path | None = None) -> list[Path]:
+    """The existing files an output may not replace: the data folder's competition files and every
+    file of the run folder but the CSV files directly in it (batch mode's submissions; training
+    writes no CSV there)."""
+    files = [Path(data_dir) / name for name in DATA_FOLDER_FILES]
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        files += [p for p in run_dir.rglob("*") if not (p.parent == run_dir and p.suffix.lower() == ".csv")]
+    return [p for p in files if p.is_file()]
+
+
+def check_output_path(output: Path, data_dir: Path, run_dir: Path | None = None) -> None:
+    """A :class:`DataFileError` when writing ``output`` would replace an input (:func:`protected_files`,
+    compared as files: links and other spellings of a path included) or cannot give a file (an
+    existing folder, or a file where a parent folder should be)."""
+    output = Path(output)
+    if output.is_dir():
+        raise DataFileError(
+            f"the output {output} is an existing folder; name the file to write, e.g. {output / SUBMISSION_FILE}"
+        )
+    parent = output.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise DataFileError(f"the output {output} cannot be written: {parent} is a file, not a folder")
+    if not output.exists():
+        return
+    for protected in protected_files(data_dir, run_dir):
+        if os.path.samefile(output, protected):
+            raise DataFileError(
+                f"the output {output} is {protected}, an input of this prediction; writing it would "
+                f"replace that file. Choose another output path (e.g. {SUBMISSION_FILE} in another folder)"
+            )
 
 
 def write_csv_atomically(frame: pl.DataFrame, path: Path) -> None:
@@ -150,10 +199,18 @@ def subject_aware_answers(
 
 
 def run_batch(
-    predictor: EnsemblePredictor, data_dir: Path, output: Path, batch_size: int = 64, order_seed: int = 0
+    predictor: EnsemblePredictor,
+    data_dir: Path,
+    output: Path,
+    batch_size: int = 64,
+    order_seed: int = 0,
+    run_dir: Path | None = None,
 ) -> dict[str, float] | None:
     """Predict test.csv of ``data_dir``, write ``output`` (sequence_id, gesture); return the
     scores when ``data_dir`` has labels (synthetic data), else None.
+
+    ``output`` must not be one of the inputs (the data folder's files, ``run_dir``'s files):
+    :func:`check_output_path`, before anything is read.
 
     With the predictor's subject assignment, the sequences are answered in a shuffled order
     (``order_seed``), each with its subject's earlier ones, as :meth:`~EnsemblePredictor.predict`
@@ -162,6 +219,7 @@ def run_batch(
     the gateway cannot do).
     """
     data_dir = Path(data_dir)
+    check_output_path(output, data_dir, run_dir)
     settings = predictor.settings
     frame = read_test(data_dir, include_thm=settings.use_thm, include_tof=settings.tof_mode != "none")
     demographics = read_demographics(data_dir / TEST_DEMOGRAPHICS_FILE)

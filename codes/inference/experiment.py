@@ -25,13 +25,17 @@ from codes.common.runs import REPO_ROOT, setup_logging
 from codes.inference.batch import SUBMISSION_FILE, resolve_test_dir, run_batch
 from codes.inference.predictor import EnsemblePredictor, FoldMember, quantize_for_cpu
 from codes.inference.run_folder import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
     ConfigView,
     RunFolderError,
+    check_config_against_record,
     fold_seed_folders,
     load_fold_weights,
     load_normalizer,
     load_run_config,
     select_folds,
+    weights_mismatch,
 )
 from codes.inference.subject_assignment import SubjectAssignment
 
@@ -68,6 +72,45 @@ def subject_assignment_of(
         logger.info("%s has no %s: each sequence is answered alone", run_dir, PROTOCOL_FILE)
         return None
     return SubjectAssignment(capacities, overflow_penalty)
+
+
+def fold_model(
+    run_dir: Path,
+    cfg: ConfigView,
+    build_model: BuildModel,
+    n_features: int,
+    weights: dict[str, torch.Tensor],
+    exp_name: str,
+    fold: int,
+    seed_folder: str | None = None,
+) -> torch.nn.Module:
+    """The model ``build_model`` builds from the run's config, holding ``weights``; a
+    :class:`RunFolderError` naming the checkpoint and the tensors when they do not fit."""
+    path = run_dir / f"fold{fold}" / (seed_folder or "") / CHECKPOINT_FILE
+    trained_by = cfg.get("exp_name")
+    if trained_by != exp_name:
+        advice = f"the run was trained by {trained_by}: load it with codes/exp/{trained_by}/inference.py"
+    else:
+        advice = (
+            f"{run_dir / CONFIG_FILE} no longer describes the trained model (an edited model.* or data.* "
+            "setting?): restore it from the original run folder"
+        )
+    try:
+        model = build_model(cfg, n_features)
+        mismatch = weights_mismatch(model.state_dict(), weights)
+        if not mismatch:
+            model.load_state_dict(weights)
+    except (AttributeError, KeyError, RuntimeError, ValueError) as error:
+        raise RunFolderError(
+            f"{path}: the checkpoint does not fit {exp_name}'s model built from the run's config; {advice} "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''})"
+        ) from None
+    if mismatch:
+        raise RunFolderError(
+            f"{path}: the checkpoint's tensors do not fit {exp_name}'s model built from the run's config "
+            f"({'; '.join(mismatch)}); {advice}"
+        )
+    return model
 
 
 def load_run_predictor(
@@ -108,6 +151,7 @@ def load_run_predictor(
     started = time.perf_counter()
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
+    check_config_against_record(run_dir, cfg)
     trained_by = cfg.get("exp_name")
     if trained_by != exp_name:
         logger.warning("%s was trained by %s; loading it with %s's model code", run_dir, trained_by, exp_name)
@@ -122,15 +166,7 @@ def load_run_predictor(
         # the fold's model, and those of further seeds (trainer.seeds): averaged like folds
         for seed_folder in [None, *fold_seed_folders(run_dir, fold)]:
             weights, kind = load_fold_weights(run_dir, fold, seed_folder)
-            try:
-                model = build_model(cfg, n_features)
-                model.load_state_dict(weights)
-            except (AttributeError, KeyError, RuntimeError, ValueError) as error:
-                raise RunFolderError(
-                    f"{run_dir}/fold{fold}/{seed_folder or ''}: the checkpoint does not fit {exp_name}'s model "
-                    f"built from the run's config (trained by {trained_by}; use codes/exp/{trained_by}/inference.py): "
-                    f"{error}"
-                ) from error
+            model = fold_model(run_dir, cfg, build_model, n_features, weights, exp_name, fold, seed_folder)
             model = quantize_for_cpu(model) if quantize else model
             members.append(FoldMember(fold, model, normalizer))
             kinds.add(kind)
@@ -199,6 +235,8 @@ def batch_main(
     )
     data_dir = resolve_test_dir(cfg.data, load_run_config(run_dir), REPO_ROOT)
     output = Path(cfg.output) if cfg.output else run_dir / SUBMISSION_FILE
-    scores = run_batch(predictor, data_dir, output, batch_size=cfg.batch_size, order_seed=cfg.order_seed)
+    scores = run_batch(
+        predictor, data_dir, output, batch_size=cfg.batch_size, order_seed=cfg.order_seed, run_dir=run_dir
+    )
     print(f"submission: {output}")
     return scores

@@ -14,25 +14,39 @@ file (``.kaggle_package_staging``), and an existing ``code/`` or ``run/`` folder
 refused, never deleted. The run's ``exp_name`` (from its ``config.yaml``, which may come from a
 download) must be a plain name (``exp018``), since it becomes part of the output path. Every
 file staged is read first: a damaged ``best.pt`` or ``normalizer.json``, or a fold folder
-holding only one of the two, is an error (``--folds`` stages only the folds named).
+holding only one of the two, is an error (``--folds`` stages only the folds named); so is a fold
+of the run without its folder, and a ``config.yaml`` that no longer holds the settings of the
+run's ``run_record.json``. The staged run gets ``ensemble.json`` naming the folds staged.
+
+It stages exactly the run and the tracked code: a link inside the run folder that leads out of
+it is refused (a dataset holds the run's own files); the code is the files git tracks under
+``codes/`` and ``configs/`` (``git ls-files``; without git, only with ``--no-git``, which copies
+every file there but caches and hidden files); ``--out`` inside ``codes/``, ``configs/`` or a run
+folder is refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import shutil
+import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
 from codes.common.checkpoint import CheckpointError, load_checkpoint, save_atomically
-from codes.common.runs import REPO_ROOT
+from codes.common.runs import REPO_ROOT, write_json_atomically
 from codes.inference.run_folder import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
+    ENSEMBLE_FILE,
+    METRICS_FILE,
     NORMALIZER_FILE,
+    RUN_RECORD_FILE,
     RunFolderError,
+    check_config_against_record,
     evaluated_weights,
     fold_seed_folders,
     load_normalizer,
@@ -48,11 +62,14 @@ USER_PLACEHOLDER = "KAGGLE_USERNAME"
 SLUG_PLACEHOLDER = "DATASET_SLUG"
 TITLE_PLACEHOLDER = "DATASET_TITLE"
 DEFAULT_CODE_SLUG = "cmi-bfrb-code"
-RUN_FILES = ("config.yaml", "git_commit.txt", "metrics.json", "protocol.json")  # copied when present
+# copied when present
+RUN_FILES = (CONFIG_FILE, "git_commit.txt", METRICS_FILE, "protocol.json", RUN_RECORD_FILE)
 CODE_FOLDERS = ("codes", "configs")
 CODE_FILES = ("kaggle/submission.py", "pyproject.toml")
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{3,48}[a-z0-9]$")
 STAGING_MARKER = ".kaggle_package_staging"  # in every folder this module created; only those are replaced
+_FOLD_DIR = re.compile(r"^fold\d+$")
+logger = logging.getLogger(__name__)
 
 
 class StagingError(RuntimeError):
@@ -121,14 +138,120 @@ def _fresh(folder: Path) -> Path:
     return folder
 
 
-def stage_code_dataset(
-    out_dir: Path, user: str, slug: str = DEFAULT_CODE_SLUG, repo_root: Path = REPO_ROOT
-) -> Path:
-    """Copy the code a notebook needs (Python sources and configs, no caches) into ``out_dir``."""
-    out_dir = _fresh(Path(out_dir))
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
+def _within(path: Path, folder: Path) -> bool:
+    """``path`` is ``folder`` or lies under it, once every link on the way is followed."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
+def _is_run_folder(folder: Path) -> bool:
+    """A run folder of training (``config.yaml`` with fold folders or metrics) not staged by this module."""
+    if not (folder / CONFIG_FILE).is_file() or (folder / STAGING_MARKER).is_file():
+        return False
+    has_folds = any(_FOLD_DIR.match(child.name) and child.is_dir() for child in folder.iterdir())
+    return has_folds or (folder / METRICS_FILE).is_file() or (folder / RUN_RECORD_FILE).is_file()
+
+
+def check_out_location(out_dir: Path, run_dir: Path | None = None, repo_root: Path = REPO_ROOT) -> None:
+    """A :class:`StagingError` when ``out_dir`` lies inside the code it copies (``codes/``,
+    ``configs/``), inside the run folder staged, or inside any run folder of training."""
+    resolved = Path(out_dir).resolve()
     for name in CODE_FOLDERS:
-        shutil.copytree(repo_root / name, out_dir / name, ignore=ignore)
+        if _within(resolved, repo_root / name):
+            raise StagingError(
+                f"the output folder {out_dir} lies inside {repo_root / name}, which is staged itself (the "
+                "copy would hold copies of itself); choose an --out outside it, e.g. outputs/kaggle/<name>"
+            )
+    enclosing = [run_dir] if run_dir is not None and _within(resolved, run_dir) else []
+    enclosing += [
+        folder for folder in (resolved, *resolved.parents) if folder.is_dir() and _is_run_folder(folder)
+    ]
+    if enclosing:
+        raise StagingError(
+            f"the output folder {out_dir} lies inside the run folder {enclosing[0]}: staging there would mix "
+            "the datasets with the run's own files. Choose an --out outside it, e.g. outputs/kaggle/<name>"
+        )
+
+
+def _git_files(root: Path, *options: str) -> list[str]:
+    """``git ls-files -z <options> -- codes configs`` run at the top of the checkout ``root``."""
+    top = subprocess.run(
+        ["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    if Path(top).resolve() != root:
+        raise subprocess.CalledProcessError(1, "git", stderr=f"the git checkout there is {top}")
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", *options, "--", *CODE_FOLDERS],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [name for name in listed.split("\0") if name]
+
+
+def tracked_code_files(repo_root: Path = REPO_ROOT) -> list[str]:
+    """The files git tracks under ``codes/`` and ``configs/`` (paths relative to ``repo_root``); a
+    :class:`StagingError` when ``repo_root`` is not the top of a git checkout or git cannot be run."""
+    root = Path(repo_root).resolve()
+    try:
+        files = _git_files(root)
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = (getattr(error, "stderr", None) or str(error)).strip().splitlines()
+        raise StagingError(
+            f"{root} is not a git checkout that git can read ({detail[0] if detail else type(error).__name__}), "
+            f"so the files git tracks under {' and '.join(CODE_FOLDERS)}/ cannot be told from untracked ones "
+            "(notes, scratch files, keys). Stage from a git clone of the repository, or pass --no-git to copy "
+            "every file there but caches and hidden files"
+        ) from None
+    if not any(name.startswith("codes/") for name in files):
+        raise StagingError(f"git tracks no file under {root / 'codes'}; nothing to stage")
+    return files
+
+
+def _copy_tracked_code(repo_root: Path, out_dir: Path) -> None:
+    """Copy the tracked files of :func:`tracked_code_files` (as they are in the working tree); warn
+    about untracked Python and YAML files there, which the staged code may need (``git add`` them)."""
+    for name in tracked_code_files(repo_root):
+        source = repo_root / name
+        if not source.is_file():  # tracked but deleted in the working tree
+            logger.warning("%s is tracked by git but deleted here; it is not staged", source)
+            continue
+        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, out_dir / name)
+    untracked = [
+        name
+        for name in _git_files(Path(repo_root).resolve(), "--others", "--exclude-standard")
+        if name.endswith((".py", ".yaml"))
+    ]
+    if untracked:
+        logger.warning(
+            "not staged, since git does not track them: %s. If the code needs them, git add them and stage again",
+            ", ".join(untracked),
+        )
+
+
+def stage_code_dataset(
+    out_dir: Path,
+    user: str,
+    slug: str = DEFAULT_CODE_SLUG,
+    repo_root: Path = REPO_ROOT,
+    use_git: bool = True,
+) -> Path:
+    """Copy the code a notebook needs into ``out_dir``: the files git tracks under ``codes/`` and
+    ``configs/`` (``use_git=False``: every file there but caches and hidden files) and
+    :data:`CODE_FILES`."""
+    repo_root = Path(repo_root)
+    check_out_location(out_dir, repo_root=repo_root)
+    if use_git:
+        tracked_code_files(repo_root)  # git readable, before the folder is replaced
+    out_dir = _fresh(Path(out_dir))
+    if use_git:
+        _copy_tracked_code(repo_root, out_dir)
+    else:
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
+        for name in CODE_FOLDERS:
+            shutil.copytree(repo_root / name, out_dir / name, ignore=ignore)
     for name in CODE_FILES:
         (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(repo_root / name, out_dir / name)
@@ -153,6 +276,18 @@ def _readable_checkpoint(run_dir: Path, fold: int, seed_folder: str | None = Non
     return checkpoint
 
 
+def check_no_link_out(run_dir: Path, paths: Iterable[Path]) -> None:
+    """A :class:`StagingError` naming the first of ``paths`` that a link leads out of ``run_dir``."""
+    for path in paths:
+        if not _within(path, run_dir):
+            raise StagingError(
+                f"refusing to stage {path}: a link leads it out of the run folder {run_dir}, to "
+                f"{path.resolve()}. A run dataset holds the run's own files only: replace the link with a "
+                'copy of the file it points to (cp --remove-destination "$(readlink -f FILE)" FILE), or '
+                "leave that fold out with --folds"
+            )
+
+
 def stage_run_dataset(
     run_dir: Path,
     out_dir: Path,
@@ -169,18 +304,28 @@ def stage_run_dataset(
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     exp_name = run_exp_name(run_dir, cfg)
-    resolved_run, resolved_out = run_dir.resolve(), Path(out_dir).resolve()
-    if resolved_out == resolved_run or resolved_out in resolved_run.parents:
+    check_config_against_record(run_dir, cfg)
+    if _within(run_dir, out_dir):
         raise StagingError(
             f"the output folder {out_dir} holds the run folder {run_dir}; choose another --out"
         )
+    check_out_location(out_dir, run_dir)
     selected = select_folds(run_dir, folds)
+    staged = [run_dir / name for name in RUN_FILES if (run_dir / name).is_file()]
+    for fold in selected:
+        staged.append(run_dir / f"fold{fold}" / NORMALIZER_FILE)
+        staged += [
+            run_dir / f"fold{fold}" / (seed or "") / CHECKPOINT_FILE
+            for seed in [None, *fold_seed_folders(run_dir, fold)]
+        ]
+    check_no_link_out(run_dir, staged)
     checkpoints = {}
     for fold in selected:
         load_normalizer(run_dir, fold)  # readable, with sound statistics
         for seed_folder in [None, *fold_seed_folders(run_dir, fold)]:  # further seeds: trainer.seeds
             checkpoints[fold, seed_folder] = _readable_checkpoint(run_dir, fold, seed_folder)
     out_dir = _fresh(Path(out_dir))
+    write_json_atomically({"folds": selected}, out_dir / ENSEMBLE_FILE)  # what the staged run serves
     for name in RUN_FILES:
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, out_dir / name)
@@ -226,6 +371,11 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     parser.add_argument(
         "--folds", type=int, nargs="+", default=None, help="stage only these folds (default: every fold)"
     )
+    parser.add_argument(
+        "--no-git",
+        action="store_true",
+        help="without a git checkout: stage every file under codes/ and configs/ (not only tracked ones)",
+    )
     args = parser.parse_args(argv)
     try:
         exp_name = run_exp_name(args.run_dir)
@@ -235,12 +385,15 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
                 f"codes/exp/{exp_name}/inference.py to load it with: the code dataset would not serve it"
             )
         out = args.out or REPO_ROOT / "outputs" / "kaggle" / f"{exp_name}-{args.run_dir.resolve().name}"
+        check_out_location(out, args.run_dir)  # before anything is written
         for folder in (out / "code", out / "run"):
-            check_replaceable(folder)  # before anything is written
+            check_replaceable(folder)
+        if not args.no_git:
+            tracked_code_files()
         run = stage_run_dataset(
             args.run_dir, out / "run", args.user, args.run_slug, slim=not args.no_slim, folds=args.folds
         )
-        code = stage_code_dataset(out / "code", args.user, args.code_slug)
+        code = stage_code_dataset(out / "code", args.user, args.code_slug, use_git=not args.no_git)
     except (StagingError, RunFolderError) as error:
         raise SystemExit(f"kaggle_package: {error}") from None
     print(

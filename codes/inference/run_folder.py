@@ -8,11 +8,19 @@ returns the same ones.
 
 A damaged file (a truncated or zero-byte ``best.pt``, an unreadable ``normalizer.json``) and a fold
 folder holding only one of the two files are errors naming the file; nothing is silently left out.
+So is a fold the run trained whose folder is gone (:func:`expected_folds`: ``ensemble.json``,
+``metrics.json`` or the config's ``data.folds`` / ``data.n_folds``), unless the folds are named.
+
+A ``config.yaml`` edited after training (another ``data.max_len``, model size, ...) no longer
+describes the checkpoints: :func:`check_config_against_record` compares it with the config the run
+recorded at its start (``run_record.json``), and :func:`weights_mismatch` names the tensors whose
+shapes do not fit the model built from it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -28,6 +36,9 @@ from codes.common.sequences import FeatureNormalizer
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_FILE = "best.pt"
 NORMALIZER_FILE = "normalizer.json"
+METRICS_FILE = "metrics.json"  # written when training finishes: its "folds" are the folds it trained
+ENSEMBLE_FILE = "ensemble.json"  # {"folds": [...]}: the folds a staged run serves (kaggle_package)
+RUN_RECORD_FILE = "run_record.json"  # {"version": 1, "config": ..., "data": ...}, written as training starts
 _FOLD_DIR = re.compile(r"^fold(\d+)$")
 _SEED_DIR = re.compile(
     r"^seed(-?\d+)$"
@@ -35,6 +46,9 @@ _SEED_DIR = re.compile(
 _EMA_PREFIX = "module."  # AveragedModel keeps the averaged model under .module
 # an experiment name as a single path component and a codes/exp/<exp> folder name: no "/" and no ".."
 _EXP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+logger = logging.getLogger(__name__)
 
 
 class RunFolderError(FileNotFoundError):
@@ -167,12 +181,84 @@ def incomplete_folds(run_dir: Path) -> dict[int, str]:
     return problems
 
 
+def _listed_folds(path: Path) -> list[int]:
+    """The fold numbers of a JSON file's ``"folds"``: a list of them, or a mapping keyed by them
+    (``metrics.json``); a ``ValueError`` when the file holds neither."""
+    state = json.loads(path.read_text(encoding="utf-8"))
+    listed = state.get("folds") if isinstance(state, dict) else None
+    if not isinstance(listed, (list, dict)) or not listed:
+        raise ValueError(f'no "folds" list or mapping in {path.name}')
+    return sorted(int(k) for k in listed)
+
+
+def _config_folds(cfg: Mapping[str, Any]) -> list[int] | None:
+    """``data.folds``, else ``0..data.n_folds-1``: the folds training was set to train."""
+    data = cfg.get("data")
+    if not isinstance(data, Mapping):
+        return None
+    if data.get("folds") is not None:
+        return sorted(int(k) for k in data["folds"])
+    n_folds = data.get("n_folds")
+    return list(range(int(n_folds))) if isinstance(n_folds, int) and n_folds > 0 else None
+
+
+def expected_folds(run_dir: Path) -> tuple[list[int], str] | None:
+    """The folds the run folder serves by default and the file that says so, or None when none does.
+
+    In order: ``ensemble.json`` (a staged run: the folds ``kaggle_package`` staged), ``metrics.json``
+    (a finished run: the folds it trained), the config's ``data.folds`` or ``data.n_folds`` (a run
+    still training; the folds of a data folder's ``folds.csv`` are known once it has finished).
+    A damaged ``ensemble.json`` is an error; a damaged ``metrics.json`` is warned about and skipped.
+    """
+    run_dir = Path(run_dir)
+    staged = run_dir / ENSEMBLE_FILE
+    if staged.is_file():
+        try:
+            return _listed_folds(staged), str(staged)
+        except (ValueError, TypeError, AttributeError) as error:
+            raise RunFolderError(
+                f"{staged} is damaged ({type(error).__name__}: {str(error)[:200]}); it names the folds the "
+                f'run serves, e.g. {{"folds": [0, 1]}}: stage the run again, or pass folds=[...]'
+            ) from None
+    metrics = run_dir / METRICS_FILE
+    if metrics.is_file():
+        try:
+            return _listed_folds(metrics), str(metrics)
+        except (ValueError, TypeError, AttributeError) as error:
+            logger.warning("%s is unreadable (%s); the run's folds are taken from its config", metrics, error)
+    folds = _config_folds(load_run_config(run_dir))
+    if folds is None:
+        return None
+    return folds, f"{run_dir / CONFIG_FILE}: data.folds / data.n_folds"
+
+
+def check_no_fold_missing(run_dir: Path, available: list[int]) -> None:
+    """A :class:`RunFolderError` when a fold of :func:`expected_folds` has no complete folder."""
+    expected = expected_folds(run_dir)
+    if expected is None:
+        logger.info(
+            "%s does not say which folds it trained (no %s, %s or data.n_folds): serving the folds it holds, %s",
+            run_dir, ENSEMBLE_FILE, METRICS_FILE, available,
+        )  # fmt: skip
+        return
+    folds, source = expected
+    missing = [k for k in folds if k not in available]
+    if missing:
+        raise RunFolderError(
+            f"{run_dir} has no fold folder {', '.join(f'fold{k}' for k in missing)} (best.pt + "
+            f"normalizer.json), but its folds are {folds} ({source}). If a folder was lost in a copy or "
+            "download, copy it again from the original run folder; if the run is still training, let it "
+            f"finish or continue it with trainer.resume=true; or pass folds={available} to predict with "
+            "the folds it holds"
+        )
+
+
 def select_folds(run_dir: Path, folds: Iterable[int] | None = None) -> list[int]:
     """``folds`` (default: every trained fold), checked against what the folder holds.
 
-    With ``folds=None``, a fold folder holding only one of ``best.pt`` and ``normalizer.json`` is an
-    error (never silently left out of the ensemble); ``folds=[...]`` naming complete folds only
-    loads those.
+    With ``folds=None``, a fold folder holding only one of ``best.pt`` and ``normalizer.json``, and
+    a fold of :func:`expected_folds` without its folder, are errors (never silently left out of the
+    ensemble); ``folds=[...]`` naming complete folds only loads those.
     """
     available = trained_folds(run_dir)
     incomplete = incomplete_folds(run_dir)
@@ -191,6 +277,7 @@ def select_folds(run_dir: Path, folds: Iterable[int] | None = None) -> list[int]
                 f"{run_dir} holds no trained fold (fold<k>/{CHECKPOINT_FILE} + fold<k>/{NORMALIZER_FILE}); "
                 "has its training finished at least one epoch?"
             )
+        check_no_fold_missing(run_dir, available)
         return available
     wanted = [int(k) for k in folds]
     if not wanted:
@@ -287,3 +374,116 @@ def load_fold_weights(
         return evaluated_weights(checkpoint)
     except RunFolderError as error:
         raise RunFolderError(f"{path}: {error}") from None
+
+
+# Config keys that shape what a served model computes: config.yaml must still hold the values the
+# run recorded at its start. Everything outside these sections (paths, machine, trainer, augment)
+# may differ, and so may the keys of SERVING_NEUTRAL_KEYS.
+SERVING_SECTIONS = ("exp_name", "model", "data")
+SERVING_NEUTRAL_KEYS = frozenset({
+    # which data and folds training read: the fold weights are what they are
+    "data.source", "data.synthetic_subjects", "data.synthetic_seed", "data.n_folds", "data.folds",
+    "data.fold_seed", "data.exclude_fold", "data.sensor_drop_prob",
+    # used only when training starts
+    "model.init_from", "model.init_strict", "model.cls_init_std",
+    # speed or memory settings with the same results (tests/test_inference.py checks pack_padded_steps)
+    "model.pack_padded_steps", "model.bert.attn_implementation", "model.bert.gradient_checkpointing",
+    # dropout: inactive in eval mode
+    "model.dropout", "model.attention_dropout", "model.head_dropout", "model.bert.hidden_dropout",
+    "model.bert.attention_dropout",
+})  # fmt: skip
+
+
+def recorded_config(run_dir: Path) -> dict[str, Any] | None:
+    """The config the run recorded as it started (``run_record.json``'s ``"config"``), or None for a
+    run folder written before the record existed; a damaged record is a :class:`RunFolderError`."""
+    path = Path(run_dir) / RUN_RECORD_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        record, problem = None, f"not JSON: {str(error)[:200]}"
+    else:
+        problem = None
+    if problem is None and not (isinstance(record, dict) and isinstance(record.get("config"), dict)):
+        problem = 'no "config" mapping'
+    if problem is not None:
+        raise RunFolderError(
+            f"{path} is damaged ({problem}); it holds the config the run was trained with, which "
+            f"{CONFIG_FILE} is checked against. Copy it again from the original run folder, or delete it "
+            f"to serve the run unchecked"
+        )
+    return record["config"]
+
+
+def serving_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The flattened ``key: value`` pairs of ``config`` that shape serving (:data:`SERVING_SECTIONS`
+    but :data:`SERVING_NEUTRAL_KEYS`)."""
+    from codes.common.runs import _flatten
+
+    values = config.to_dict() if isinstance(config, ConfigView) else dict(config)
+    return {
+        key: value
+        for key, value in _flatten(values).items()
+        if key.split(".")[0] in SERVING_SECTIONS and key not in SERVING_NEUTRAL_KEYS
+    }
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)  # NaN == NaN
+
+
+def config_record_differences(current: Mapping[str, Any], recorded: Mapping[str, Any]) -> list[str]:
+    """``key: recorded -> current`` for every serving setting (:func:`serving_settings`) that differs."""
+    now, then = serving_settings(current), serving_settings(recorded)
+    return [
+        f"{key}: {then.get(key, '<absent>')!r} at training, {now.get(key, '<absent>')!r} in {CONFIG_FILE}"
+        for key in sorted(set(now) | set(then))
+        if key not in now or key not in then or not _same_value(now[key], then[key])
+    ]
+
+
+def check_config_against_record(run_dir: Path, cfg: Mapping[str, Any]) -> None:
+    """A :class:`RunFolderError` naming the keys when ``config.yaml`` no longer holds the serving
+    settings the run recorded as it started (``run_record.json``); a run folder without the record
+    (written before it existed) is served as before, with an INFO line."""
+    recorded = recorded_config(run_dir)
+    if recorded is None:
+        logger.info(
+            "%s has no %s (written by training since it exists): its %s is not checked against the "
+            "settings the run was trained with",
+            run_dir, RUN_RECORD_FILE, CONFIG_FILE,
+        )  # fmt: skip
+        return
+    differences = config_record_differences(cfg, recorded)
+    if differences:
+        raise RunFolderError(
+            f"{Path(run_dir) / CONFIG_FILE} no longer holds the settings the run was trained with "
+            f"({Path(run_dir) / RUN_RECORD_FILE}): " + "; ".join(differences) + ". The checkpoints were "
+            f"trained with the recorded values: restore {CONFIG_FILE} from the original run folder (or "
+            f'put the recorded values back; {RUN_RECORD_FILE}\'s "config" holds them), or train a run with '
+            "the new settings"
+        )
+
+
+def weights_mismatch(
+    model_state: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], shown: int = 6
+) -> list[str]:
+    """What keeps ``weights`` from loading into a model whose ``state_dict()`` is ``model_state``:
+    tensors of another shape, and tensors only one side has (at most ``shown`` of each kind)."""
+    shapes = [
+        f"{key}: {tuple(weights[key].shape)} in the checkpoint, {tuple(tensor.shape)} in the model"
+        for key, tensor in model_state.items()
+        if key in weights and tuple(weights[key].shape) != tuple(tensor.shape)
+    ]
+    absent = [key for key in model_state if key not in weights]
+    extra = [key for key in weights if key not in model_state]
+    problems = shapes[:shown]
+    if len(shapes) > shown:
+        problems.append(f"... {len(shapes)} tensors of another shape in all")
+    for keys, what in ((absent, "not in the checkpoint"), (extra, "in the checkpoint but not in the model")):
+        if keys:
+            listed = ", ".join(keys[:shown]) + (f", ... ({len(keys)} in all)" if len(keys) > shown else "")
+            problems.append(f"{what}: {listed}")
+    return problems

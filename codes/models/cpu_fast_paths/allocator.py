@@ -15,15 +15,17 @@ freed block is reused by the next allocation of its size. The values computed ar
 addresses change; PyTorch aligns every CPU tensor to 64 bytes either way). The cost: the process
 keeps the peak of its heap until it exits, which for a training process is what its peak step
 needs anyway. It is process-wide and idempotent; elsewhere than glibc (macOS, musl) it does
-nothing. ``CMI_KEEP_FREED_MEMORY=0`` in the environment switches it off.
+nothing. ``CMI_KEEP_FREED_MEMORY=0`` (or false / no / off) in the environment switches it off;
+a value that is no yes/no word is an error (``codes.common.env_flags``).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import sys
+
+from codes.common.env_flags import env_flag
 
 __all__ = ["keep_freed_cpu_memory"]
 
@@ -41,7 +43,7 @@ def keep_freed_cpu_memory() -> bool:
     if "applied" in _state:
         return _state["applied"]
     applied = False
-    if sys.platform.startswith("linux") and os.environ.get("CMI_KEEP_FREED_MEMORY", "1") != "0":
+    if sys.platform.startswith("linux") and env_flag("CMI_KEEP_FREED_MEMORY", True):
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt"):
