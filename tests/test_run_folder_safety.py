@@ -118,7 +118,7 @@ def test_a_damaged_best_pt_is_an_error_naming_the_file_and_what_to_do(run_dir, k
 def test_a_checkpoint_holding_other_objects_is_refused_without_suggesting_to_unpickle_it(tmp_path):
     path = tmp_path / "best.pt"
     torch.save({"model": {"w": np.zeros(3)}}, path)  # a numpy array: not allowed by weights_only loading
-    with pytest.raises(CheckpointError, match="holds a Python object") as raised:
+    with pytest.raises(CheckpointError, match="holds pickled Python objects") as raised:
         load_checkpoint(path)
     assert str(path) in str(raised.value)
     assert_no_unsafe_advice(raised.value)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
 import re
 from pathlib import Path
 from typing import Any
@@ -33,14 +34,44 @@ class CheckpointError(RuntimeError):
 
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 _DEVICE_ERROR = "Attempting to deserialize object on"
+_NOT_TORCH = "Invalid magic number"  # a pickle, but not torch.save's format
+_STRING_OPCODES = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING"}
+
+
+def _first_pickled_global(path: Path) -> str | None:
+    """``module.name`` of the first Python object a plain pickle file refers to; "" for a pickle of
+    plain values; None when the file is not a whole pickle (the opcodes are read, nothing is run)."""
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as stream:
+            for opcode, argument, _ in pickletools.genops(stream):
+                if opcode.name in ("GLOBAL", "INST"):
+                    return str(argument).replace(" ", ".")
+                if opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    return f"{strings[-2]}.{strings[-1]}"
+                if opcode.name in _STRING_OPCODES:
+                    strings.append(str(argument))
+    except (OSError, ValueError, EOFError):
+        return None
+    return ""
+
+
+def _pickled_object(error: BaseException, path: Path) -> str | None:
+    """What a file torch refused holds when the reason is pickled Python objects (a class or function
+    saved whole, or a file written by ``pickle`` rather than ``torch.save``), else None."""
+    unsupported = _UNSUPPORTED_GLOBAL.search(str(error))
+    if unsupported:
+        return unsupported.group(1)
+    text = str(error)
+    if isinstance(error, pickle.UnpicklingError) or "weights_only" in text or _NOT_TORCH in text:
+        name = _first_pickled_global(path)
+        return None if name is None else name or "a plain pickle file"
+    return None
 
 
 def _unreadable_reason(error: BaseException) -> str:
     """A short reason from torch's error, without its advice to unpickle the file unsafely."""
     text = str(error)
-    unsupported = _UNSUPPORTED_GLOBAL.search(text)
-    if unsupported:
-        return f"it holds a Python object ({unsupported.group(1)}) where only tensors and plain values belong"
     if isinstance(error, pickle.UnpicklingError) or "weights_only" in text:
         return "its contents are garbled"
     if isinstance(error, EOFError) or not text:
@@ -52,8 +83,9 @@ def _unreadable_reason(error: BaseException) -> str:
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """A checkpoint written by :func:`save_atomically` (plain tensors and Python values only).
 
-    Always loaded with ``weights_only=True``; a file torch cannot read that way (zero bytes,
-    truncated, garbled) raises :class:`CheckpointError` naming it.
+    Always loaded with ``weights_only=True``; a file torch cannot read that way raises
+    :class:`CheckpointError` naming it: one holding pickled Python objects (a class saved whole, a
+    ``pickle`` file) says so; zero bytes, truncated or garbled, it is damaged or incomplete.
     """
     path = Path(path)
     if not path.is_file():
@@ -65,6 +97,15 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     except Exception as error:  # torch raises EOFError, RuntimeError, OSError, KeyError, UnpicklingError...
         if _DEVICE_ERROR in str(error):  # an intact file, mapped to a device this machine lacks
             raise
+        pickled = _pickled_object(error, path)
+        if pickled is not None:
+            raise CheckpointError(
+                f"{path} holds pickled Python objects ({pickled}), which are not loaded for safety "
+                "(unpickling can run any code): a checkpoint holds only tensors and plain values, as "
+                "training writes them. If it was saved by other code, save the weights alone "
+                "(torch.save({'model': model.state_dict()}, path)); if it should be a run's checkpoint, "
+                "copy it again from the original run folder."
+            ) from None
         size = path.stat().st_size
         retrain = (
             "delete it and train the fold again (without a last.pt, trainer.resume=true starts the fold anew)"

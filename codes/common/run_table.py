@@ -15,8 +15,11 @@ One row per run folder ``<outputs>/<exp>/<run>/`` (a folder holding at least one
   (written once at the start; a resumed run rewrites ``config.yaml`` but not this file), else
   of ``config.yaml``, else of the folder;
 - ``commit``: ``git_commit.txt``, shortened to 10 characters (``-dirty`` kept);
-- ``status``: ``finished`` (``metrics.json`` exists), ``running?`` (no metrics, a file changed in
-  the last :data:`RUNNING_WITHIN_S` seconds) or ``unfinished``; a file that cannot be read
+- ``status``: ``finished`` (``metrics.json`` exists); without metrics, from the run folder's lock
+  (``.lock``, held by the training process for the whole run): ``running`` (held) or ``stopped``
+  (free: the process stopped, crashed or was killed; ``trainer.resume=true`` continues it); a
+  folder without a ``.lock`` (older runs): ``running?`` (a file changed in the last
+  :data:`RUNNING_WITHIN_S` seconds) or ``unfinished``. A file that cannot be read
   (``metrics.json``, ``config.yaml``) is named in it instead, and the row is still listed;
 - ``overrides``: ``overrides.txt``'s lines joined by spaces, ``run_name=`` left out (it is the
   ``run`` column); the text table shortens them, the CSV keeps them whole.
@@ -39,7 +42,9 @@ import yaml
 # codes.common.runs.REPO_ROOT (tests check they agree); not imported, so that listing runs does
 # not import torch
 REPO_ROOT = Path(__file__).resolve().parents[2]
-RUNNING_WITHIN_S = 30 * 60  # a run without metrics.json that wrote a file this recently may be running
+# a run folder without metrics.json or .lock that had a file written this recently may be running
+RUNNING_WITHIN_S = 30 * 60
+LOCK_FILE = ".lock"  # codes.common.runs.LOCK_FILE (not imported, see REPO_ROOT)
 OVERRIDES_WIDTH = 100  # characters of the overrides column in the text table
 RUN_FILES = ("config.yaml", "overrides.txt", "git_commit.txt", "packages.txt", "train.log", "metrics.json")
 SCHEMA = {
@@ -162,6 +167,28 @@ def _last_write(run_dir: Path) -> float:
     return max(times, default=run_dir.stat().st_mtime)
 
 
+def writer_alive(run_dir: Path) -> bool | None:
+    """Whether a process holds the run folder's lock (``.lock``, taken by ``open_run_dir`` for the
+    whole run): True (running), False (no writer: the run stopped, crashed or was killed), or None
+    when the folder has no ``.lock`` (written before runs took it, or copied without it) or the
+    lock cannot be tried (a read-only folder). The lock is taken for an instant and released; a run
+    starting at that instant waits for it (``runs.LOCK_WAIT_S``) rather than being refused."""
+    from filelock import FileLock, Timeout
+
+    path = run_dir / LOCK_FILE
+    if not path.is_file():
+        return None
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    except OSError:
+        return None
+    lock.release()
+    return False
+
+
 def _trained_folds(run_dir: Path, metrics: dict[str, Any] | None) -> int:
     if metrics is not None and isinstance(metrics.get("folds"), dict):
         return len(metrics["folds"])
@@ -200,8 +227,17 @@ def read_run(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     elif metrics is not None:
         row["status"] = "finished"
     else:
-        row["status"] = "running?" if now - _last_write(run_dir) < RUNNING_WITHIN_S else "unfinished"
+        row["status"] = _unfinished_status(run_dir, now)
     return row
+
+
+def _unfinished_status(run_dir: Path, now: float) -> str:
+    """``running`` or ``stopped`` from the run folder's lock; for a folder without one, ``running?``
+    (a file written in the last :data:`RUNNING_WITHIN_S` seconds) or ``unfinished``."""
+    alive = writer_alive(run_dir)
+    if alive is not None:
+        return "running" if alive else "stopped"
+    return "running?" if now - _last_write(run_dir) < RUNNING_WITHIN_S else "unfinished"
 
 
 def _is_run_dir(path: Path) -> bool:

@@ -10,12 +10,10 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
-import os
 import random
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -25,6 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from codes.common.atomic_files import (  # noqa: F401 (re-exported: the run folder's writes)
+    FILE_MODE,
+    atomic_path,
+    remove_leftover_temporaries,
+    write_json_atomically,
+    write_text_atomically,
+)
 from codes.common.distributed import DistributedContext, broadcast_from_main, run_on_main
 
 logger = logging.getLogger(__name__)
@@ -80,44 +85,6 @@ def setup_logging(log_file: Path | None, is_main: bool = True) -> None:
     )
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file (mkstemp gives 0600)
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write to; renamed onto ``path`` when the block succeeds
-    (a reader never sees half a file; a failure leaves the previous file), with the mode a new
-    file gets from ``open()`` (readable by the group under the usual umask)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        yield Path(temporary)
-        os.chmod(temporary, FILE_MODE)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomically(text: str, path: Path) -> None:
-    """``text`` to ``path`` via a temporary file and a rename (never a half-written file)."""
-    with atomic_path(path) as temporary:
-        temporary.write_text(text, encoding="utf-8")
-
-
-def write_json_atomically(obj: Any, path: Path) -> None:
-    """JSON to ``path`` via a temporary file and a rename (never a half-written file)."""
-    write_text_atomically(json.dumps(obj, indent=2), path)
-
-
 def installed_packages() -> str:
     """``name==version`` of every installed distribution, sorted: a constraints file."""
     versions = {}
@@ -151,6 +118,11 @@ RESUMABLE_CHANGES = (
 )
 RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.,=+-]*$")
 LOCK_FILE = ".lock"
+# a process that only looks (python -m codes.common.run_table) holds the lock for a moment: a run
+# starting then waits this long rather than being refused
+LOCK_WAIT_S = 1.0
+RUN_RECORD_FILE = "run_record.json"
+RUN_RECORD_VERSION = 1
 
 
 class RunFolderInUse(RuntimeError):
@@ -158,17 +130,28 @@ class RunFolderInUse(RuntimeError):
 
 
 class ResumeMismatchError(ValueError):
-    """``trainer.resume=true`` with settings that differ from the run's own."""
+    """``trainer.resume=true`` with settings, or data files, that differ from the run's own."""
+
+
+class RunRecordError(ValueError):
+    """A ``run_record.json`` that exists but cannot be read; the message names it and what to do."""
+
+
+def check_folder_name(value: object, setting: str) -> str:
+    """``value`` when it is one plain path component (letters, digits, ``_ . , = + -``; not starting
+    with a dot; no ``..``), else a ``ValueError`` naming ``setting``."""
+    if not isinstance(value, str) or not RUN_NAME.match(value) or ".." in value:
+        raise ValueError(
+            f"{setting}={value!r} must be a single folder name (letters, digits and _ . , = + -, "
+            "not starting with a dot, no '..' or '/'): runs are written only under "
+            "paths.output_dir/<exp_name>/<run_name>/"
+        )
+    return value
 
 
 def check_run_name(run_name: str) -> str:
     """A run name is one plain path component (letters, digits, ``_ . , = + -``; no ``..``)."""
-    if not RUN_NAME.match(run_name) or ".." in run_name:
-        raise ValueError(
-            f"run_name={run_name!r} must be a single folder name (letters, digits and _ . , = + -, "
-            "not starting with a dot, no '..' or '/'): runs are written only under paths.output_dir/<exp>/"
-        )
-    return run_name
+    return check_folder_name(run_name, "run_name")
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -213,6 +196,101 @@ def run_has_started(run_dir: Path) -> bool:
     return (run_dir / "metrics.json").is_file() or any(run_dir.rglob("last.pt"))
 
 
+def data_digests(data_dir: Path, names: Sequence[str]) -> dict[str, str]:
+    """``{name: SHA-256 of its content}`` for each of ``names`` that is a file of ``data_dir`` (an
+    optional file that is absent, e.g. ``folds.csv``, is left out)."""
+    from codes.common.sequences import file_digest  # the cache's digest: one rule for "same data"
+
+    data_dir = Path(data_dir)
+    return {name: file_digest(data_dir / name) for name in names if (data_dir / name).is_file()}
+
+
+def write_run_record(run_dir: Path, config: dict[str, Any], data: dict[str, str]) -> Path:
+    """``run_dir/run_record.json``, written atomically when a run starts: ``{"version": 1,
+    "config": <the resolved config, as in config.yaml>, "data": {<data file name>: <SHA-256>}}``."""
+    path = Path(run_dir) / RUN_RECORD_FILE
+    write_json_atomically({"version": RUN_RECORD_VERSION, "config": config, "data": dict(data)}, path)
+    return path
+
+
+def read_run_record(run_dir: Path) -> dict[str, Any] | None:
+    """The run's ``run_record.json`` as a dict, or None for a run folder written before runs kept
+    one; a damaged record raises :class:`RunRecordError` naming it."""
+    path = Path(run_dir) / RUN_RECORD_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise RunRecordError(
+            f"{path} is damaged ({type(error).__name__}: {error}); copy it again from the original run "
+            "folder, or delete it (the run is then treated like one started before runs kept a record)"
+        ) from None
+    if (
+        not isinstance(record, dict)
+        or record.get("version") != RUN_RECORD_VERSION
+        or not isinstance(record.get("config"), dict)
+        or not isinstance(record.get("data"), dict)
+    ):
+        raise RunRecordError(
+            f"{path} is not a version-{RUN_RECORD_VERSION} run record ({{'version', 'config', 'data'}}); "
+            "copy it again from the original run folder, or delete it"
+        )
+    return record
+
+
+def data_changes(recorded: dict[str, str], current: dict[str, str]) -> list[str]:
+    """``name: what changed`` for every data file whose content differs, or that appeared or went."""
+    changes = []
+    for name in sorted(set(recorded) | set(current)):
+        if name not in current:
+            changes.append(f"{name}: gone (the run started with it)")
+        elif name not in recorded:
+            changes.append(f"{name}: new (the run started without it)")
+        elif recorded[name] != current[name]:
+            changes.append(
+                f"{name}: other content (SHA-256 {recorded[name][:12]}... -> {current[name][:12]}...)"
+            )
+    return changes
+
+
+def record_run_data(cfg: Any, run_dir: Path, data_dir: Path, names: Sequence[str]) -> None:
+    """A new run writes its :func:`write_run_record`; a resumed one checks that the data files
+    ``names`` of ``data_dir`` are those it started with (:class:`ResumeMismatchError` naming the
+    changed files otherwise). A run folder without a record (written before runs kept one) resumes
+    with a warning. Call it on rank 0, in the run folder's lock (:func:`open_run_dir`)."""
+    from omegaconf import OmegaConf  # training only
+
+    current = data_digests(data_dir, names)
+    if not cfg.trainer.resume:
+        write_run_record(run_dir, OmegaConf.to_container(cfg, resolve=True), current)
+        return
+    record = read_run_record(run_dir)
+    if record is None:
+        logger.warning(
+            "%s has no %s (the run started before runs recorded their data): resuming without checking "
+            "that %s are the files it started with",
+            run_dir, RUN_RECORD_FILE, ", ".join(names),
+        )  # fmt: skip
+        return
+    changes = data_changes(record["data"], current)
+    if changes:
+        raise ResumeMismatchError(
+            f"trainer.resume=true, but the data in {data_dir} changed since the run in {run_dir} started: "
+            + "; ".join(changes)
+            + ". Resuming would mix models trained on two datasets. Put back the files the run started "
+            "with, or start another run_name on the new data"
+        )
+
+
+def begin_run(cfg: Any, run_dir: Path, data_dir: Path, names: Sequence[str]) -> None:
+    """What every run does in its locked folder once the data is known (rank 0 only): the
+    temporaries an interrupted write left are removed (an INFO line names them) and
+    :func:`record_run_data` records or checks the data files ``names``."""
+    remove_leftover_temporaries(run_dir)
+    record_run_data(cfg, run_dir, data_dir, names)
+
+
 @contextmanager
 def open_run_dir(
     cfg: Any, context: DistributedContext, overrides: Sequence[str] | None = None
@@ -231,7 +309,7 @@ def open_run_dir(
 
     run_name = broadcast_from_main(cfg.run_name or time.strftime("%Y%m%d-%H%M%S"), context)
     check_run_name(run_name)
-    run_dir = repo_path(cfg.paths.output_dir) / cfg.exp_name / run_name
+    run_dir = repo_path(cfg.paths.output_dir) / check_folder_name(cfg.exp_name, "exp_name") / run_name
     if overrides is None:
         overrides = command_line_overrides()
     lock = FileLock(run_dir / LOCK_FILE)
@@ -239,7 +317,7 @@ def open_run_dir(
     def lock_check_and_write() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         try:
-            lock.acquire(timeout=0)
+            lock.acquire(timeout=LOCK_WAIT_S)
         except Timeout:
             raise RunFolderInUse(
                 f"another process is writing to {run_dir} (it holds {run_dir / LOCK_FILE}); wait for it to "

@@ -44,12 +44,13 @@ from codes.common.distributed import (
     gather_objects,
     init_distributed,
     raise_if_any_rank_failed,
+    run_on_main,
     shard_indices,
     shutdown_distributed,
 )
 from codes.common.ema import WarmupEMA
 from codes.common.features import FeatureSettings
-from codes.common.folds import FOLD_FILE, data_folds
+from codes.common.folds import FOLD_FILE, check_selected_folds, data_folds
 from codes.common.machine import apply_num_threads, autocast, autocast_dtype
 from codes.common.metric import binary_f1, competition_score, macro_f1
 from codes.common.plots import plot_confusion_matrix, plot_fold_curves
@@ -57,13 +58,14 @@ from codes.common.protocol import PROTOCOL_FILE, protocol_record
 from codes.common.runs import (
     TrainingInterrupted,
     atomic_path,
+    begin_run,
     open_run_dir,
     repo_path,
     setup_logging,
     write_json_atomically,
 )
 from codes.common.schema import GESTURES
-from codes.common.sequences import SequenceTable, load_sequence_table
+from codes.common.sequences import SequenceTable, load_sequence_table, split_files
 
 logger = logging.getLogger("codes.common.training")
 LOSS_READ_EVERY = 20  # training steps between reads of the loss (finiteness check, progress bar)
@@ -581,21 +583,24 @@ def _run_folds(
     if not context.is_main:
         data_dir = resolve_data_dir(**data_dir_kwargs)
         table = load_sequence_table(data_dir, "train", settings, keep_sensors=keep_sensors)
+    # the data files this run reads: recorded when it starts, checked when it resumes
+    data_files = [path.name for path in split_files(data_dir, "train")] + [FOLD_FILE]
+    run_on_main(lambda: begin_run(cfg, run_dir, data_dir, data_files), context)
     if context.is_main:  # per-subject gesture counts, for subject-aware inference
         write_json_atomically(protocol_record(table.gestures, table.subjects), run_dir / PROTOCOL_FILE)
     # the data folder's own folds (folds.csv), if any
     folds, from_file = data_folds(
         data_dir, table.gestures, table.subjects, cfg.data.n_folds, cfg.data.fold_seed
     )
-    n_folds = cfg.data.n_folds
+    source = f"data.n_folds={cfg.data.n_folds}, data.fold_seed={cfg.data.fold_seed}"
     if from_file:
-        n_folds = int(folds.max()) + 1
+        source = str(data_dir / FOLD_FILE)
         logger.info(
             "folds from %s: %d folds (data.n_folds and data.fold_seed are not used)",
-            data_dir / FOLD_FILE,
-            n_folds,
+            source,
+            int(folds.max()) + 1,
         )
-    selected = list(cfg.data.folds) if cfg.data.folds is not None else list(range(n_folds))
+    selected = check_selected_folds(folds, cfg.data.folds, source)
     columns = non_imu_columns(table)
 
     results = {}

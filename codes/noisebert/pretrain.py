@@ -35,12 +35,14 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from codes.common.checkpoint import load_checkpoint, save_atomically
+from codes.common.data_files import TEST_DEMOGRAPHICS_FILE, TEST_FILE, TRAIN_DEMOGRAPHICS_FILE, TRAIN_FILE
 from codes.common.data_source import resolve_data_dir
 from codes.common.distributed import (
     DistributedContext,
     barrier,
     broadcast_from_main,
     init_distributed,
+    run_on_main,
     shutdown_distributed,
 )
 from codes.common.features import FeatureSettings
@@ -49,6 +51,7 @@ from codes.common.machine import apply_num_threads, autocast, autocast_dtype
 from codes.common.runs import (
     REPO_ROOT,
     TrainingInterrupted,
+    begin_run,
     open_run_dir,
     repo_path,
     seed_everything,
@@ -131,6 +134,16 @@ def interpolation_mse(dataset: NoiseBERTDataset) -> float:
     return squared / max(count, 1)
 
 
+def pretraining_files(data_cfg: DictConfig) -> list[str]:
+    """The data files a pretraining run reads (recorded when it starts, checked when it resumes)."""
+    files = [TRAIN_FILE, TRAIN_DEMOGRAPHICS_FILE]
+    if data_cfg.include_test:
+        files += [TEST_FILE, TEST_DEMOGRAPHICS_FILE]
+    if data_cfg.exclude_fold is not None:
+        files.append(FOLD_FILE)
+    return files
+
+
 def build_datasets(
     cfg: DictConfig, run_dir: Path, context: DistributedContext
 ) -> tuple[ConcatDataset, NoiseBERTDataset, int]:
@@ -158,6 +171,7 @@ def build_datasets(
     )
     if context.is_main:
         barrier(context)
+    run_on_main(lambda: begin_run(cfg, run_dir, data_dir, pretraining_files(data)), context)
     if data.exclude_fold is not None:
         train_table, test_table = without_fold(train_table, test_table, data_dir, data)
     is_valid = validation_subjects(train_table.subjects, data.valid_fraction, data.split_seed)
