@@ -26,18 +26,24 @@ import numpy as np
 import polars as pl
 
 from codes.common.schema import (
+    ACC_COLUMNS,
+    DEMOGRAPHIC_FIELDS,
     DEMOGRAPHICS_COLUMNS,
     GESTURES,
     IMU_COLUMNS,
     KAGGLE_DOWNLOAD_COMMAND,
     LABEL_COLUMNS,
     SENSOR_COLUMNS,
+    SEQUENCE_TYPE_NON_TARGET,
+    SEQUENCE_TYPE_TARGET,
     TEST_COLUMNS,
     TEST_LABEL_COLUMNS,
     THM_COLUMNS,
     TOF_COLUMNS,
     TRAIN_COLUMNS,
+    sequence_type_of,
 )
+from codes.common.units import UnitFinding, demographic_unit_findings, sensor_unit_findings
 
 TRAIN_FILE = "train.csv"
 TEST_FILE = "test.csv"
@@ -65,13 +71,21 @@ _DEMOGRAPHICS_DTYPES = {
     "elbow_to_wrist_cm": pl.Float64,
 }
 
+# Columns holding one value per sequence in train.csv (the table takes them from one row).
+PER_SEQUENCE_COLUMNS: tuple[str, ...] = ("subject", "sequence_type", "orientation", "gesture")
+_SEQUENCE_TYPE_OF_GESTURE = {g: sequence_type_of(g) for g in GESTURES}
 # Columns filled on every row of the competition's files: an empty one means a damaged line.
 NEVER_NULL_COLUMNS: tuple[str, ...] = ("row_id", "sequence_id", "sequence_counter", "subject", *LABEL_COLUMNS)
 ROW_ID_COUNTER_DIGITS = 6  # row_id = SEQ_000007_000012
 _OTHER_SEPARATORS = (";", "\t", "|")
+_UTF8_BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZIP_MAGIC = b"PK\x03\x04"
 _COMMA, _NEWLINE, _QUOTE = ord(","), ord("\n"), ord('"')
 _CHUNK_BYTES = 1 << 18  # bytes per step of the field-count pass (a multiple of 64; fits a cache)
 _SHOWN_LINES = 5  # line numbers listed in an error
+UNIT_CHECK_OVERRIDE = "+data.check_units=false"  # the train.py override of the unit check
 
 
 class DataFileError(ValueError):
@@ -85,6 +99,11 @@ class MalformedFileError(DataFileError):
 def require_file(path: Path) -> Path:
     """Return ``path`` if it is a file, else raise an error that says how to get the data."""
     path = Path(path)
+    if path.is_dir():
+        raise DataFileError(
+            f"{path} is a directory, not a file: the data folder must hold the CSV file itself; "
+            f"move the file out of that folder (or remove the folder) and put {path.name} in its place"
+        )
     if not path.is_file():
         raise DataFileError(
             f"missing data file: {path}\n"
@@ -95,24 +114,136 @@ def require_file(path: Path) -> Path:
 
 
 def read_header(path: Path) -> list[str]:
-    """Column names of a CSV file (reads only the first line; a UTF-8 byte-order mark is dropped).
+    """Column names of a CSV file (reads only its first bytes; a UTF-8 byte-order mark is dropped).
 
-    An empty file, or a header separated by ``;``, a tab or ``|`` instead of commas, raises
-    :class:`MalformedFileError`.
+    Raises :class:`MalformedFileError` for a file that is no plain UTF-8 CSV (gzip, zip, UTF-16,
+    CR-only line endings: :func:`check_text_format`), an empty file, a header separated by ``;``,
+    a tab or ``|`` instead of commas, a header that is not UTF-8, a column name with spaces
+    around it, and a column named twice.
     """
-    with open(require_file(path), encoding="utf-8-sig", newline="") as handle:
-        first = handle.readline().rstrip("\r\n")
+    with open(require_file(path), "rb") as handle:
+        check_text_format(path, handle.read(_SNIFFED_BYTES))
+        handle.seek(0)
+        first = handle.readline().rstrip(b"\r\n").removeprefix(_UTF8_BOM)
     if not first:
         raise MalformedFileError(f"{path} is empty: not even a header line; download it again")
-    if "," not in first:
+    try:
+        text = first.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise _not_utf8_error(path, 1, first, error) from None
+    if "," not in text:
         for separator in _OTHER_SEPARATORS:
-            if separator in first:
+            if separator in text:
                 raise MalformedFileError(
                     f"{path} is not comma-separated: its header is separated by {separator!r} "
-                    f"({first.count(separator)} times, no comma); save it as a comma-separated CSV, "
+                    f"({text.count(separator)} times, no comma); save it as a comma-separated CSV, "
                     "as the competition's files are"
                 )
-    return [name.strip().strip('"') for name in first.split(",")]
+    fields = text.split(",")
+    names = [_unquoted(field) for field in fields]
+    check_header_names(path, fields, names)
+    return names
+
+
+def _unquoted(field: str) -> str:
+    return field[1:-1] if len(field) >= 2 and field[0] == field[-1] == '"' else field
+
+
+def check_header_names(path: Path, fields: Sequence[str], names: Sequence[str]) -> None:
+    """Raise for a header field with spaces around the name, or a name given twice.
+
+    Either would make polars read another column than the one named: a padded name is not
+    found, and of two columns of the same name only the first is read.
+    """
+    padded = [
+        (i, f) for i, (f, n) in enumerate(zip(fields, names, strict=True)) if f != f.strip() or n != n.strip()
+    ]
+    if padded:
+        shown = ", ".join(f"column {i + 1} {f!r}" for i, f in padded[:_SHOWN_LINES])
+        more = f", ... ({len(padded)} in all)" if len(padded) > _SHOWN_LINES else ""
+        raise MalformedFileError(
+            f"{path}: header names with spaces around them: {shown}{more}; the columns would not be "
+            f"found. Remove the spaces from the header line (e.g. {_unquoted(padded[0][1].strip()).strip()!r})"
+        )
+    positions: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        positions.setdefault(name, []).append(i + 1)
+    duplicated = {n: p for n, p in positions.items() if len(p) > 1}
+    if duplicated:
+        shown = "; ".join(
+            f"{n!r} at columns {', '.join(map(str, p))}" for n, p in list(duplicated.items())[:_SHOWN_LINES]
+        )
+        raise MalformedFileError(
+            f"{path}: the header names a column more than once ({shown}); only one of them would be "
+            "read. Remove or rename the extra column(s), so that each name appears once"
+        )
+
+
+def check_text_format(path: Path, head: bytes) -> None:
+    """Raise :class:`MalformedFileError` when the first bytes ``head`` of ``path`` show a gzip or
+    zip archive, UTF-16 text (a byte-order mark or NUL bytes) or CR-only line endings."""
+    if head.startswith(_GZIP_MAGIC):
+        raise MalformedFileError(
+            f"{path} is gzip-compressed, not a plain CSV: decompress it "
+            f"(gunzip -c {path} > {path.name}.plain, then put that file in its place)"
+        )
+    if head.startswith(_ZIP_MAGIC):
+        raise MalformedFileError(
+            f"{path} is a zip archive, not a plain CSV: unzip it (unzip {path} -d <folder>) and put the "
+            f"CSV it holds in its place"
+        )
+    if head.startswith(_UTF16_BOMS) or b"\x00" in head:
+        what = "starts with a UTF-16 byte-order mark" if head.startswith(_UTF16_BOMS) else "holds NUL bytes"
+        raise MalformedFileError(
+            f"{path} {what}: it is UTF-16 (or binary) text, not UTF-8; save it as UTF-8 "
+            f"(e.g. iconv -f UTF-16 -t UTF-8 {path} > {path.name}.utf8, then put that file in its place)"
+        )
+    if b"\r" in head and b"\n" not in head:
+        raise MalformedFileError(
+            f"{path} has CR-only line endings (old Mac style): every line would run together. Convert "
+            f"the line endings to newlines (e.g. tr '\\r' '\\n' < {path} > {path.name}.unix, then put that "
+            "file in its place)"
+        )
+
+
+def _not_utf8_error(path: Path, line: int, text: bytes, error: UnicodeDecodeError) -> MalformedFileError:
+    bad = text[error.start : error.end + 8]
+    return MalformedFileError(
+        f"{path}, line {line}: bytes that are not UTF-8 ({bad!r} at byte {error.start + 1} of the line); "
+        "the competition's files are UTF-8. Download the file again, or convert it from the encoding "
+        f"it was saved in (e.g. iconv -f latin1 -t utf-8 {path} > {path.name}.utf8)"
+    )
+
+
+def not_utf8_error(path: Path) -> MalformedFileError | None:
+    """The first line of ``path`` that is not UTF-8, as an error naming it (None: every line is).
+
+    Only for the error path: it scans the bytes >= 0x80 of the whole file.
+    """
+    with open(path, "rb") as handle:
+        if Path(path).stat().st_size == 0:
+            return None
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    data = np.frombuffer(mapped, dtype=np.uint8)
+    checked_until = 0
+    for position in np.flatnonzero(data >= 0x80):
+        if position < checked_until:
+            continue
+        start = mapped.rfind(b"\n", 0, int(position)) + 1
+        end = mapped.find(b"\n", int(position))
+        end = len(mapped) if end < 0 else end
+        text = mapped[start:end]
+        try:
+            text.decode("utf-8")
+        except UnicodeDecodeError as error:
+            line = int(np.count_nonzero(data[:start] == _NEWLINE)) + 1
+            return _not_utf8_error(path, line, text, error)
+        checked_until = end
+    return None
+
+
+def _is_not_utf8(error: Exception) -> bool:
+    return "utf-8" in str(error).lower() or isinstance(error, UnicodeDecodeError)
 
 
 def check_columns(path: Path, present: Sequence[str], required: Sequence[str]) -> None:
@@ -280,6 +411,8 @@ def _check_quoted_field_counts(path: Path, n_fields: int) -> CsvLayout:
             raise MalformedFileError(
                 f"{path}, line {reader.line_num}: {error} (a quoted field is not closed?)"
             ) from error
+        except UnicodeDecodeError as error:
+            raise (not_utf8_error(path) or MalformedFileError(f"{path}: {error}")) from None
     return CsvLayout(n_rows=len(row_lines), row_lines=np.asarray(row_lines, dtype=np.int64))
 
 
@@ -287,8 +420,11 @@ def _check_quoted_field_counts(path: Path, n_fields: int) -> CsvLayout:
 def _unparsable_value_error(
     path: Path, error: Exception, dtypes: dict[str, pl.DataType], layout: CsvLayout
 ) -> MalformedFileError:
-    """The first value polars could not parse: its column, line and text."""
+    """The first value polars could not parse: its column, line and text (or the first line
+    that is not UTF-8)."""
     message = str(error)
+    if _is_not_utf8(error) and (not_utf8 := not_utf8_error(path)) is not None:
+        return not_utf8
     named = re.search(r"at column '([^']*)'", message)
     if named and named.group(1) in dtypes:
         candidates = [named.group(1)]
@@ -335,13 +471,18 @@ def check_rows(frame: pl.DataFrame, path: Path | str, layout: CsvLayout) -> None
 
     Columns of :data:`NEVER_NULL_COLUMNS` have a value on every row; the ``sequence_counter``
     values of each sequence are exactly 0..n-1 (rows may come in any order); ``row_id`` is
-    ``<sequence_id>_<sequence_counter>``.
+    ``<sequence_id>_<sequence_counter>``; the columns of :data:`PER_SEQUENCE_COLUMNS` hold one
+    value per sequence, and ``sequence_type`` is the one its ``gesture`` has.
     """
     check_not_null(frame, path, layout)
     if {"sequence_id", "sequence_counter"} <= set(frame.columns):
         check_sequence_counters(frame, path, layout)
     if {"row_id", "sequence_id", "sequence_counter"} <= set(frame.columns):
         check_row_ids(frame, path, layout)
+    if "sequence_id" in frame.columns:
+        check_per_sequence_fields(frame, path, layout)
+    if {"sequence_id", "sequence_type", "gesture"} <= set(frame.columns):
+        check_sequence_types(frame, path, layout)
 
 
 def check_not_null(frame: pl.DataFrame, path: Path | str, layout: CsvLayout) -> None:
@@ -428,6 +569,69 @@ def check_row_ids(frame: pl.DataFrame, path: Path | str, layout: CsvLayout) -> N
     )
 
 
+def check_per_sequence_fields(frame: pl.DataFrame, path: Path | str, layout: CsvLayout) -> None:
+    """Raise unless each column of :data:`PER_SEQUENCE_COLUMNS` in ``frame`` holds one value per
+    sequence (the table takes a sequence's labels from one row: a second value would be lost)."""
+    columns = [c for c in PER_SEQUENCE_COLUMNS if c in frame.columns]
+    if not columns:
+        return
+    ids = pl.col("sequence_id")
+    same_sequence = ids == ids.shift(1)
+    changed = pl.any_horizontal([pl.col(c) != pl.col(c).shift(1) for c in columns])
+    contiguous, changes = frame.select(
+        ((~same_sequence).fill_null(True).sum() == ids.n_unique()).alias("contiguous"),
+        (same_sequence & changed).any().alias("changed"),
+    ).row(0)
+    if contiguous and not changes:  # the usual layout: one value per run of a sequence's rows
+        return
+    differs = frame.select(
+        pl.any_horizontal([pl.col(c) != pl.col(c).first().over("sequence_id") for c in columns]).arg_true()
+    ).to_series()
+    if differs.is_empty():
+        return
+    broken = frame["sequence_id"].gather(differs)
+    sequence = broken[0]
+    of_sequence = frame.with_row_index("row").filter(pl.col("sequence_id") == sequence)
+    column = next(c for c in columns if of_sequence[c].n_unique() > 1)
+    values = of_sequence[column]
+    odd_rows = of_sequence["row"].filter(values != values[0]).to_list()
+    rows = [int(of_sequence["row"][0]), *odd_rows]
+    distinct = values.unique(maintain_order=True).to_list()
+    n_broken = broken.n_unique()
+    others = f" ({n_broken} sequences have such rows)" if n_broken > 1 else ""
+    raise MalformedFileError(
+        f"{path}, {layout.lines(rows)}: sequence {sequence} holds {len(distinct)} different {column} values "
+        f"({', '.join(map(repr, distinct[:_SHOWN_LINES]))}); every row of a sequence has the same "
+        f"{', '.join(PER_SEQUENCE_COLUMNS)}{others}. Rows of two sequences mixed up, or values shifted "
+        "between columns? Fix those lines or download the file again"
+    )
+
+
+def check_sequence_types(frame: pl.DataFrame, path: Path | str, layout: CsvLayout) -> None:
+    """Raise unless ``sequence_type`` is ``Target`` for the 8 target gestures and ``Non-Target``
+    for the other 10 (an unknown gesture is left to :func:`check_gestures`)."""
+    expected = pl.col("gesture").replace_strict(
+        _SEQUENCE_TYPE_OF_GESTURE, default=None, return_dtype=pl.String
+    )
+    wrong = frame.select(
+        (expected.is_not_null() & (pl.col("sequence_type") != expected)).arg_true()
+    ).to_series()
+    if wrong.is_empty():
+        return
+    sequence, sequence_type, gesture = frame.select("sequence_id", "sequence_type", "gesture").row(
+        int(wrong[0])
+    )
+    rows = wrong.filter(frame["sequence_id"].gather(wrong) == sequence).to_numpy()
+    n_broken = frame["sequence_id"].gather(wrong).n_unique()
+    others = f" ({n_broken} sequences in all)" if n_broken > 1 else ""
+    raise MalformedFileError(
+        f"{path}, {layout.lines(rows)}: sequence {sequence} has sequence_type {sequence_type!r} but gesture "
+        f"{gesture!r}, whose sequence_type is {sequence_type_of(gesture)!r}{others}. sequence_type follows "
+        f"from the gesture ({SEQUENCE_TYPE_TARGET!r} for the 8 target gestures, {SEQUENCE_TYPE_NON_TARGET!r} "
+        "for the others): a label shifted between columns? Fix those lines or download the file again"
+    )
+
+
 def integer_tof_fields(path: Path, header: Sequence[str]) -> bool:
     """Whether the ToF fields of the first lines of ``path`` are written as integers (or empty)."""
     positions = [i for i, name in enumerate(header) if name.startswith("tof_")]
@@ -498,6 +702,8 @@ def _read_sensor_values(
         try:
             return pl.read_csv(path, columns=columns, schema_overrides=dtypes | dict.fromkeys(tof, pl.Int16))
         except pl.exceptions.ComputeError as error:
+            if _is_not_utf8(error):
+                raise
             logger.info(
                 "%s: ToF values are not all int16 (%s); reading them as float32", path, str(error)[:200]
             )
@@ -522,16 +728,41 @@ def read_train(
     include_thm: bool = True,
     include_tof: bool = True,
     meta_columns: Sequence[str] | None = None,
+    check_units: bool = True,
 ) -> pl.DataFrame:
     """train.csv: metadata and labels plus the sensor columns asked for; gestures are checked.
 
     ``meta_columns`` narrows the non-sensor columns read (default: all; gesture is always read).
+    Values that look recorded in another unit (``codes.common.units``: acceleration in g, ...)
+    raise a :class:`DataFileError` naming the unit and the conversion; ``check_units=False``
+    turns it into a warning (the values are used as they are).
     """
     path = Path(data_dir) / TRAIN_FILE
     meta = _meta_columns_to_read(TRAIN_COLUMNS, meta_columns, always=("gesture",))
     frame = read_sensor_csv(path, TRAIN_COLUMNS, meta + sensor_columns_to_read(include_thm, include_tof))
     check_gestures(frame["gesture"], path)
+    enforce_units(frame_unit_findings(frame), path, stop=check_units)
     return frame
+
+
+def frame_unit_findings(frame: pl.DataFrame) -> list[UnitFinding]:
+    """The sensor unit findings (``codes.common.units``) of a frame's acc and thermopile columns."""
+    columns = [c for c in (*ACC_COLUMNS, *THM_COLUMNS) if c in frame.columns]
+    return sensor_unit_findings(frame.select(columns).to_numpy(), columns)
+
+
+def enforce_units(findings: Sequence[UnitFinding], source: Path | str, stop: bool) -> None:
+    """Raise :class:`DataFileError` for the first finding that names a likely unit when ``stop``;
+    log every finding as a warning otherwise (and those that name no unit, always)."""
+    for finding in findings:
+        if stop and finding.likely:
+            raise DataFileError(
+                f"{source}: {finding.message()}. If the values are right as they are, train with "
+                f"{UNIT_CHECK_OVERRIDE} on the train.py command line (load_sequence_table(..., "
+                "check_units=False)) to use them with a warning"
+            )
+    for finding in findings:
+        logger.warning("%s: %s", source, finding.message())
 
 
 def read_test(
@@ -544,11 +775,14 @@ def read_test(
 
     Its lines are checked as train.csv's (a file cut short or misaligned is an error), its id
     values are not: batch mode answers every sequence by ``predict()``'s rules, odd ids included.
+    Values that look recorded in another unit are warned about, as ``predict()`` does.
     """
     path = Path(data_dir) / TEST_FILE
     meta = _meta_columns_to_read(TEST_COLUMNS, meta_columns)
     columns = meta + sensor_columns_to_read(include_thm, include_tof)
-    return read_sensor_csv(path, TEST_COLUMNS, columns, check_values=False)
+    frame = read_sensor_csv(path, TEST_COLUMNS, columns, check_values=False)
+    enforce_units(frame_unit_findings(frame), path, stop=False)
+    return frame
 
 
 def check_gestures(gestures: pl.Series, path: Path | str) -> None:
@@ -563,10 +797,12 @@ def check_gestures(gestures: pl.Series, path: Path | str) -> None:
         )
 
 
-def read_demographics(path: Path) -> pl.DataFrame:
+def read_demographics(path: Path, check_units: bool = False) -> pl.DataFrame:
     """A demographics CSV (one row per subject); numeric fields as float64, nulls kept.
 
-    Lines are checked as in :func:`read_sensor_csv`; every row names its subject.
+    Lines are checked as in :func:`read_sensor_csv`; every row names its subject. Lengths that
+    look recorded in another unit (height in metres, ...; ``codes.common.units``) are warned
+    about, or raise a :class:`DataFileError` with ``check_units`` (training's files).
     """
     path = Path(path)
     _, layout = open_csv(path, DEMOGRAPHICS_COLUMNS)
@@ -575,6 +811,8 @@ def read_demographics(path: Path) -> pl.DataFrame:
     duplicated = frame.filter(pl.col("subject").is_duplicated())["subject"].unique().sort().to_list()
     if duplicated:
         raise DataFileError(f"{path} lists these subjects more than once: {duplicated}")
+    findings = demographic_unit_findings(frame.select(DEMOGRAPHIC_FIELDS).to_numpy().astype(np.float64))
+    enforce_units(findings, path, stop=check_units)
     return frame
 
 

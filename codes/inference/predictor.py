@@ -32,7 +32,8 @@ import numpy as np
 import polars as pl
 import torch
 
-from codes.common.data_files import DataFileError
+from codes.common.data_files import DataFileError, frame_unit_findings
+from codes.common.demographics import out_of_range_demographics
 from codes.common.features import (
     FeatureSettings,
     compute_step_features,
@@ -41,15 +42,14 @@ from codes.common.features import (
 )
 from codes.common.schema import (
     ACC_COLUMNS,
-    BINARY_DEMOGRAPHIC_FIELDS,
     DEMOGRAPHIC_FIELDS,
-    DEMOGRAPHIC_RANGES,
     GESTURES,
     IMU_COLUMNS,
     NUM_GESTURES,
     ROT_COLUMNS,
 )
 from codes.common.sequences import FeatureNormalizer, SequenceTable, build_sequence_table, pad_sequences
+from codes.common.units import UnitFinding, demographic_unit_findings, sensor_unit_findings
 from codes.inference.subject_assignment import SubjectAssignment
 
 logger = logging.getLogger(__name__)
@@ -102,11 +102,13 @@ def as_polars_frame(frame: object, name: str) -> pl.DataFrame:
     A pandas DataFrame is converted with ``pl.from_pandas`` (a column pyarrow cannot convert,
     e.g. an object column mixing numbers and text, is taken as text); Categorical and Enum
     columns become String (then the numeric rule of the sensor columns applies to them).
-    Anything else raises ``TypeError``.
+    A pandas frame naming a column twice raises :class:`InputColumnsError` (which of the two
+    holds the values cannot be told); anything else than a DataFrame raises ``TypeError``.
     """
     if not isinstance(frame, pl.DataFrame):
         if type(frame).__module__.split(".")[0] != "pandas" or not hasattr(frame, "columns"):
             raise TypeError(f"{name} must be a polars (or pandas) DataFrame, got {type(frame).__name__}")
+        refuse_duplicate_columns([str(c) for c in frame.columns], name)
         try:
             frame = pl.from_pandas(frame)
         except Exception:
@@ -117,30 +119,26 @@ def as_polars_frame(frame: object, name: str) -> pl.DataFrame:
     return frame
 
 
+def refuse_duplicate_columns(columns: Sequence[str], name: str) -> None:
+    """Raise :class:`InputColumnsError` naming every column name that ``columns`` holds twice."""
+    seen, duplicated = set(), []
+    for column in columns:
+        if column in seen and column not in duplicated:
+            duplicated.append(column)
+        seen.add(column)
+    if duplicated:
+        raise InputColumnsError(
+            f"{name} names these columns more than once: {', '.join(duplicated[:20])}; which one holds "
+            "the values cannot be told. Pass a frame with each column once (e.g. the columns of test.csv)"
+        )
+
+
 def _pandas_column(column, name: str) -> pl.Series:
     """One pandas column as a polars Series; as text when pyarrow cannot convert it."""
     try:
         return pl.from_pandas(column).alias(name)
     except Exception:
         return pl.Series(name, [None if v is None else str(v) for v in column.tolist()], dtype=pl.String)
-
-
-def checked_demographics(values: np.ndarray) -> np.ndarray:
-    """``(N, 7)`` DEMOGRAPHIC_FIELDS -> ``(N, 7)`` bool: fields outside their range (NaN is not flagged).
-
-    adult_child, sex and handedness take 0 or 1 only; the continuous fields the generous
-    ``schema.DEMOGRAPHIC_RANGES``. A flagged field is unknown.
-    """
-    flags = np.zeros(values.shape, dtype=bool)
-    with np.errstate(invalid="ignore"):
-        for i, field in enumerate(DEMOGRAPHIC_FIELDS):
-            column = values[:, i]
-            if field in BINARY_DEMOGRAPHIC_FIELDS:
-                flags[:, i] = ~np.isnan(column) & (column != 0) & (column != 1)
-            elif field in DEMOGRAPHIC_RANGES:
-                low, high = DEMOGRAPHIC_RANGES[field]
-                flags[:, i] = (column < low) | (column > high)
-    return flags
 
 
 def _as_float(value: object) -> float:
@@ -310,6 +308,17 @@ class EnsemblePredictor:
             self._warned_once.add(key)
             logger.warning(message, *args)
 
+    def _warn_about_units(self, findings: Sequence[UnitFinding], source: str) -> None:
+        """Warn once per predictor and quantity about values that look recorded in another unit
+        (``codes.common.units``): they are used as they are, never refused."""
+        for finding in findings:
+            self._warn_once(
+                f"units of {finding.rule.quantity}",
+                "%s: %s (the values are used as they are; warned once)",
+                source,
+                finding.message(),
+            )
+
     def _ordered(self, sequence: pl.DataFrame, sequence_id: str) -> pl.DataFrame:
         """Rows in ``sequence_counter`` order (the order training used)."""
         if "sequence_counter" not in sequence.columns or sequence.height < 2:
@@ -375,7 +384,7 @@ class EnsemblePredictor:
         The row used is the one of ``subject``; rows of other subjects are not used (all fields
         unknown; a null subject matches no row). When the demographics or the sequence have no
         ``subject`` column (``subject`` None), the first row is used. Fields that are no numbers
-        or lie outside their range (:func:`checked_demographics`) are unknown.
+        or lie outside their range (``codes.common.demographics``) are unknown.
         """
         vector = np.full(len(DEMOGRAPHIC_FIELDS), np.nan, dtype=np.float32)
         if demographics is not None:
@@ -407,7 +416,8 @@ class EnsemblePredictor:
             )
         row = demographics.row(row_index, named=True)
         values = np.array([_as_float(row.get(field)) for field in DEMOGRAPHIC_FIELDS])  # float64
-        out_of_range = checked_demographics(values[None, :])[0]
+        self._warn_about_units(demographic_unit_findings(values[None, :]), f"subject {subject}")
+        out_of_range = out_of_range_demographics(values[None, :])[0]
         vector = np.where(out_of_range, np.nan, values).astype(np.float32)
         unknown = [f for f, v in zip(DEMOGRAPHIC_FIELDS, values, strict=True) if np.isnan(v)]
         if unknown:
@@ -434,6 +444,7 @@ class EnsemblePredictor:
         sequence = self._ordered(sequence, sequence_id)
         subject = self._subject(sequence)
         values = self.sensor_values(sequence)
+        self._warn_about_units(sensor_unit_findings(values, self.sensor_columns), f"sequence {sequence_id}")
         n_rows = len(values)
         n_infinite = int(np.isinf(values).sum())
         if n_infinite:
@@ -589,10 +600,14 @@ class EnsemblePredictor:
             pl.col("subject").cast(pl.String).fill_null(""),
         )
         self._warn_about_frame_values(frame)
+        self._warn_about_units(frame_unit_findings(frame), "the test frame")
         frame = frame.with_columns(
             [pl.when(pl.col(c).is_finite()).then(pl.col(c)).alias(c) for c in self.sensor_columns]
         )
-        frame = self._frame_in_counter_order(frame)
+        # each sequence's subject is its first row's (in counter order), as predict() takes it
+        frame = self._frame_in_counter_order(frame).with_columns(
+            pl.col("subject").first().over("sequence_id")
+        )
         demographics = self._frame_demographics(demographics, frame["subject"])
         return build_sequence_table(frame, demographics, self.settings, "the demographics")
 
@@ -651,7 +666,8 @@ class EnsemblePredictor:
 
     def _frame_demographics(self, demographics: pl.DataFrame, subjects: pl.Series) -> pl.DataFrame:
         """One row per subject of ``subjects``: DEMOGRAPHIC_FIELDS as float64 by :meth:`demographics_vector`'s
-        rules (not numbers or out of range: null; a subject without a row: every field null)."""
+        rules (not numbers: null; a subject without a row: every field null; out of range: unknown,
+        by ``build_sequence_table``, which applies the shared rule)."""
         demographics = as_polars_frame(demographics, "the demographics")
         if "subject" not in demographics.columns:
             raise InputColumnsError("the demographics frame lacks the column subject")
@@ -668,15 +684,7 @@ class EnsemblePredictor:
         ).unique("subject", keep="first", maintain_order=True)
         values = demographics.select(DEMOGRAPHIC_FIELDS).to_numpy().astype(np.float64)
         values[~np.isfinite(values)] = np.nan
-        out_of_range = checked_demographics(values)
-        if out_of_range.any():
-            odd = demographics["subject"].to_numpy()[out_of_range.any(axis=1)]
-            logger.warning(
-                "%d subject(s) have demographics fields out of range, taken as unknown: %s",
-                len(odd),
-                ", ".join(map(str, odd[:5])) + (", ..." if len(odd) > 5 else ""),
-            )
-            values[out_of_range] = np.nan
+        self._warn_about_units(demographic_unit_findings(values), "the demographics")
         demographics = demographics.with_columns(
             [pl.Series(f, values[:, i]) for i, f in enumerate(DEMOGRAPHIC_FIELDS)]
         )

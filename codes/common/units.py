@@ -1,0 +1,182 @@
+"""Unit checks: values recorded in another unit than the competition's (g instead of m/s^2, ...).
+
+Such values often lie inside the physical ranges (``schema``), so nothing else notices them: in
+g, every acceleration is 9.81 times too small and trains without a word; in milli-g almost every
+row is out of range and silently missing. Each :class:`UnitRule` tests the median of one
+quantity, a statistic a few rows already fix, against the band it takes in the expected unit;
+outside it, the other units whose band holds the median are named, with the conversion.
+
+The rules (docs/data.md, "Units"):
+
+- acceleration: the median |acc| (norm of acc_x/y/z over the rows where all three are read) is
+  about g = 9.81 m/s^2 (band 6.5-14.7); g gives about 1, milli-g about 1000, cm/s^2 about 981,
+  ft/s^2 about 32;
+- thermopiles: the median temperature is 10-50 deg C; Fahrenheit gives 55-122, Kelvin 283-323;
+- demographics lengths: the median height is 100-230 cm (metres, millimetres, inches), the
+  median shoulder-to-wrist 25-110 cm and elbow-to-wrist 12-70 cm (metres, millimetres).
+
+This module only finds; what a finding does (an error in training, a warning in ``predict()``)
+is the caller's: ``codes.common.data_files.enforce_units``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from codes.common.schema import ACC_COLUMNS, DEMOGRAPHIC_FIELDS, GRAVITY, THM_COLUMNS
+
+
+@dataclass(frozen=True)
+class OtherUnit:
+    """A unit a quantity is sometimes recorded in: where the rule's median lies then, and the fix."""
+
+    unit: str
+    typical: tuple[float, float]
+    fix: str
+
+
+@dataclass(frozen=True)
+class UnitRule:
+    """The median of ``columns`` in ``unit`` lies in ``typical``; ``others`` are the usual mistakes."""
+
+    quantity: str
+    columns: tuple[str, ...]
+    unit: str
+    typical: tuple[float, float]
+    expected: str  # what the median is in ``unit``, in words
+    others: tuple[OtherUnit, ...]
+    row_norm: bool = False  # the statistic is the norm of each row (all columns read), not each value
+
+    @property
+    def statistic(self) -> str:
+        if self.row_norm:
+            return f"the median norm of ({', '.join(self.columns)})"
+        return f"the median of {', '.join(self.columns)}"
+
+    def likely_units(self, median: float) -> tuple[OtherUnit, ...]:
+        return tuple(o for o in self.others if o.typical[0] <= median <= o.typical[1])
+
+
+@dataclass(frozen=True)
+class UnitFinding:
+    """A median outside the rule's band; ``likely`` are the units that give it (may be empty)."""
+
+    rule: UnitRule
+    median: float
+    n_values: int
+    likely: tuple[OtherUnit, ...]
+
+    def message(self) -> str:
+        rule = self.rule
+        seen = (
+            f"{rule.statistic} over {self.n_values:,} {'rows' if rule.row_norm else 'values'} is "
+            f"{self.median:.4g}, where {rule.unit} gives {rule.expected}"
+        )
+        if not self.likely:
+            return (
+                f"{rule.quantity} may not be in {rule.unit}: {seen}, and no usual unit gives that "
+                "value; check the recording's units"
+            )
+        names = " or ".join(o.unit for o in self.likely)
+        fixes = "; ".join(f"if {o.unit}: {o.fix}" for o in self.likely)
+        return f"{rule.quantity} looks recorded in {names}, not {rule.unit}: {seen}. Convert it ({fixes})"
+
+
+def _acc(factor: str) -> str:
+    return f"multiply acc_x, acc_y and acc_z by {factor}"
+
+
+ACC_RULE = UnitRule(
+    quantity="acceleration",
+    columns=tuple(ACC_COLUMNS),
+    unit="m/s^2",
+    typical=(GRAVITY / 1.5, GRAVITY * 1.5),
+    expected=f"about {GRAVITY:.2f} (gravity, 6.5-14.7)",
+    others=(
+        OtherUnit("g", (0.65, 1.5), _acc(f"{GRAVITY}")),
+        OtherUnit("milli-g", (650.0, 1500.0), _acc(f"{GRAVITY / 1000}")),
+        OtherUnit("cm/s^2", (650.0, 1500.0), _acc("0.01")),
+        OtherUnit("ft/s^2", (21.3, 48.3), _acc("0.3048")),
+    ),
+    row_norm=True,
+)
+THM_RULE = UnitRule(
+    quantity="thermopile temperature",
+    columns=tuple(THM_COLUMNS),
+    unit="deg C",
+    typical=(10.0, 50.0),
+    expected="10-50 (room and skin temperatures)",
+    others=(
+        OtherUnit("deg F", (55.0, 122.0), "subtract 32, then multiply by 5/9"),
+        OtherUnit("Kelvin", (283.0, 323.0), "subtract 273.15"),
+    ),
+)
+
+
+def _length_rule(field: str, typical: tuple[float, float], inches: bool = False) -> UnitRule:
+    low, high = typical
+    others = [
+        OtherUnit("metres", (low / 100, high / 100), f"multiply {field} by 100"),
+        OtherUnit("millimetres", (low * 10, high * 10), f"divide {field} by 10"),
+    ]
+    if inches:
+        others.append(OtherUnit("inches", (low / 2.54, high / 2.54), f"multiply {field} by 2.54"))
+    return UnitRule(
+        quantity=field,
+        columns=(field,),
+        unit="cm",
+        typical=typical,
+        expected=f"{low:g}-{high:g}",
+        others=tuple(others),
+    )
+
+
+SENSOR_UNIT_RULES: tuple[UnitRule, ...] = (ACC_RULE, THM_RULE)
+DEMOGRAPHIC_UNIT_RULES: tuple[UnitRule, ...] = (
+    _length_rule("height_cm", (100.0, 230.0), inches=True),
+    _length_rule("shoulder_to_wrist_cm", (25.0, 110.0)),
+    _length_rule("elbow_to_wrist_cm", (12.0, 70.0)),
+)
+
+
+def _statistic_values(values: np.ndarray, rule: UnitRule) -> np.ndarray:
+    """The finite values the rule's median is taken over (``values``: the rule's columns)."""
+    values = np.asarray(values, dtype=np.float32)  # float32 is plenty for a band check
+    if rule.row_norm:
+        read = np.isfinite(values).all(axis=1)
+        with np.errstate(over="ignore"):  # a norm beyond float32 is inf: far outside every band
+            return np.sqrt((values[read] ** 2).sum(axis=1))
+    return values[np.isfinite(values)]
+
+
+def unit_findings(values: np.ndarray, columns: Sequence[str], rules: Sequence[UnitRule]) -> list[UnitFinding]:
+    """The rules whose median over ``values`` (R, C), columns named ``columns``, lies outside
+    their band. A rule is skipped when its columns hold no finite value, or (a norm) are not all
+    there."""
+    index = {c: i for i, c in enumerate(columns)}
+    findings = []
+    for rule in rules:
+        present = [index[c] for c in rule.columns if c in index]
+        if not present or (rule.row_norm and len(present) < len(rule.columns)):
+            continue
+        statistic = _statistic_values(values[:, present], rule)
+        if not len(statistic):
+            continue
+        median = float(np.median(statistic))
+        if not rule.typical[0] <= median <= rule.typical[1]:
+            findings.append(UnitFinding(rule, median, len(statistic), rule.likely_units(median)))
+    return findings
+
+
+def sensor_unit_findings(values: np.ndarray, columns: Sequence[str]) -> list[UnitFinding]:
+    """:func:`unit_findings` of the sensor rules (acceleration, thermopiles) on raw readings
+    (before the physical-range rule: in milli-g, almost every reading is out of range)."""
+    return unit_findings(values, columns, SENSOR_UNIT_RULES)
+
+
+def demographic_unit_findings(values: np.ndarray) -> list[UnitFinding]:
+    """:func:`unit_findings` of the length rules on ``(N, 7)`` DEMOGRAPHIC_FIELDS (one row per subject)."""
+    return unit_findings(values, DEMOGRAPHIC_FIELDS, DEMOGRAPHIC_UNIT_RULES)
