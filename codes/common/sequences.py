@@ -8,6 +8,7 @@ batch from them (``codes/common/augment.py``); the cache holds features only.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -34,6 +35,7 @@ from codes.common.data_files import (
     read_train,
     require_file,
 )
+from codes.common.demographics import out_of_range_as_unknown
 from codes.common.features import FEATURE_VERSION, FeatureSettings, compute_step_features, feature_layout
 from codes.common.schema import DEMOGRAPHIC_FIELDS, GESTURE_TO_INDEX, GESTURES
 
@@ -42,6 +44,8 @@ logger = logging.getLogger(__name__)
 SPLITS = ("train", "test")
 # the non-sensor columns a SequenceTable is built from (the other labels are not read)
 TABLE_META_COLUMNS = ("sequence_id", "sequence_counter", "subject", "gesture", "orientation")
+# the columns a SequenceTable takes from one row per sequence
+ONE_VALUE_PER_SEQUENCE = ("subject", "gesture", "orientation")
 
 
 @dataclass
@@ -171,8 +175,11 @@ def build_sequence_table(
     """Features of every sequence of a train- or test-format frame.
 
     ``frame`` needs sequence_id, sequence_counter, subject and ``settings.sensor_columns``;
-    gesture and orientation are used when present. ``demographics`` must cover every subject.
-    ``keep_sensors`` keeps the raw sensor rows (``SequenceTable.sensors``).
+    gesture and orientation are used when present. Each sequence's rows hold one subject,
+    gesture and orientation (another value on a later row raises ``DataFileError`` naming the
+    sequence). ``demographics`` must cover every subject; a field outside its range is unknown
+    (NaN, with a warning: ``codes.common.demographics``). ``keep_sensors`` keeps the raw sensor
+    rows (``SequenceTable.sensors``).
     """
     check_columns(
         Path("<frame>"),
@@ -182,6 +189,7 @@ def build_sequence_table(
     if frame.height == 0:
         raise DataFileError("the frame holds no rows")
     frame = _sequence_runs(frame)
+    refuse_varying_labels(frame)
     run_lengths = frame["sequence_id"].rle()
     lengths = run_lengths.struct.field("len").to_numpy().astype(np.int64)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
@@ -193,6 +201,7 @@ def build_sequence_table(
         demographics, on="subject", how="left", maintain_order="left"
     )
     demo = per_sequence.select(DEMOGRAPHIC_FIELDS).cast(pl.Float32).to_numpy()
+    demo = out_of_range_as_unknown(demo, firsts["subject"].to_list(), demographics_source)
     handedness = demo[:, DEMOGRAPHIC_FIELDS.index("handedness")]
     if np.isnan(handedness).any():
         logger.warning(
@@ -226,6 +235,26 @@ def build_sequence_table(
         feature_names=names,
         feature_groups=groups,
         sensors=sensor_rows(sensors) if keep_sensors else None,
+    )
+
+
+def refuse_varying_labels(frame: pl.DataFrame) -> None:
+    """Raise ``DataFileError`` naming the first sequence whose rows hold more than one value of
+    a column of :data:`ONE_VALUE_PER_SEQUENCE` (``frame``: each sequence's rows contiguous)."""
+    columns = [c for c in ONE_VALUE_PER_SEQUENCE if c in frame.columns]
+    if not columns:
+        return
+    ids = pl.col("sequence_id")
+    changes = [pl.col(c).ne_missing(pl.col(c).shift(1)) for c in columns]
+    varying = frame.select(((ids == ids.shift(1)) & pl.any_horizontal(changes)).fill_null(False).arg_true())
+    if varying.is_empty():
+        return
+    row = int(varying.item(0, 0))
+    column = next(c for c in columns if frame[c][row] != frame[c][row - 1])
+    raise DataFileError(
+        f"sequence {frame['sequence_id'][row]} of the frame holds more than one {column} "
+        f"({frame[column][row - 1]!r}, then {frame[column][row]!r}): every row of a sequence must have "
+        f"the same {', '.join(columns)} (the table takes them from one row)"
     )
 
 
@@ -288,8 +317,14 @@ def load_sequence_table(
     cache_dir: Path | None = None,
     use_cache: bool = True,
     keep_sensors: bool = False,
+    check_units: bool = True,
 ) -> SequenceTable:
     """The :class:`SequenceTable` of a split, from the cache when its key matches.
+
+    ``check_units``: train.csv or train_demographics.csv values that look recorded in another
+    unit (acceleration in g, ...; ``codes.common.units``) raise a ``DataFileError`` naming the
+    unit and the conversion; False turns it into a warning (test files are only warned about).
+    The check runs where the CSV is parsed, so not on a cache hit.
 
     The cache lives in ``cache_dir`` (default ``<data_dir>/cache``), keyed by :func:`cache_key`
     (the files' content, hashed on every call); an unwritable cache folder or a full disk only
@@ -301,7 +336,7 @@ def load_sequence_table(
     cache_dir = Path(cache_dir) if cache_dir is not None else data_dir / "cache"
     sensor_path, demographics_path = split_files(data_dir, split)
     started = time.perf_counter()
-    reader = read_train if split == "train" else read_test
+    reader = functools.partial(read_train, check_units=check_units) if split == "train" else read_test
 
     def read_sensor_file() -> pl.DataFrame:
         return reader(
@@ -341,7 +376,7 @@ def load_sequence_table(
                 frame = read_sensor_file()
                 key = pending_key.result()
         cache_path = cache_dir / f"{split}-{key}.npz"
-    demographics = read_demographics(demographics_path)
+    demographics = read_demographics(demographics_path, check_units=check_units and split == "train")
     table = build_sequence_table(
         frame, demographics, settings, f"{demographics_path} (subjects of {sensor_path})", keep_sensors
     )
@@ -397,7 +432,10 @@ class FeatureNormalizer:
     """Per-feature standardisation fitted on real steps of sequences where the feature was read.
 
     Wraps ``sklearn.preprocessing.StandardScaler`` (absent features enter the fit as NaN, which
-    it ignores). ``transform`` maps absent features to 0, the training mean.
+    it ignores). A feature no sequence of the fit has (e.g. every thermopile and ToF feature of
+    IMU-only data) gets the neutral statistics, mean 0 and scale 1, without a mean or variance
+    taken over no value (numpy's "invalid value encountered in divide").
+    ``transform`` maps absent features to 0, the training mean.
     """
 
     def __init__(self) -> None:
@@ -409,11 +447,15 @@ class FeatureNormalizer:
 
     def fit(self, table: SequenceTable) -> FeatureNormalizer:
         """Fit on every row of ``table`` (pass the training fold's subset)."""
-        self.scaler.fit(self._rows_with_absent_as_nan(table))
-        # a feature never read in the fold (all NaN) gets mean 0 and scale 1
-        self.scaler.mean_ = np.nan_to_num(self.scaler.mean_, nan=0.0)
+        rows = self._rows_with_absent_as_nan(table)
+        # a feature no sequence of the fit has (all NaN) enters as zeros, not as a mean over
+        # nothing, and gets the neutral statistics; the other columns' statistics are unchanged
+        unread = ~table.feature_present.any(axis=0)  # (F,)
+        rows[:, unread] = 0.0
+        self.scaler.fit(rows)
+        self.scaler.mean_[unread] = 0.0
         self.scaler.scale_ = np.where(
-            np.isfinite(self.scaler.scale_) & (self.scaler.scale_ > 0), self.scaler.scale_, 1.0
+            np.isfinite(self.scaler.scale_) & (self.scaler.scale_ > 0) & ~unread, self.scaler.scale_, 1.0
         )
         return self
 

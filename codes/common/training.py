@@ -576,13 +576,14 @@ def _run_folds(
         "synthetic_dir": repo_path(cfg.paths.synthetic_dir), "synthetic_subjects": cfg.data.synthetic_subjects,
         "synthetic_seed": cfg.data.synthetic_seed,
     }  # fmt: skip
+    table_kwargs = {"keep_sensors": keep_sensors, "check_units": bool(cfg.data.get("check_units", True))}
     if context.is_main:  # rank 0 generates the synthetic data and fills the cache first
         data_dir = resolve_data_dir(**data_dir_kwargs)
-        table = load_sequence_table(data_dir, "train", settings, keep_sensors=keep_sensors)
+        table = load_sequence_table(data_dir, "train", settings, **table_kwargs)
     barrier(context)
     if not context.is_main:
         data_dir = resolve_data_dir(**data_dir_kwargs)
-        table = load_sequence_table(data_dir, "train", settings, keep_sensors=keep_sensors)
+        table = load_sequence_table(data_dir, "train", settings, **table_kwargs)
     # the data files this run reads: recorded when it starts, checked when it resumes
     data_files = [path.name for path in split_files(data_dir, "train")] + [FOLD_FILE]
     run_on_main(lambda: begin_run(cfg, run_dir, data_dir, data_files), context)
