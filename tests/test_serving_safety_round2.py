@@ -126,6 +126,13 @@ def test_a_run_folder_without_a_record_is_served_with_an_info_line(run_dir, capl
     )
 
 
+def test_a_damaged_run_record_is_an_error_naming_it(run_dir):
+    (run_dir / "run_record.json").write_text('{"version": 1, "con')
+    with pytest.raises(RunFolderError, match="is damaged") as raised:
+        load(run_dir)
+    assert str(run_dir / "run_record.json") in str(raised.value)
+
+
 def test_a_checkpoint_that_does_not_fit_the_config_names_the_tensors_not_a_torch_dump(run_dir):
     edit_config(run_dir, "model", "d_model", 32)  # no run_record.json: only the tensors can tell
     with pytest.raises(RunFolderError) as raised:

@@ -31,6 +31,7 @@ import torch
 import yaml
 
 from codes.common.checkpoint import CheckpointError, load_checkpoint
+from codes.common.runs import RUN_RECORD_FILE, RunRecordError, _flatten, read_run_record
 from codes.common.sequences import FeatureNormalizer
 
 CONFIG_FILE = "config.yaml"
@@ -38,7 +39,6 @@ CHECKPOINT_FILE = "best.pt"
 NORMALIZER_FILE = "normalizer.json"
 METRICS_FILE = "metrics.json"  # written when training finishes: its "folds" are the folds it trained
 ENSEMBLE_FILE = "ensemble.json"  # {"folds": [...]}: the folds a staged run serves (kaggle_package)
-RUN_RECORD_FILE = "run_record.json"  # {"version": 1, "config": ..., "data": ...}, written as training starts
 _FOLD_DIR = re.compile(r"^fold(\d+)$")
 _SEED_DIR = re.compile(
     r"^seed(-?\d+)$"
@@ -395,33 +395,21 @@ SERVING_NEUTRAL_KEYS = frozenset({
 
 
 def recorded_config(run_dir: Path) -> dict[str, Any] | None:
-    """The config the run recorded as it started (``run_record.json``'s ``"config"``), or None for a
-    run folder written before the record existed; a damaged record is a :class:`RunFolderError`."""
-    path = Path(run_dir) / RUN_RECORD_FILE
-    if not path.is_file():
-        return None
+    """The config the run recorded as it started (``run_record.json``'s ``"config"``, read by
+    :func:`codes.common.runs.read_run_record`), or None for a run folder written before the record
+    existed; a damaged record is a :class:`RunFolderError` naming it."""
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        record, problem = None, f"not JSON: {str(error)[:200]}"
-    else:
-        problem = None
-    if problem is None and not (isinstance(record, dict) and isinstance(record.get("config"), dict)):
-        problem = 'no "config" mapping'
-    if problem is not None:
+        record = read_run_record(run_dir)
+    except RunRecordError as error:
         raise RunFolderError(
-            f"{path} is damaged ({problem}); it holds the config the run was trained with, which "
-            f"{CONFIG_FILE} is checked against. Copy it again from the original run folder, or delete it "
-            f"to serve the run unchecked"
-        )
-    return record["config"]
+            f"{error} (it holds the config the run was trained with, which {CONFIG_FILE} is checked against)"
+        ) from None
+    return None if record is None else record["config"]
 
 
 def serving_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     """The flattened ``key: value`` pairs of ``config`` that shape serving (:data:`SERVING_SECTIONS`
     but :data:`SERVING_NEUTRAL_KEYS`)."""
-    from codes.common.runs import _flatten
-
     values = config.to_dict() if isinstance(config, ConfigView) else dict(config)
     return {
         key: value
