@@ -14,8 +14,10 @@ are missing values; text, categorical and other non-numeric columns are parsed a
 is no number is missing); a pandas frame is converted; rows out of ``sequence_counter`` order
 are sorted; a very short or very long sequence is used as it is (the last ``max_len`` steps);
 demographics that are missing, out of range or another subject's are unknown (handedness
-unknown = not mirrored); an empty sequence, or a failure inside the model, gives
-:data:`FALLBACK_GESTURE`. Only missing columns raise (:class:`InputColumnsError`, naming them).
+unknown = not mirrored); values that look recorded in another unit are used as they are, with
+a warning given once (``codes.common.units``); an empty sequence, or a failure inside the model,
+gives :data:`FALLBACK_GESTURE`. Only missing columns, and a pandas frame naming a column twice,
+raise (:class:`InputColumnsError`, naming them).
 Batch mode answers every sequence by the same rules and never fails a whole file for one
 sequence.
 """
