@@ -234,6 +234,34 @@ def test_predict_warns_once_about_acceleration_in_g_and_still_answers(caplog):
     assert caplog.text.count("acceleration looks recorded in g") == 1
 
 
+def test_batch_mode_warns_once_about_acceleration_in_g_and_answers_as_predict(caplog):
+    from tests.test_hostile_inputs import tiny_predictor
+
+    frame = make_frame(sequences(acc=np.array([0.0, 0.0, 1.0])))
+    with caplog.at_level(logging.WARNING):
+        batch = tiny_predictor().predict_frame(frame, make_demographics(SUBJECTS))
+    assert caplog.text.count("the test frame: acceleration looks recorded in g") == 1
+    assert batch.height == 3
+
+
+def test_batch_mode_takes_a_sequences_subject_from_its_first_row_as_predict_does():
+    """A regression guard: build_sequence_table now refuses a subject that changes within a
+    sequence, and batch mode still answers such a sequence as predict() does."""
+    from tests.test_hostile_inputs import tiny_predictor
+
+    predictor = tiny_predictor()
+    frame = with_row_value(
+        make_frame(sequences()), 4, "subject", SUBJECTS[1]
+    )  # SEQ_000000: SUBJ_000001 first
+    demographics = make_demographics(SUBJECTS, {SUBJECTS[1]})
+    batch = predictor.predict_frame(frame, demographics)
+    single = predictor.predict_probabilities(
+        frame.filter(pl.col("sequence_id") == "SEQ_000000"), demographics
+    )
+    probabilities = [c for c in batch.columns if c.startswith("prob_")]
+    np.testing.assert_allclose(batch.select(probabilities).to_numpy()[0], single, atol=1e-4)
+
+
 # ---------------------------------------------------------------- 4. demographics out of range
 def test_out_of_range_demographics_are_unknown_in_training_as_in_predict(tmp_path, caplog):
     from tests.test_hostile_inputs import tiny_predictor

@@ -34,7 +34,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from codes.common.data_files import DataFileError, frame_unit_findings
+from codes.common.data_files import DataFileError
 from codes.common.demographics import out_of_range_demographics
 from codes.common.features import (
     FeatureSettings,
@@ -49,6 +49,7 @@ from codes.common.schema import (
     IMU_COLUMNS,
     NUM_GESTURES,
     ROT_COLUMNS,
+    THM_COLUMNS,
 )
 from codes.common.sequences import FeatureNormalizer, SequenceTable, build_sequence_table, pad_sequences
 from codes.common.units import UnitFinding, demographic_unit_findings, sensor_unit_findings
@@ -602,7 +603,10 @@ class EnsemblePredictor:
             pl.col("subject").cast(pl.String).fill_null(""),
         )
         self._warn_about_frame_values(frame)
-        self._warn_about_units(frame_unit_findings(frame), "the test frame")
+        checked = [c for c in self.sensor_columns if c in (*ACC_COLUMNS, *THM_COLUMNS)]  # float32 now
+        self._warn_about_units(
+            sensor_unit_findings(frame.select(checked).to_numpy(), checked), "the test frame"
+        )
         frame = frame.with_columns(
             [pl.when(pl.col(c).is_finite()).then(pl.col(c)).alias(c) for c in self.sensor_columns]
         )
