@@ -9,7 +9,10 @@ hold as many fields as the header (a line cut by an interrupted download, or a f
 or too few, stops the read with the file and the line number); after parsing train.csv, its id
 and label columns must be filled on every row, each sequence's ``sequence_counter`` must run
 0..n-1 and ``row_id`` must be ``<sequence_id>_<counter>``. A value polars cannot parse is named
-with its file, column and line. See docs/data.md, "Malformed files".
+with its file, column and line. A file that is no plain UTF-8 CSV (gzip, zip, UTF-16, CR-only
+line endings, bytes that are not UTF-8), a header naming a column twice or with spaces around a
+name, a per-sequence label that changes within a sequence and values in another unit
+(``codes.common.units``) are errors too. See docs/data.md, "Malformed files".
 """
 
 from __future__ import annotations
