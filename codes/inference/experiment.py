@@ -74,40 +74,41 @@ def subject_assignment_of(
     return SubjectAssignment(capacities, overflow_penalty)
 
 
-def fold_model(
-    run_dir: Path,
-    cfg: ConfigView,
-    build_model: BuildModel,
-    n_features: int,
-    weights: dict[str, torch.Tensor],
-    exp_name: str,
-    fold: int,
-    seed_folder: str | None = None,
-) -> torch.nn.Module:
-    """The model ``build_model`` builds from the run's config, holding ``weights``; a
-    :class:`RunFolderError` naming the checkpoint and the tensors when they do not fit."""
-    path = run_dir / f"fold{fold}" / (seed_folder or "") / CHECKPOINT_FILE
+def mismatch_advice(run_dir: Path, cfg: ConfigView, exp_name: str) -> str:
+    """What to do when a checkpoint does not fit the model ``exp_name`` builds from the run's config."""
     trained_by = cfg.get("exp_name")
     if trained_by != exp_name:
-        advice = f"the run was trained by {trained_by}: load it with codes/exp/{trained_by}/inference.py"
-    else:
-        advice = (
-            f"{run_dir / CONFIG_FILE} no longer describes the trained model (an edited model.* or data.* "
-            "setting?): restore it from the original run folder"
-        )
+        return f"the run was trained by {trained_by}: load it with codes/exp/{trained_by}/inference.py"
+    return (
+        f"{run_dir / CONFIG_FILE} no longer describes the trained model (an edited model.* or data.* "
+        "setting?): restore it from the original run folder"
+    )
+
+
+def fold_model(
+    build_model: BuildModel,
+    cfg: ConfigView,
+    n_features: int,
+    weights: dict[str, torch.Tensor],
+    checkpoint: Path,
+    advice: str,
+) -> torch.nn.Module:
+    """``build_model(cfg, n_features)`` holding ``weights`` (of ``checkpoint``); a
+    :class:`RunFolderError` naming the checkpoint, the tensors that do not fit and ``advice``."""
     try:
         model = build_model(cfg, n_features)
         mismatch = weights_mismatch(model.state_dict(), weights)
         if not mismatch:
             model.load_state_dict(weights)
     except (AttributeError, KeyError, RuntimeError, ValueError) as error:
+        first_line = (str(error).splitlines() or [""])[0][:300]
         raise RunFolderError(
-            f"{path}: the checkpoint does not fit {exp_name}'s model built from the run's config; {advice} "
-            f"({type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''})"
+            f"{checkpoint}: the checkpoint does not fit the model built from the run's config "
+            f"({type(error).__name__}: {first_line}); {advice}"
         ) from None
     if mismatch:
         raise RunFolderError(
-            f"{path}: the checkpoint's tensors do not fit {exp_name}'s model built from the run's config "
+            f"{checkpoint}: the checkpoint's tensors do not fit the model built from the run's config "
             f"({'; '.join(mismatch)}); {advice}"
         )
     return model
@@ -161,12 +162,14 @@ def load_run_predictor(
     if quantize and device.type != "cpu":
         raise ValueError(f"quantize=true is a CPU setting; the device is {device}")
     members, kinds = [], set()
+    advice = mismatch_advice(run_dir, cfg, exp_name)
     for fold in select_folds(run_dir, folds):
         normalizer = load_normalizer(run_dir, fold)
         # the fold's model, and those of further seeds (trainer.seeds): averaged like folds
         for seed_folder in [None, *fold_seed_folders(run_dir, fold)]:
             weights, kind = load_fold_weights(run_dir, fold, seed_folder)
-            model = fold_model(run_dir, cfg, build_model, n_features, weights, exp_name, fold, seed_folder)
+            checkpoint = run_dir / f"fold{fold}" / (seed_folder or "") / CHECKPOINT_FILE
+            model = fold_model(build_model, cfg, n_features, weights, checkpoint, advice)
             model = quantize_for_cpu(model) if quantize else model
             members.append(FoldMember(fold, model, normalizer))
             kinds.add(kind)

@@ -209,10 +209,10 @@ def tracked_code_files(repo_root: Path = REPO_ROOT) -> list[str]:
     return files
 
 
-def _copy_tracked_code(repo_root: Path, out_dir: Path) -> None:
-    """Copy the tracked files of :func:`tracked_code_files` (as they are in the working tree); warn
+def _copy_tracked_code(repo_root: Path, out_dir: Path, tracked: list[str]) -> None:
+    """Copy the files ``tracked`` (:func:`tracked_code_files`, as they are in the working tree); warn
     about untracked Python and YAML files there, which the staged code may need (``git add`` them)."""
-    for name in tracked_code_files(repo_root):
+    for name in tracked:
         source = repo_root / name
         if not source.is_file():  # tracked but deleted in the working tree
             logger.warning("%s is tracked by git but deleted here; it is not staged", source)
@@ -243,11 +243,10 @@ def stage_code_dataset(
     :data:`CODE_FILES`."""
     repo_root = Path(repo_root)
     check_out_location(out_dir, repo_root=repo_root)
-    if use_git:
-        tracked_code_files(repo_root)  # git readable, before the folder is replaced
+    tracked = tracked_code_files(repo_root) if use_git else None  # before the folder is replaced
     out_dir = _fresh(Path(out_dir))
-    if use_git:
-        _copy_tracked_code(repo_root, out_dir)
+    if tracked is not None:
+        _copy_tracked_code(repo_root, out_dir, tracked)
     else:
         ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
         for name in CODE_FOLDERS:
@@ -274,6 +273,19 @@ def _readable_checkpoint(run_dir: Path, fold: int, seed_folder: str | None = Non
             f"{path} holds no model weights; it is not a checkpoint of this training"
         ) from None
     return checkpoint
+
+
+def _run_files_staged(run_dir: Path, folds: list[int]) -> list[Path]:
+    """Every file of ``run_dir`` that staging ``folds`` copies (:data:`RUN_FILES` present, and per
+    fold its normaliser and the best checkpoints of the fold and its further seeds)."""
+    files = [run_dir / name for name in RUN_FILES if (run_dir / name).is_file()]
+    for fold in folds:
+        files.append(run_dir / f"fold{fold}" / NORMALIZER_FILE)
+        files += [
+            run_dir / f"fold{fold}" / (seed or "") / CHECKPOINT_FILE
+            for seed in [None, *fold_seed_folders(run_dir, fold)]
+        ]
+    return files
 
 
 def check_no_link_out(run_dir: Path, paths: Iterable[Path]) -> None:
@@ -311,14 +323,7 @@ def stage_run_dataset(
         )
     check_out_location(out_dir, run_dir)
     selected = select_folds(run_dir, folds)
-    staged = [run_dir / name for name in RUN_FILES if (run_dir / name).is_file()]
-    for fold in selected:
-        staged.append(run_dir / f"fold{fold}" / NORMALIZER_FILE)
-        staged += [
-            run_dir / f"fold{fold}" / (seed or "") / CHECKPOINT_FILE
-            for seed in [None, *fold_seed_folders(run_dir, fold)]
-        ]
-    check_no_link_out(run_dir, staged)
+    check_no_link_out(run_dir, _run_files_staged(run_dir, selected))
     checkpoints = {}
     for fold in selected:
         load_normalizer(run_dir, fold)  # readable, with sound statistics
