@@ -169,6 +169,15 @@ def test_the_unit_check_can_be_overridden_with_a_warning(tmp_path, caplog):
     assert "acceleration looks recorded in g, not m/s^2" in caplog.text
 
 
+def test_a_table_read_with_the_unit_check_off_is_not_reused_by_a_checked_load(tmp_path):
+    """The unit check runs where the CSV is parsed: the cache must not carry an unchecked table
+    into a later load that checks."""
+    write_train(tmp_path, train_frame(acc=np.array([0.0, 0.0, 1.0])))
+    assert load_sequence_table(tmp_path, check_units=False).n_sequences == 3
+    with pytest.raises(DataFileError, match="looks recorded in g"):
+        load_sequence_table(tmp_path)
+
+
 class _Loaded(Exception):
     """Ends a training run once its table is loaded."""
 

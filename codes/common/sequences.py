@@ -324,7 +324,8 @@ def load_sequence_table(
     ``check_units``: train.csv or train_demographics.csv values that look recorded in another
     unit (acceleration in g, ...; ``codes.common.units``) raise a ``DataFileError`` naming the
     unit and the conversion; False turns it into a warning (test files are only warned about).
-    The check runs where the CSV is parsed, so not on a cache hit.
+    The check runs where the CSV is parsed, so not on a cache hit; a train table built with the
+    check off is therefore not cached (a cached train table is one whose units passed).
 
     The cache lives in ``cache_dir`` (default ``<data_dir>/cache``), keyed by :func:`cache_key`
     (the files' content, hashed on every call); an unwritable cache folder or a full disk only
@@ -386,7 +387,9 @@ def load_sequence_table(
         sensor_path.name,
         time.perf_counter() - started,
     )
-    if cache_path is not None:
+    if cache_path is not None and not check_units and split == "train":
+        logger.info("not caching the features: train.csv was read with the unit check off (data.check_units)")
+    elif cache_path is not None:
         try:
             table.save(cache_path)
         except OSError as error:  # the message names the file (atomic_path)
