@@ -82,6 +82,21 @@ def test_a_missing_fold_folder_is_an_error_unless_the_folds_are_named(run_dir, t
     assert load(run_dir, folds=complete).folds == complete  # named folds: served
 
 
+def test_a_missing_seed_folder_is_an_error_unless_the_folds_are_named(run_dir, caplog):
+    """trainer.seeds=[0, 5]: every fold holds fold<k>/best.pt and fold<k>/seed5/best.pt."""
+    edit_config(run_dir, "trainer", "seeds", [0, 5])
+    (run_dir / "fold0" / "seed5").mkdir()
+    shutil.copy(run_dir / "fold0" / "best.pt", run_dir / "fold0" / "seed5" / "best.pt")
+    with pytest.raises(RunFolderError, match=r"lacks fold1/seed5/best\.pt.*copy it again"):
+        load(run_dir)
+    with caplog.at_level(logging.WARNING):
+        assert len(load(run_dir, folds=[0, 1]).members) == 3  # named: fold 1 serves its one seed
+    assert "fold1/seed5/best.pt" in caplog.text
+    (run_dir / "fold1" / "seed5").mkdir()
+    shutil.copy(run_dir / "fold1" / "best.pt", run_dir / "fold1" / "seed5" / "best.pt")
+    assert len(load(run_dir).members) == 4
+
+
 def test_a_staged_subset_of_folds_serves_as_staged_and_packaging_applies_the_same_rule(run_dir, tmp_path):
     (run_dir / "metrics.json").write_text(json.dumps({"folds": {"0": {}, "1": {}}}))
     _, run = package(run_dir, tmp_path / "out", "--folds", "0")

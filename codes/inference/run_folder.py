@@ -253,6 +253,42 @@ def check_no_fold_missing(run_dir: Path, available: list[int]) -> None:
         )
 
 
+def expected_seed_folders(run_dir: Path) -> list[str]:
+    """The further seed folders every fold of the run has (``trainer.seeds=[s0, s1, ...]``:
+    ``seed<s1>``, ...; the first seed trains in ``fold<k>/`` itself); [] without ``trainer.seeds``."""
+    trainer = load_run_config(run_dir).get("trainer")
+    seeds = trainer.get("seeds") if isinstance(trainer, Mapping) else None
+    return [f"seed{int(seed)}" for seed in list(seeds or [])[1:]]
+
+
+def check_no_seed_missing(run_dir: Path, folds: list[int], named: bool) -> None:
+    """Every served fold holds the models of all its seeds (``fold<k>/seed<s>/best.pt``).
+
+    A missing one is a :class:`RunFolderError` when the folds were not named (the rule for a
+    missing fold); with ``folds=[...]`` it is a warning and the fold serves the seeds it holds."""
+    expected = expected_seed_folders(run_dir)
+    missing = [
+        f"fold{fold}/{seed}/{CHECKPOINT_FILE}"
+        for fold in folds
+        for seed in expected
+        if seed not in fold_seed_folders(run_dir, fold)
+    ]
+    if not missing:
+        return
+    message = (
+        f"{run_dir} lacks {', '.join(missing)}: its config trains every fold with trainer.seeds "
+        f"(further seed folders {expected})"
+    )
+    if named:
+        logger.warning("%s; the folds named serve the seeds they hold", message)
+        return
+    raise RunFolderError(
+        f"{message}. If a folder was lost in a copy or download, copy it again from the original run "
+        "folder; if the run is still training, let it finish; or name the folds (folds=[...]) to serve "
+        "the seeds each fold holds"
+    )
+
+
 def select_folds(run_dir: Path, folds: Iterable[int] | None = None) -> list[int]:
     """``folds`` (default: every trained fold), checked against what the folder holds.
 
@@ -278,6 +314,7 @@ def select_folds(run_dir: Path, folds: Iterable[int] | None = None) -> list[int]
                 "has its training finished at least one epoch?"
             )
         check_no_fold_missing(run_dir, available)
+        check_no_seed_missing(run_dir, available, named=False)
         return available
     wanted = [int(k) for k in folds]
     if not wanted:
@@ -288,6 +325,7 @@ def select_folds(run_dir: Path, folds: Iterable[int] | None = None) -> list[int]
     missing = [k for k in wanted if k not in available]
     if missing:
         raise RunFolderError(f"{run_dir} has no trained fold {missing}; it holds folds {available}")
+    check_no_seed_missing(run_dir, wanted, named=True)
     return wanted
 
 
