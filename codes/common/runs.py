@@ -154,11 +154,12 @@ def check_run_name(run_name: str) -> str:
     return check_folder_name(run_name, "run_name")
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_settings(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"model.d_model": 64, ...}`` (dotted keys to leaf values)."""
     if isinstance(node, dict):
         flat: dict[str, Any] = {}
         for key, value in node.items():
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_settings(value, f"{prefix}{key}."))
         return flat
     return {prefix[:-1]: node}
 
@@ -181,7 +182,7 @@ ADDED_KEY_DEFAULTS = {
 
 def resume_differences(saved: dict, current: dict) -> list[str]:
     """``key: saved -> current`` for every setting that differs and may not differ on resume."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = flatten_settings(saved), flatten_settings(current)
     old = {**{k: v for k, v in ADDED_KEY_DEFAULTS.items() if k in new}, **old}
     return [
         f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}"

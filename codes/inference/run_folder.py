@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from codes.common.checkpoint import CheckpointError, load_checkpoint
-from codes.common.runs import RUN_RECORD_FILE, RunRecordError, _flatten, read_run_record
+from codes.common.runs import RUN_RECORD_FILE, RunRecordError, flatten_settings, read_run_record
 from codes.common.sequences import FeatureNormalizer
 
 CONFIG_FILE = "config.yaml"
@@ -451,7 +451,7 @@ def serving_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     values = config.to_dict() if isinstance(config, ConfigView) else dict(config)
     return {
         key: value
-        for key, value in _flatten(values).items()
+        for key, value in flatten_settings(values).items()
         if key.split(".")[0] in SERVING_SECTIONS and key not in SERVING_NEUTRAL_KEYS
     }
 
