@@ -1,8 +1,8 @@
 """What hashing the data files on every load costs: ``file_digest`` against the cached and cold
 ``load_sequence_table`` of a split.
 
-    python -m codes.common.synthetic --out /tmp/synth_full --subjects 81 --seed 0
-    OMP_NUM_THREADS=1 python benchmarks/bench_cache_digest.py --data /tmp/synth_full [--cached 5] [--cold 3]
+    python -m codes.common.synthetic --out data/synthetic_full --subjects 81 --seed 0
+    OMP_NUM_THREADS=1 python benchmarks/bench_cache_digest.py --data data/synthetic_full [--cached 5] [--cold 3]
 
 One process; the files are read once first, so they sit in the page cache. The cache goes to a
 temporary folder, never to the data folder's ``cache/``.
