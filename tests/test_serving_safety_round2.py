@@ -162,13 +162,19 @@ def test_a_checkpoint_that_does_not_fit_the_config_names_the_tensors_not_a_torch
 
 # ---------------------------------------------------------------- 3. outputs never replace inputs
 @pytest.fixture
-def test_dir(tmp_path) -> Path:
+def served_data_dir(tmp_path) -> Path:
     environment = submission_environment(Path("unused"), tmp_path)  # writes competition/test.csv
     return Path(environment["CMI_COMPETITION_DIR"])
 
 
-def batch(run_dir: Path, test_dir: Path, output: Path | str) -> dict | None:
-    argv = [f"run_dir={run_dir}", f"data={test_dir}", f"output={output}", "device=cpu", "subject_aware=false"]
+def batch(run_dir: Path, served_data_dir: Path, output: Path | str) -> dict | None:
+    argv = [
+        f"run_dir={run_dir}",
+        f"data={served_data_dir}",
+        f"output={output}",
+        "device=cpu",
+        "subject_aware=false",
+    ]
     return batch_main(inference_module().load_predictor, EXP, argv)
 
 
@@ -176,35 +182,37 @@ def batch(run_dir: Path, test_dir: Path, output: Path | str) -> dict | None:
     "target",
     ["test.csv", "test_demographics.csv", "another spelling", "a hard link", "config.yaml", "fold0/best.pt"],
 )
-def test_batch_mode_never_writes_its_output_over_an_input(run_dir, test_dir, tmp_path, target):
+def test_batch_mode_never_writes_its_output_over_an_input(run_dir, served_data_dir, tmp_path, target):
     inputs = {
-        "test.csv": test_dir / "test.csv",
-        "test_demographics.csv": test_dir / "test_demographics.csv",
-        "another spelling": test_dir / ".." / test_dir.name / "test.csv",
+        "test.csv": served_data_dir / "test.csv",
+        "test_demographics.csv": served_data_dir / "test_demographics.csv",
+        "another spelling": served_data_dir / ".." / served_data_dir.name / "test.csv",
         "a hard link": tmp_path / "linked.csv",
         "config.yaml": run_dir / "config.yaml",
         "fold0/best.pt": run_dir / "fold0" / "best.pt",
     }
-    os.link(test_dir / "test.csv", tmp_path / "linked.csv")
+    os.link(served_data_dir / "test.csv", tmp_path / "linked.csv")
     output = inputs[target]
     before = output.read_bytes()
     with pytest.raises(
         DataFileError, match="an input of this prediction; writing it would replace"
     ) as raised:
-        batch(run_dir, test_dir, output)
+        batch(run_dir, served_data_dir, output)
     assert str(output) in str(raised.value) and "Choose another output path" in str(raised.value)
     assert output.read_bytes() == before
 
 
-def test_batch_mode_refuses_a_folder_as_output_and_overwrites_its_own_submission(run_dir, test_dir, tmp_path):
+def test_batch_mode_refuses_a_folder_as_output_and_overwrites_its_own_submission(
+    run_dir, served_data_dir, tmp_path
+):
     folder = tmp_path / "results"
     folder.mkdir()
     with pytest.raises(
         DataFileError, match=r"is an existing folder; name the file to write, e\.g\. .*submission"
     ):
-        batch(run_dir, test_dir, folder)
-    batch(run_dir, test_dir, run_dir / "submission.csv")  # the default output, in the run folder
-    batch(run_dir, test_dir, run_dir / "submission.csv")  # written again: not an input
+        batch(run_dir, served_data_dir, folder)
+    batch(run_dir, served_data_dir, run_dir / "submission.csv")  # the default output, in the run folder
+    batch(run_dir, served_data_dir, run_dir / "submission.csv")  # written again: not an input
     assert pl.read_csv(run_dir / "submission.csv").columns == ["sequence_id", "gesture"]
 
 
