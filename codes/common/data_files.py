@@ -36,6 +36,7 @@ from codes.common.schema import (
     IMU_COLUMNS,
     KAGGLE_DOWNLOAD_COMMAND,
     LABEL_COLUMNS,
+    ORIENTATIONS,
     SENSOR_COLUMNS,
     SEQUENCE_TYPE_NON_TARGET,
     SEQUENCE_TYPE_TARGET,
@@ -46,7 +47,16 @@ from codes.common.schema import (
     TRAIN_COLUMNS,
     sequence_type_of,
 )
-from codes.common.units import UnitFinding, demographic_unit_findings, sensor_unit_findings
+from codes.common.units import (
+    SubjectUnitFinding,
+    TofScaleFinding,
+    UnitFinding,
+    demographic_subject_unit_findings,
+    demographic_unit_findings,
+    sensor_subject_unit_findings,
+    sensor_unit_findings,
+    tof_scale_finding,
+)
 
 TRAIN_FILE = "train.csv"
 TEST_FILE = "test.csv"
@@ -744,17 +754,31 @@ def read_train(
     meta = _meta_columns_to_read(TRAIN_COLUMNS, meta_columns, always=("gesture",))
     frame = read_sensor_csv(path, TRAIN_COLUMNS, meta + sensor_columns_to_read(include_thm, include_tof))
     check_gestures(frame["gesture"], path)
+    if "orientation" in frame.columns:
+        check_orientations(frame["orientation"], path)
     enforce_units(frame_unit_findings(frame), path, stop=check_units)
     return frame
 
 
-def frame_unit_findings(frame: pl.DataFrame) -> list[UnitFinding]:
-    """The sensor unit findings (``codes.common.units``) of a frame's acc and thermopile columns."""
+AnyUnitFinding = UnitFinding | SubjectUnitFinding | TofScaleFinding
+
+
+def frame_unit_findings(frame: pl.DataFrame) -> list[AnyUnitFinding]:
+    """The unit findings (``codes.common.units``) of a frame's acc and thermopile columns, over
+    the file and per subject (when the frame has ``subject``; subjects of a rule with a
+    file-level finding are not named again), and of its ToF columns."""
     columns = [c for c in (*ACC_COLUMNS, *THM_COLUMNS) if c in frame.columns]
-    return sensor_unit_findings(frame.select(columns).to_numpy(), columns)
+    values = frame.select(columns).to_numpy()
+    findings: list[AnyUnitFinding] = list(sensor_unit_findings(values, columns))
+    if "subject" in frame.columns:
+        found = {f.rule for f in findings}
+        per_subject = sensor_subject_unit_findings(values, columns, frame["subject"].to_numpy())
+        findings += [f for f in per_subject if f.rule not in found]
+    tof = tof_scale_finding(frame.select(c for c in TOF_COLUMNS if c in frame.columns))
+    return findings + ([tof] if tof is not None else [])
 
 
-def enforce_units(findings: Sequence[UnitFinding], source: Path | str, stop: bool) -> None:
+def enforce_units(findings: Sequence[AnyUnitFinding], source: Path | str, stop: bool) -> None:
     """Raise :class:`DataFileError` for the first finding that names a likely unit when ``stop``;
     log every finding as a warning otherwise (and those that name no unit, always)."""
     for finding in findings:
@@ -814,18 +838,45 @@ def read_demographics(path: Path, check_units: bool = False) -> pl.DataFrame:
     duplicated = frame.filter(pl.col("subject").is_duplicated())["subject"].unique().sort().to_list()
     if duplicated:
         raise DataFileError(f"{path} lists these subjects more than once: {duplicated}")
-    findings = demographic_unit_findings(frame.select(DEMOGRAPHIC_FIELDS).to_numpy().astype(np.float64))
-    enforce_units(findings, path, stop=check_units)
+    values = frame.select(DEMOGRAPHIC_FIELDS).to_numpy().astype(np.float64)
+    findings: list[AnyUnitFinding] = list(demographic_unit_findings(values))
+    found = {f.rule for f in findings}
+    per_subject = demographic_subject_unit_findings(values, frame["subject"].to_numpy())
+    enforce_units(findings + [f for f in per_subject if f.rule not in found], path, stop=check_units)
     return frame
 
 
+def check_orientations(orientations: pl.Series, path: Path | str) -> None:
+    """Raise naming every orientation string that is not one of the competition's 4 (a trailing
+    space or another case would leave the orientation unknown to every model that uses it)."""
+    unknown = sorted(set(orientations.drop_nulls().unique().to_list()) - set(ORIENTATIONS))
+    if unknown:
+        raise DataFileError(
+            f"{path} holds orientation strings outside the competition's {len(ORIENTATIONS)} orientations: "
+            f"{unknown}; known orientations: {ORIENTATIONS}. Write them exactly so (spaces and case "
+            "included)"
+        )
+
+
 def check_demographics_cover(subjects: pl.Series, demographics: pl.DataFrame, path: Path | str) -> None:
-    """Raise naming every subject of the sensor file that has no demographics row."""
-    missing = sorted(set(subjects.unique().to_list()) - set(demographics["subject"].to_list()))
+    """Raise naming every subject of the sensor file that has no demographics row (with a hint
+    when some of them match a row once spaces around the ids are stripped)."""
+    listed = demographics["subject"].drop_nulls().to_list()
+    missing = sorted(set(subjects.unique().to_list()) - set(listed))
     if missing:
+        padded = {s.strip(): s for s in listed if s != s.strip()}
+        near = [s for s in missing if s.strip() in padded]
+        hint = (
+            f". {len(near)} of them match a row once spaces around the subject ids are stripped "
+            f"(e.g. {padded[near[0].strip()]!r} for {near[0]!r}): remove the spaces around the subject "
+            f"ids in {path}"
+            if near
+            else ""
+        )
         raise DataFileError(
             f"{len(missing)} subject(s) have no row in {path}: {missing[:10]}"
             + (" ..." if len(missing) > 10 else "")
+            + hint
         )
 
 

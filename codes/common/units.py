@@ -15,18 +15,38 @@ The rules (docs/data.md, "Units"):
 - demographics lengths: the median height is 100-230 cm (metres, millimetres, inches), the
   median shoulder-to-wrist 25-110 cm and elbow-to-wrist 12-70 cm (metres, millimetres).
 
+The same bands are applied per subject too (:func:`subject_unit_findings`): a subject whose own
+median lies in another unit's band (acceleration in g for one subject of six) is named, though
+the file's median is fine. The demographics rules are applied per row, one row per subject.
+
+ToF (:func:`tof_scale_finding`): readings are -1 (no reflection) or 0..254; more than
+``TOF_ABOVE_RANGE_SHARE`` (1%) of the read values above 254 means another scale (all exactly 255:
+255 written for no reflection; else distances in another unit, e.g. x4).
+
 This module only finds; what a finding does (an error in training, a warning in ``predict()``)
 is the caller's: ``codes.common.data_files.enforce_units``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import polars as pl
 
-from codes.common.schema import ACC_COLUMNS, DEMOGRAPHIC_FIELDS, GRAVITY, THM_COLUMNS
+from codes.common.schema import (
+    ACC_COLUMNS,
+    DEMOGRAPHIC_FIELDS,
+    GRAVITY,
+    THM_COLUMNS,
+    TOF_MAX_DISTANCE,
+    TOF_NO_REFLECTION,
+)
+
+TOF_ABOVE_RANGE_SHARE = 0.01  # more read ToF values above 254 than this share: another scale
+_SHOWN_SUBJECTS = 5
 
 
 @dataclass(frozen=True)
@@ -49,6 +69,12 @@ class UnitRule:
     expected: str  # what the median is in ``unit``, in words
     others: tuple[OtherUnit, ...]
     row_norm: bool = False  # the statistic is the norm of each row (all columns read), not each value
+
+    @property
+    def per_subject_statistic(self) -> str:
+        if self.row_norm:
+            return f"median norm of ({', '.join(self.columns)})"
+        return f"median of {', '.join(self.columns)}" if len(self.columns) > 1 else self.columns[0]
 
     @property
     def statistic(self) -> str:
@@ -83,6 +109,67 @@ class UnitFinding:
         names = " or ".join(o.unit for o in self.likely)
         fixes = "; ".join(f"if {o.unit}: {o.fix}" for o in self.likely)
         return f"{rule.quantity} looks recorded in {names}, not {rule.unit}: {seen}. Convert it ({fixes})"
+
+
+@dataclass(frozen=True)
+class SubjectUnitFinding:
+    """Subjects whose own median lies in the band of the ``likely`` units (the file's may not)."""
+
+    rule: UnitRule
+    likely: tuple[OtherUnit, ...]
+    subjects: tuple[str, ...]
+    medians: tuple[float, ...]
+    n_subjects: int  # subjects with a value behind the rule's statistic
+
+    def message(self) -> str:
+        rule = self.rule
+        names = " or ".join(o.unit for o in self.likely)
+        shown = ", ".join(
+            f"{s} ({m:.4g})" for s, m in zip(self.subjects[:_SHOWN_SUBJECTS], self.medians, strict=False)
+        )
+        more = f", ... ({len(self.subjects)} in all)" if len(self.subjects) > _SHOWN_SUBJECTS else ""
+        fixes = "; ".join(f"if {o.unit}: {o.fix}" for o in self.likely)
+        return (
+            f"{rule.quantity} of {len(self.subjects)} of {self.n_subjects} subject(s) looks recorded in "
+            f"{names}, not {rule.unit}: the {rule.per_subject_statistic} of subject{'s' if len(self.subjects) > 1 else ''} "
+            f"{shown}{more}, where "
+            f"{rule.unit} gives {rule.expected}. Convert those subjects' values ({fixes})"
+        )
+
+
+@dataclass(frozen=True)
+class TofScaleFinding:
+    """More than ``TOF_ABOVE_RANGE_SHARE`` of the read ToF values lie above ``TOF_MAX_DISTANCE``."""
+
+    n_values: int
+    n_above: int
+    maximum: float
+    all_255: bool  # every value above the range is exactly TOF_MAX_DISTANCE + 1
+
+    @property
+    def likely(self) -> tuple[str]:
+        if self.all_255:
+            return ("255 written for no reflection",)
+        return ("another scale",)
+
+    def message(self) -> str:
+        seen = (
+            f"{self.n_above:,} of {self.n_values:,} read ToF values ({self.n_above / self.n_values:.1%}) lie "
+            f"above {TOF_MAX_DISTANCE}, the largest distance (readings are {TOF_NO_REFLECTION} for no "
+            f"reflection or 0..{TOF_MAX_DISTANCE}; more than {TOF_ABOVE_RANGE_SHARE:.0%} means another scale)"
+        )
+        if self.all_255:
+            return (
+                f"ToF looks written with 255 for no reflection: {seen}, and all of them are exactly "
+                f"{TOF_MAX_DISTANCE + 1}. The competition writes {TOF_NO_REFLECTION}: replace 255 by "
+                f"{TOF_NO_REFLECTION} in the tof_* columns"
+            )
+        factor = math.ceil(self.maximum / TOF_MAX_DISTANCE)
+        return (
+            f"ToF looks recorded in another scale: {seen}, with values up to {self.maximum:g}. Convert it "
+            f"(divide the tof_* distances by about {factor}, keeping {TOF_NO_REFLECTION} as it is, so that "
+            f"they lie in 0..{TOF_MAX_DISTANCE})"
+        )
 
 
 def _acc(factor: str) -> str:
@@ -180,3 +267,92 @@ def sensor_unit_findings(values: np.ndarray, columns: Sequence[str]) -> list[Uni
 def demographic_unit_findings(values: np.ndarray) -> list[UnitFinding]:
     """:func:`unit_findings` of the length rules on ``(N, 7)`` DEMOGRAPHIC_FIELDS (one row per subject)."""
     return unit_findings(values, DEMOGRAPHIC_FIELDS, DEMOGRAPHIC_UNIT_RULES)
+
+
+def subject_unit_findings(
+    values: np.ndarray,
+    columns: Sequence[str],
+    subjects: Sequence[str] | np.ndarray,
+    rules: Sequence[UnitRule],
+) -> list[SubjectUnitFinding]:
+    """Per rule and likely unit: the subjects whose own median over ``values`` (R, C), columns
+    named ``columns``, rows of ``subjects`` (R,), lies outside the rule's band and inside another
+    unit's (a median that no unit explains is left to :func:`unit_findings`)."""
+    index = {c: i for i, c in enumerate(columns)}
+    subjects = np.asarray(subjects, dtype=object)
+    findings = []
+    for rule in rules:
+        present = [index[c] for c in rule.columns if c in index]
+        if not present or (rule.row_norm and len(present) < len(rule.columns)):
+            continue
+        medians = _subject_medians(values[:, present], subjects, rule)
+        outside = medians.filter((pl.col("median") < rule.typical[0]) | (pl.col("median") > rule.typical[1]))
+        by_units: dict[tuple[OtherUnit, ...], list[tuple[str, float]]] = {}
+        for subject, median in outside.iter_rows():
+            if likely := rule.likely_units(median):
+                by_units.setdefault(likely, []).append((subject, median))
+        for likely, found in by_units.items():
+            findings.append(
+                SubjectUnitFinding(
+                    rule, likely, tuple(s for s, _ in found), tuple(m for _, m in found), medians.height
+                )
+            )
+    return findings
+
+
+def _subject_medians(values: np.ndarray, subjects: np.ndarray, rule: UnitRule) -> pl.DataFrame:
+    """``subject`` and the ``median`` of the rule's statistic over each subject's rows, in
+    subject order (subjects without a finite value are left out)."""
+    values = np.asarray(values, dtype=np.float32)
+    if rule.row_norm:
+        with np.errstate(over="ignore", invalid="ignore"):
+            statistic = np.sqrt((values**2).sum(axis=1))  # NaN where a column is NaN
+        owners = subjects
+    else:
+        statistic = values.reshape(-1)
+        owners = np.repeat(subjects, values.shape[1])
+    return (
+        pl.DataFrame({"subject": pl.Series(owners, dtype=pl.String), "value": statistic})
+        .filter(pl.col("value").is_finite())
+        .group_by("subject")
+        .agg(pl.col("value").median().alias("median"))
+        .sort("subject")
+    )
+
+
+def sensor_subject_unit_findings(
+    values: np.ndarray, columns: Sequence[str], subjects: Sequence[str] | np.ndarray
+) -> list[SubjectUnitFinding]:
+    """:func:`subject_unit_findings` of the sensor rules (acceleration, thermopiles)."""
+    return subject_unit_findings(values, columns, subjects, SENSOR_UNIT_RULES)
+
+
+def demographic_subject_unit_findings(
+    values: np.ndarray, subjects: Sequence[str] | np.ndarray
+) -> list[SubjectUnitFinding]:
+    """:func:`subject_unit_findings` of the length rules on ``(N, 7)`` DEMOGRAPHIC_FIELDS, one row
+    per subject: the bands applied to each subject's own value."""
+    return subject_unit_findings(values, DEMOGRAPHIC_FIELDS, subjects, DEMOGRAPHIC_UNIT_RULES)
+
+
+def tof_scale_finding(tof: pl.DataFrame) -> TofScaleFinding | None:
+    """The :class:`TofScaleFinding` of a frame of ToF columns (integers or floats), or None.
+
+    Read values: neither null nor NaN. The column maxima are taken first: a file whose values
+    all lie in range pays nothing more."""
+    if tof.width == 0 or tof.height == 0:
+        return None
+    maxima = dict(zip(tof.columns, tof.select(pl.all().max()).row(0), strict=True))  # NaN is skipped
+    over = [c for c, m in maxima.items() if m is not None and m > TOF_MAX_DISTANCE]
+    if not over:
+        return None
+    read = [pl.col(c).is_not_null() & ~pl.col(c).cast(pl.Float32).is_nan() for c in tof.columns]
+    above = [(pl.col(c) > TOF_MAX_DISTANCE) & pl.col(c).cast(pl.Float32).is_finite() for c in over]
+    exactly_255 = [pl.col(c) == TOF_MAX_DISTANCE + 1 for c in over]
+    n_values, n_above, n_255 = tof.select(
+        *(pl.sum_horizontal(flags).sum().alias(str(i)) for i, flags in enumerate((read, above, exactly_255)))
+    ).row(0)
+    if n_values == 0 or n_above <= TOF_ABOVE_RANGE_SHARE * n_values:
+        return None
+    largest = max(m for m in maxima.values() if m is not None and m < math.inf)
+    return TofScaleFinding(int(n_values), int(n_above), float(largest), n_255 == n_above)
