@@ -276,6 +276,13 @@ class CsvLayout:
     n_rows: int
     # file line (1-based) of each data row when a quoted field spans lines; None: row i is on line i + 2
     row_lines: np.ndarray | None = None
+    trailing_empty_lines: int = 0  # empty lines after the last row: accepted, not read
+
+    @property
+    def rows_to_read(self) -> int | None:
+        """``n_rows`` for ``pl.read_csv`` when empty lines end the file (polars would read them as
+        rows of nulls); None (the whole file) otherwise."""
+        return self.n_rows if self.trailing_empty_lines else None
 
     def line(self, row: int) -> int:
         return int(row) + 2 if self.row_lines is None else int(self.row_lines[row])
@@ -376,6 +383,8 @@ def check_field_counts(path: Path, n_fields: int) -> CsvLayout:
     has_tail = tail_start < len(data)  # a last line without a final newline
     n_lines = len(newlines) + has_tail  # the header included
     tail_commas = total - (int(before[-1]) if len(before) else 0)
+    n_trailing = 0 if has_tail else _trailing_empty_lines(data, newlines, bad)
+    bad, n_lines = bad[: len(bad) - n_trailing], n_lines - n_trailing
     if len(bad):
         line = int(bad[0])
         start = int(newlines[line - 1]) + 1
@@ -397,7 +406,27 @@ def check_field_counts(path: Path, n_fields: int) -> CsvLayout:
         raise _ragged_line_error(path, n_lines, tail_commas + 1, n_fields, text, "")
     if has_tail:
         logger.warning("%s does not end with a newline: the last value of line %d may be cut", path, n_lines)
-    return CsvLayout(n_rows=max(n_lines - 1, 0))
+    _log_trailing_empty_lines(path, n_trailing)
+    return CsvLayout(n_rows=max(n_lines - 1, 0), trailing_empty_lines=n_trailing)
+
+
+def _trailing_empty_lines(data: np.ndarray, newlines: np.ndarray, bad: np.ndarray) -> int:
+    """How many of the lines ending at ``newlines`` (line k ends at ``newlines[k]``; 0: the
+    header) are empty (nothing, or a lone CR) at the end of the file; ``bad``: the lines with
+    another field count, where every empty line is."""
+    count = 0
+    for line in bad[::-1]:
+        start = int(newlines[line - 1]) + 1
+        text = bytes(data[start : int(newlines[line])])
+        if line != len(newlines) - 1 - count or text not in (b"", b"\r"):
+            break
+        count += 1
+    return count
+
+
+def _log_trailing_empty_lines(path: Path, n_trailing: int) -> None:
+    if n_trailing:
+        logger.info("%s ends with %d empty line(s): not read (they hold no row)", path, n_trailing)
 
 
 def _check_quoted_field_counts(path: Path, n_fields: int) -> CsvLayout:
@@ -406,13 +435,19 @@ def _check_quoted_field_counts(path: Path, n_fields: int) -> CsvLayout:
     with open(path, "rb") as handle:
         handle.seek(-1, 2)
         ends_with_newline = handle.read(1) == b"\n"
-    row_lines = []
+    row_lines, empty_lines = [], []
     with open(path, encoding="utf-8-sig", newline="") as handle:
         reader = csv.reader(handle, strict=True)
         try:
             next(reader)  # the header
             line = reader.line_num + 1
             for record in reader:
+                if not record:  # an empty line: accepted at the end of the file only
+                    empty_lines.append(line)
+                    line = reader.line_num + 1
+                    continue
+                if empty_lines:
+                    raise _ragged_line_error(path, empty_lines[0], 0, n_fields, "", "")
                 if len(record) != n_fields:
                     last = not ends_with_newline and not handle.read(1)
                     if last and len(record) < n_fields:
@@ -426,7 +461,12 @@ def _check_quoted_field_counts(path: Path, n_fields: int) -> CsvLayout:
             ) from error
         except UnicodeDecodeError as error:
             raise (not_utf8_error(path) or MalformedFileError(f"{path}: {error}")) from None
-    return CsvLayout(n_rows=len(row_lines), row_lines=np.asarray(row_lines, dtype=np.int64))
+    _log_trailing_empty_lines(path, len(empty_lines))
+    return CsvLayout(
+        n_rows=len(row_lines),
+        row_lines=np.asarray(row_lines, dtype=np.int64),
+        trailing_empty_lines=len(empty_lines),
+    )
 
 
 # ---------------------------------------------------------------- parsing and row checks
@@ -444,7 +484,12 @@ def _unparsable_value_error(
     else:
         candidates = [c for c, t in dtypes.items() if t.is_numeric()]
     if candidates:
-        raw = pl.read_csv(path, columns=candidates, schema_overrides=dict.fromkeys(candidates, pl.String))
+        raw = pl.read_csv(
+            path,
+            columns=candidates,
+            schema_overrides=dict.fromkeys(candidates, pl.String),
+            n_rows=layout.rows_to_read,
+        )
         for column in candidates:
             values = raw[column]
             unparsable = (
@@ -465,7 +510,7 @@ def _parse_csv(
 ) -> pl.DataFrame:
     """``pl.read_csv`` of checked lines; a value that does not parse is named (file, column, line)."""
     try:
-        frame = pl.read_csv(path, columns=list(columns), schema_overrides=dtypes)
+        frame = pl.read_csv(path, columns=list(columns), schema_overrides=dtypes, n_rows=layout.rows_to_read)
     except pl.exceptions.ComputeError as error:
         raise _unparsable_value_error(path, error, dtypes, layout) from error
     _check_row_count(frame, path, layout)
@@ -653,6 +698,8 @@ def integer_tof_fields(path: Path, header: Sequence[str]) -> bool:
     if not positions or not lines:
         return False
     for line in lines:
+        if line in (b"", b"\r"):  # an empty line at the end (any other is an error)
+            continue
         fields = line.rstrip(b"\r").split(b",")
         if len(fields) != len(header) or not all(_INTEGER_FIELD.fullmatch(fields[i]) for i in positions):
             return False
@@ -697,7 +744,7 @@ def read_sensor_csv(
     if layout.n_rows == 0:
         raise MalformedFileError(f"{path} holds no data rows, only its header line; download it again")
     try:
-        frame = _read_sensor_values(path, header, to_read, dtypes)
+        frame = _read_sensor_values(path, header, to_read, dtypes, layout.rows_to_read)
     except pl.exceptions.ComputeError as error:
         raise _unparsable_value_error(path, error, dtypes, layout) from error
     _check_row_count(frame, path, layout)
@@ -707,20 +754,27 @@ def read_sensor_csv(
 
 
 def _read_sensor_values(
-    path: Path, header: Sequence[str], columns: list[str], dtypes: dict[str, pl.DataType]
+    path: Path,
+    header: Sequence[str],
+    columns: list[str],
+    dtypes: dict[str, pl.DataType],
+    n_rows: int | None = None,
 ) -> pl.DataFrame:
-    """``pl.read_csv`` with int16 ToF when the file writes ToF as integers, else float32 ToF."""
+    """``pl.read_csv`` (of the first ``n_rows`` rows, default all) with int16 ToF when the file
+    writes ToF as integers, else float32 ToF."""
     tof = [c for c in columns if c.startswith("tof_")]
     if tof and integer_tof_fields(path, header):
         try:
-            return pl.read_csv(path, columns=columns, schema_overrides=dtypes | dict.fromkeys(tof, pl.Int16))
+            return pl.read_csv(
+                path, columns=columns, schema_overrides=dtypes | dict.fromkeys(tof, pl.Int16), n_rows=n_rows
+            )
         except pl.exceptions.ComputeError as error:
             if _is_not_utf8(error):
                 raise
             logger.info(
                 "%s: ToF values are not all int16 (%s); reading them as float32", path, str(error)[:200]
             )
-    return pl.read_csv(path, columns=columns, schema_overrides=dtypes)
+    return pl.read_csv(path, columns=columns, schema_overrides=dtypes, n_rows=n_rows)
 
 
 def sensor_columns_to_read(include_thm: bool = True, include_tof: bool = True) -> list[str]:
