@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import polars as pl
@@ -84,8 +85,11 @@ class FeatureSettings:
     def __post_init__(self) -> None:
         if self.tof_mode not in TOF_MODES:
             raise ValueError(f"tof_mode must be one of {TOF_MODES}, got {self.tof_mode!r}")
-        if self.sampling_rate_hz <= 0:
-            raise ValueError(f"sampling_rate_hz must be positive, got {self.sampling_rate_hz}")
+        if not (math.isfinite(self.sampling_rate_hz) and self.sampling_rate_hz > 0):
+            raise ValueError(
+                f"sampling_rate_hz (data.sampling_rate_hz on the train.py command line) must be a finite "
+                f"number > 0 (the rows' rate, 10 for the competition's data), got {self.sampling_rate_hz!r}"
+            )
 
     @property
     def sensor_columns(self) -> list[str]:
@@ -385,6 +389,9 @@ class StepFeatures:
     features: np.ndarray  # (R, F) float32
     step_valid: np.ndarray  # (R,) bool: acc and rot were both read at this step
     feature_present: np.ndarray  # (N, F) bool: the sequence had readings behind the feature
+    # readings taken as missing for lying outside their physical range, per column group
+    # ("acc", "rot", "thm", "tof"; a quaternion counts its read components)
+    impossible_counts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -397,6 +404,8 @@ class SensorBlocks:
     # frame, where the entries of missing frames are arbitrary (tof_missing says which)
     tof: np.ndarray | None
     tof_missing: np.ndarray | None  # (R, 5) bool: ToF sensor k's frame was not read (any pixel)
+    # readings drop_impossible_readings took as missing, per column group (acc, rot, thm, tof)
+    dropped: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_sensors(cls, sensors: np.ndarray | pl.DataFrame, settings: FeatureSettings) -> SensorBlocks:
@@ -462,7 +471,7 @@ class SensorBlocks:
         The rule of :func:`impossible_readings`: acc components and thermopiles become NaN, a
         quaternion out of range becomes NaN as a whole, a ToF pixel out of range marks its
         sensor's frame missing (``tof_missing``), as a null pixel does. Values inside the ranges
-        are untouched.
+        are untouched. The count of readings dropped per group goes to ``dropped``.
         """
         acc_cols = _positions(tuple(IMU_COLUMNS), tuple(ACC_COLUMNS))
         rot_cols = _positions(tuple(IMU_COLUMNS), tuple(ROT_COLUMNS))
@@ -470,14 +479,17 @@ class SensorBlocks:
             acc = self.imu[:, acc_cols]
             bad = acc_out_of_range(acc)
             if bad.any():
+                self.dropped["acc"] = int(np.count_nonzero(bad))
                 acc[bad] = np.nan
                 self.imu[:, acc_cols] = acc
             bad_rows = quaternion_out_of_range(self.imu[:, rot_cols])
             if bad_rows.any():
+                self.dropped["rot"] = int(np.count_nonzero(~np.isnan(self.imu[np.ix_(bad_rows, rot_cols)])))
                 self.imu[np.ix_(bad_rows, rot_cols)] = np.nan
             if self.thm is not None:
                 bad = thm_out_of_range(self.thm)
                 if bad.any():
+                    self.dropped["thm"] = int(np.count_nonzero(bad))
                     self.thm[bad] = np.nan
             if self.tof is None or self.tof.size == 0:
                 return self
@@ -488,6 +500,7 @@ class SensorBlocks:
             bad = tof_out_of_range(self.tof)
         if not bad.any():
             return self
+        self.dropped["tof"] = int(np.count_nonzero(bad))
         if self.tof.dtype.kind == "f":
             self.tof[bad] = np.nan
         frames = np.stack(
@@ -559,12 +572,13 @@ def compute_step_features(
     cuts = np.searchsorted(offsets, np.arange(PIECE_ROWS, n_rows, PIECE_ROWS))
     bounds = np.unique(np.concatenate([[0], cuts, [len(offsets) - 1]]))
 
-    def run(first: int, last: int) -> None:
-        """Sequences ``first:last`` into their rows of ``result``."""
+    def run(first: int, last: int) -> dict[str, int]:
+        """Sequences ``first:last`` into their rows of ``result``; the readings dropped as impossible."""
         start, end = int(offsets[first]), int(offsets[last])
         part = sensors.slice(start, end - start) if isinstance(sensors, pl.DataFrame) else sensors[start:end]
+        blocks = SensorBlocks.from_sensors(part, settings).drop_impossible_readings()
         _compute_piece(
-            SensorBlocks.from_sensors(part, settings).drop_impossible_readings(),
+            blocks,
             offsets[first : last + 1] - start,
             left_handed[first:last],
             settings,
@@ -573,15 +587,19 @@ def compute_step_features(
                 result.features[start:end], result.step_valid[start:end], result.feature_present[first:last]
             ),
         )
+        return blocks.dropped
 
     pieces = [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
     if n_threads > 1 and len(pieces) > 1:
         with ThreadPoolExecutor(max_workers=n_threads) as pool:
-            for future in [pool.submit(run, first, last) for first, last in pieces]:
-                future.result()
+            dropped = [
+                future.result() for future in [pool.submit(run, first, last) for first, last in pieces]
+            ]
     else:
-        for first, last in pieces:
-            run(first, last)
+        dropped = [run(first, last) for first, last in pieces]
+    for counts in dropped:
+        for group, count in counts.items():
+            result.impossible_counts[group] = result.impossible_counts.get(group, 0) + count
     return result
 
 

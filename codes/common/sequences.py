@@ -171,6 +171,7 @@ def build_sequence_table(
     settings: FeatureSettings,
     demographics_source: str = "the demographics",
     keep_sensors: bool = False,
+    sensor_source: str | None = None,
 ) -> SequenceTable:
     """Features of every sequence of a train- or test-format frame.
 
@@ -179,7 +180,9 @@ def build_sequence_table(
     gesture and orientation (another value on a later row raises ``DataFileError`` naming the
     sequence). ``demographics`` must cover every subject; a field outside its range is unknown
     (NaN, with a warning: ``codes.common.demographics``). ``keep_sensors`` keeps the raw sensor
-    rows (``SequenceTable.sensors``).
+    rows (``SequenceTable.sensors``). With ``sensor_source`` (the file the frame was read from),
+    one warning counts the readings taken as missing for lying outside their physical range, per
+    column group (:func:`warn_about_impossible_readings`).
     """
     check_columns(
         Path("<frame>"),
@@ -213,6 +216,8 @@ def build_sequence_table(
     # float32 as the CSV reader gives; integer ToF columns (the reader's int16) are kept
     sensors = pl.DataFrame([_as_sensor_values(frame.get_column(c)) for c in settings.sensor_columns])
     step = compute_step_features(sensors, offsets, left_handed, settings)
+    if sensor_source is not None:
+        warn_about_impossible_readings(step.impossible_counts, sensor_source)
     names, groups = feature_layout(settings)
 
     if "gesture" in frame.columns:
@@ -235,6 +240,25 @@ def build_sequence_table(
         feature_names=names,
         feature_groups=groups,
         sensors=sensor_rows(sensors) if keep_sensors else None,
+    )
+
+
+IMPOSSIBLE_READING_GROUPS = ("acc", "rot", "thm", "tof")
+
+
+def warn_about_impossible_readings(counts: dict[str, int], source: str) -> None:
+    """One warning with the count of readings of ``source`` taken as missing for lying outside
+    their physical range (``features.impossible_readings``), per column group; none when there
+    are none."""
+    total = sum(counts.values())
+    if not total:
+        return
+    logger.warning(
+        "%s: %s sensor value(s) are physically impossible, taken as missing (%s; the ranges: "
+        "docs/data.md, Per-step features)",
+        source,
+        f"{total:,}",
+        ", ".join(f"{group} {counts.get(group, 0):,}" for group in IMPOSSIBLE_READING_GROUPS),
     )
 
 
@@ -379,7 +403,12 @@ def load_sequence_table(
         cache_path = cache_dir / f"{split}-{key}.npz"
     demographics = read_demographics(demographics_path, check_units=check_units and split == "train")
     table = build_sequence_table(
-        frame, demographics, settings, f"{demographics_path} (subjects of {sensor_path})", keep_sensors
+        frame,
+        demographics,
+        settings,
+        f"{demographics_path} (subjects of {sensor_path})",
+        keep_sensors,
+        sensor_source=str(sensor_path),
     )
     logger.info(
         "built %s sequences of %s in %.2f s",
