@@ -319,3 +319,42 @@ def test_the_run_table_reads_running_or_stopped_from_the_run_folder_lock(tmp_pat
         holder.wait()
     os.utime(run_dir / "train.log", (now - 60, now - 60))  # it wrote a minute ago, then died
     assert status_of(tmp_path / "outputs", now) == "stopped"
+
+
+# ---- sweep findings
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("trainer.epochs=0", r"trainer\.epochs=0 must be a whole number >= 1"),
+        ("trainer.batch_size=0", r"trainer\.batch_size=0 must be a whole number >= 1"),
+        ("data.max_len=0", r"data\.max_len=0 must be a whole number >= 1"),
+        (
+            "data.folds=[]",
+            r"data\.folds=\[\] names no fold to train; leave data\.folds null to train every fold",
+        ),
+    ],
+)
+def test_a_setting_that_leaves_nothing_to_train_is_refused_before_the_run_folder_is_made(
+    tmp_path, override, named
+):
+    data = write_toy_data(tmp_path / "data")
+    with pytest.raises(ValueError, match=named):
+        run_training(data, tmp_path / "outputs", "r", override)
+    assert not (tmp_path / "outputs").exists()  # no run folder: the run table shows no stopped run
+
+
+def test_noisebert_pretraining_refuses_a_batch_size_of_zero_before_the_run_folder_is_made(tmp_path):
+    from codes.noisebert.pretrain import pretrain
+    from tests.test_noisebert_model import pretrain_config
+
+    data = write_toy_data(tmp_path / "data")
+    with pytest.raises(ValueError, match=r"trainer\.batch_size=0 must be a whole number >= 1"):
+        pretrain(pretrain_config(data, tmp_path / "outputs", "trainer.batch_size=0", "run_name=p"))
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_an_empty_fold_choice_is_refused_by_the_fold_check():
+    from codes.common.folds import check_selected_folds
+
+    with pytest.raises(ValueError, match=r"leave data\.folds null to train every fold"):
+        check_selected_folds(np.array([0, 1, 0, 1]), [], "data.n_folds=2")

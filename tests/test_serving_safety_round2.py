@@ -357,3 +357,107 @@ def test_the_allocator_switch_reads_the_same_spellings(value, applied):
         )
     else:
         assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr[-2000:]
+
+
+# ---- sweep findings
+def served_frames(served_data_dir: Path) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """test.csv's two sequences (SEQ_1, SEQ_2) and the demographics."""
+    test = pl.read_csv(served_data_dir / "test.csv")
+    demographics = pl.read_csv(served_data_dir / "test_demographics.csv")
+    return (
+        test.filter(pl.col("sequence_id") == "SEQ_1"),
+        test.filter(pl.col("sequence_id") == "SEQ_2"),
+        demographics,
+    )
+
+
+def test_predict_given_two_sequences_answers_the_first_one_and_names_both(run_dir, served_data_dir, caplog):
+    first, second, demographics = served_frames(served_data_dir)
+    alone = load(run_dir).predict_probabilities(first, demographics)
+    with caplog.at_level(logging.WARNING):
+        mixed = load(run_dir).predict_probabilities(pl.concat([first, second]), demographics)
+    [warning] = [r.getMessage() for r in caplog.records if "sequence_ids" in r.getMessage()]
+    assert "2 sequence_ids (SEQ_1, SEQ_2)" in warning and "answering SEQ_1" in warning
+    assert "sequence_counter order" not in caplog.text  # the rows of SEQ_2 are not sorted in
+    assert abs(mixed - alone).max() < 1e-5
+    with pytest.raises(DataFileError, match=r"2 sequence_ids \(SEQ_1, SEQ_2\).*one sequence_id per call"):
+        load(run_dir, strict=True).predict_probabilities(pl.concat([first, second]), demographics)
+
+
+def write_served_test(served_data_dir: Path, frame: pl.DataFrame) -> None:
+    (served_data_dir / "test.csv").unlink()
+    frame.write_csv(served_data_dir / "test.csv", null_value="")
+
+
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_batch_mode_refuses_rows_without_a_sequence_id_naming_their_lines(
+    run_dir, served_data_dir, tmp_path, empty
+):
+    first, second, _ = served_frames(served_data_dir)
+    second = second.with_columns(pl.when(pl.col("sequence_counter") < 3).then(pl.lit(empty)).otherwise(
+        pl.col("sequence_id")).alias("sequence_id"))  # fmt: skip
+    write_served_test(served_data_dir, pl.concat([first, second]))
+    lines = [first.height + 2, first.height + 3, first.height + 4]  # rows 40-42 (header: line 1)
+    with pytest.raises(DataFileError) as raised:
+        batch(run_dir, served_data_dir, tmp_path / "submission.csv")
+    message = str(raised.value)
+    assert str(served_data_dir / "test.csv") in message
+    assert f"3 row(s) have no sequence_id, on lines {lines[0]}, {lines[1]} and {lines[2]}" in message
+    assert "cannot be submitted" in message and "Fill in the sequence_id" in message
+    assert not (tmp_path / "submission.csv").exists()
+
+
+def test_batch_mode_names_a_sequence_id_that_two_recordings_share(run_dir, served_data_dir, tmp_path, caplog):
+    first, second, _ = served_frames(served_data_dir)
+    write_served_test(served_data_dir, pl.concat([first, second.with_columns(sequence_id=pl.lit("SEQ_1"))]))
+    from codes.inference.batch import run_batch
+
+    with caplog.at_level(logging.WARNING):
+        run_batch(load(run_dir), served_data_dir, tmp_path / "submission.csv")
+    [warning] = [r.getMessage() for r in caplog.records if "repeat sequence_counter" in r.getMessage()]
+    assert "SEQ_1 (counters 0, 1, 2, 3, 4, 5, 6, 7, ...; 40 in all)" in warning  # SEQ_1 has 40 rows
+    assert "answered as one sequence" in warning
+    assert pl.read_csv(tmp_path / "submission.csv")["sequence_id"].to_list() == ["SEQ_1"]
+
+
+def test_batch_mode_refuses_a_batch_size_below_one_before_loading(run_dir, served_data_dir, tmp_path):
+    from codes.inference.batch import run_batch
+
+    argv = [f"run_dir={run_dir}", f"data={served_data_dir}", f"output={tmp_path / 's.csv'}", "batch_size=0"]
+    with pytest.raises(ValueError, match=r"batch_size=0: .* whole number >= 1"):
+        batch_main(lambda *a, **k: pytest.fail("the folds were loaded"), EXP, argv)
+    with pytest.raises(ValueError, match=r"batch_size=-3"):
+        run_batch(load(run_dir), served_data_dir, tmp_path / "s.csv", batch_size=-3)
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_batch_mode_help_lists_the_settings_and_an_unknown_key_is_one_line(capsys):
+    with pytest.raises(SystemExit) as raised:
+        batch_main(inference_module().load_predictor, EXP, ["--help"])
+    assert raised.value.code == 0
+    usage = capsys.readouterr().out
+    assert f"codes/exp/{EXP}/inference.py run_dir=" in usage and "example:" in usage
+    assert "batch_size=64" in usage and "folds=null" in usage and "quantize=false" in usage
+    errors = {}
+    for argv, named in ((["dat=synthetic"], "unknown setting 'dat'"), (["batch_size=many"], "batch_size")):
+        with pytest.raises(SystemExit) as raised:
+            batch_main(inference_module().load_predictor, EXP, argv)
+        assert raised.value.code == 2
+        errors[named] = capsys.readouterr().err.strip()
+        assert "\n" not in errors[named] and named in errors[named] and "Traceback" not in errors[named]
+    assert "the settings are run_dir, data, output, device, batch_size" in errors["unknown setting 'dat'"]
+
+
+def test_the_batch_module_help_points_to_the_experiments_inference_script():
+    result = subprocess.run(
+        [sys.executable, "-m", "codes.inference.batch", "--help"],
+        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "codes/exp/<exp>/inference.py" in result.stdout and "batch_size=64" in result.stdout
+
+
+def test_serving_folds_naming_a_fold_twice_is_refused(run_dir):
+    with pytest.raises(ValueError, match=r"folds=\[0, 0\] names fold 0 more than once.*name each fold once"):
+        load(run_dir, folds=[0, 0])
+    assert load(run_dir, folds=[1, 0]).folds == [1, 0]

@@ -101,11 +101,22 @@ def _check_file_folds(path: Path, used: list[int]) -> None:
         )
 
 
+def check_folds_setting(selected: Sequence[int] | None) -> None:
+    """``data.folds`` as a setting, before any data is read: None (every fold) or a non-empty list;
+    else a ``ValueError`` saying what to do."""
+    if selected is not None and len(selected) == 0:
+        raise ValueError(
+            "data.folds=[] names no fold to train; leave data.folds null to train every fold, or name "
+            "the folds (e.g. data.folds=[0])"
+        )
+
+
 def check_selected_folds(folds: np.ndarray, selected: Sequence[int] | None, source: str) -> list[int]:
     """The folds to train: ``selected`` (``data.folds``; None = every fold 0..k-1), each checked to be
     a fold of ``folds`` (the fold of every sequence, from ``source``: the fold file or the settings)
     with sequences both to validate and to train on; else a ``ValueError`` naming the fold, the
     setting and what to do."""
+    check_folds_setting(selected)
     folds = np.asarray(folds, dtype=np.int64)
     n_folds = int(folds.max()) + 1
     counts = np.bincount(folds, minlength=n_folds)

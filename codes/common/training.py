@@ -50,7 +50,7 @@ from codes.common.distributed import (
 )
 from codes.common.ema import WarmupEMA
 from codes.common.features import FeatureSettings
-from codes.common.folds import FOLD_FILE, check_selected_folds, data_folds
+from codes.common.folds import FOLD_FILE, check_folds_setting, check_selected_folds, data_folds
 from codes.common.machine import apply_num_threads, autocast, autocast_dtype
 from codes.common.metric import binary_f1, competition_score, macro_f1
 from codes.common.plots import plot_confusion_matrix, plot_fold_curves
@@ -78,6 +78,7 @@ __all__ = [
     "NonFiniteLossError",
     "TrainingInterrupted",
     "build_ema",
+    "check_run_settings",
     "end_epoch",
     "fold_predictions",
     "initialise_from",
@@ -519,6 +520,23 @@ def average_seed_members(members: list[dict]) -> dict:
     }
 
 
+POSITIVE_SETTINGS = ("trainer.epochs", "trainer.batch_size", "data.max_len")  # each a whole number >= 1
+
+
+def check_run_settings(cfg: DictConfig) -> None:
+    """Refuse, before a run folder is made, settings that would only fail later with an unclear
+    error and leave a ``stopped`` run behind: :data:`POSITIVE_SETTINGS` below 1 (or not whole
+    numbers) and ``data.folds=[]`` (:func:`~codes.common.folds.check_folds_setting`). A
+    ``ValueError`` names the setting and what to do. Keys the config lacks are not checked."""
+    for key in POSITIVE_SETTINGS:
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key}={value!r} must be a whole number >= 1; set {key}=<n> with n >= 1")
+    check_folds_setting(OmegaConf.select(cfg, "data.folds"))
+
+
 def run_kfold(
     cfg: DictConfig,
     train_fold: TrainFold,
@@ -536,6 +554,7 @@ def run_kfold(
     rows (``SequenceTable.sensors``) for features computed per batch from augmented signals.
     """
     started = time.perf_counter()
+    check_run_settings(cfg)
     apply_num_threads(cfg.machine.num_threads)
     context = init_distributed(cfg.machine.device, cfg.machine.distributed_timeout_s)
     try:

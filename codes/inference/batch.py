@@ -34,7 +34,7 @@ from codes.common.data_source import DATA_SOURCES, resolve_data_dir
 from codes.common.folds import FOLD_FILE
 from codes.common.metric import competition_score
 from codes.common.schema import GESTURES
-from codes.inference.predictor import EnsemblePredictor
+from codes.inference.predictor import EnsemblePredictor, check_batch_size
 from codes.inference.subject_assignment import SubjectAssignment
 
 logger = logging.getLogger(__name__)
@@ -218,13 +218,16 @@ def run_batch(
     ``causal`` (what is written) and ``offline`` (each subject's whole test set at once, which
     the gateway cannot do).
     """
+    check_batch_size(batch_size)
     data_dir = Path(data_dir)
     check_output_path(output, data_dir, run_dir)
     settings = predictor.settings
     frame = read_test(data_dir, include_thm=settings.use_thm, include_tof=settings.tof_mode != "none")
     demographics = read_demographics(data_dir / TEST_DEMOGRAPHICS_FILE)
     labels = read_labels(data_dir, frame["sequence_id"])  # checked before anything is written
-    predictions = predictor.predict_frame(frame, demographics, batch_size=batch_size)
+    predictions = predictor.predict_frame(
+        frame, demographics, batch_size=batch_size, source=str(data_dir / TEST_FILE)
+    )
     variants = {"plain": predictions}
     if predictor.subject_assignment is not None:
         subject_of = dict(
@@ -263,3 +266,17 @@ def run_batch(
         )
     print("competition score: " + ", ".join(parts))
     return scores
+
+
+if __name__ == "__main__":
+    import sys
+
+    from codes.inference.experiment import batch_usage
+
+    asked = bool({"-h", "--help"} & set(sys.argv[1:]))
+    print(
+        "batch mode runs through an experiment's inference.py (it builds that experiment's model):\n"
+        + batch_usage("<exp>"),
+        file=sys.stdout if asked else sys.stderr,
+    )
+    raise SystemExit(0 if asked else 2)

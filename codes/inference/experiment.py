@@ -12,8 +12,9 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
@@ -23,7 +24,7 @@ from codes.common.machine import apply_num_threads, autocast_dtype
 from codes.common.protocol import PROTOCOL_FILE, read_capacities
 from codes.common.runs import REPO_ROOT, setup_logging
 from codes.inference.batch import SUBMISSION_FILE, resolve_test_dir, run_batch
-from codes.inference.predictor import EnsemblePredictor, FoldMember, quantize_for_cpu
+from codes.inference.predictor import EnsemblePredictor, FoldMember, check_batch_size, quantize_for_cpu
 from codes.inference.run_folder import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -38,6 +39,9 @@ from codes.inference.run_folder import (
     weights_mismatch,
 )
 from codes.inference.subject_assignment import SubjectAssignment
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 logger = logging.getLogger(__name__)
 
@@ -199,32 +203,111 @@ def load_run_predictor(
 class InferenceConfig:
     """Batch mode's command-line settings (``key=value``, as in training)."""
 
-    run_dir: str = ""
-    data: str = "auto"  # auto | competition | synthetic | a folder with test.csv, test_demographics.csv
-    output: str = ""  # default: <run_dir>/submission.csv
-    device: str = "auto"
-    batch_size: int = 64
-    folds: list[int] | None = None  # default: every trained fold
-    num_threads: int | None = None  # torch CPU threads; default: torch's own choice
-    subject_aware: bool | None = None  # None: on when the run folder has protocol.json
-    overflow_penalty: float = math.inf  # nats per sequence beyond a gesture's per-subject count
-    order_seed: int = 0  # the shuffled order the sequences are served in (as the gateway does)
-    quantize: bool = False  # CPU: int8 Linear layers (faster, slightly different probabilities)
-    fold_threads: int = 1  # fold models run at once for a single sequence (predict(); not batch mode)
-    precision: str | None = None  # None = training's rule; bf16 | fp32 to force autocast on or off
+    run_dir: str = field(default="", metadata={"help": "the run folder train.py wrote (required)"})
+    data: str = field(
+        default="auto",
+        metadata={
+            "help": "auto | competition | synthetic | a folder with test.csv and test_demographics.csv"
+        },
+    )
+    output: str = field(
+        default="", metadata={"help": "the submission file to write (default: <run_dir>/submission.csv)"}
+    )
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:<k>"})
+    batch_size: int = field(
+        default=64, metadata={"help": "sequences predicted at once (a whole number >= 1)"}
+    )
+    folds: list[int] | None = field(
+        default=None, metadata={"help": "the folds to serve, e.g. [0,1] (default: every trained fold)"}
+    )
+    num_threads: int | None = field(
+        default=None, metadata={"help": "torch CPU threads (default: torch's own choice)"}
+    )
+    subject_aware: bool | None = field(
+        default=None,
+        metadata={"help": "answer with the subject's earlier sequences (default: off; needs protocol.json)"},
+    )
+    overflow_penalty: float = field(
+        default=math.inf,
+        metadata={"help": "subject-aware: nats per sequence beyond a gesture's per-subject count"},
+    )
+    order_seed: int = field(
+        default=0, metadata={"help": "the shuffled order the sequences are served in (as the gateway does)"}
+    )
+    quantize: bool = field(
+        default=False, metadata={"help": "CPU: int8 Linear layers (faster, slightly different probabilities)"}
+    )
+    fold_threads: int = field(
+        default=1,
+        metadata={"help": "fold models run at once for a single sequence (predict(); not batch mode)"},
+    )
+    precision: str | None = field(
+        default=None, metadata={"help": "training's rule when unset; bf16 | fp32 to force autocast on or off"}
+    )
+
+
+def batch_usage(exp_name: str) -> str:
+    """The ``--help`` text of batch mode: every setting with its default, and an example."""
+    settings = [(f.name, _cli_value(f.default), f.metadata["help"]) for f in fields(InferenceConfig)]
+    width = max(len(f"{name}={default}") for name, default, _ in settings)
+    lines = [
+        f"usage: python codes/exp/{exp_name}/inference.py run_dir=outputs/{exp_name}/<run> [key=value ...]",
+        "",
+        "settings (key=default):",
+        *(f"  {f'{name}={default}':<{width}}  {text}" for name, default, text in settings),
+        "",
+        "example:",
+        f"  python codes/exp/{exp_name}/inference.py run_dir=outputs/{exp_name}/<run> data=synthetic "
+        "device=cpu folds=[0,1] output=submission.csv",
+    ]
+    return "\n".join(lines)
+
+
+def _cli_value(value: Any) -> str:
+    """A default as it is typed on the command line (null, true/false)."""
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def parse_batch_arguments(args: Sequence[str], exp_name: str) -> DictConfig:
+    """The :class:`InferenceConfig` of ``key=value`` arguments. ``-h`` / ``--help`` prints
+    :func:`batch_usage` and exits 0; an argument that is no ``key=value`` of a known setting, or a
+    value of the wrong type, is a one-line error naming it (with the valid keys) and exit code 2."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if {"-h", "--help"} & set(args):
+        print(batch_usage(exp_name))
+        raise SystemExit(0)
+    valid = [f.name for f in fields(InferenceConfig)]
+    for argument in args:
+        key = argument.split("=", 1)[0]
+        if "=" not in argument or key not in valid:
+            what = f"unknown setting {key!r}" if "=" in argument else f"{argument!r} is not key=value"
+            _usage_error(f"{what}; the settings are {', '.join(valid)} (--help lists their defaults)")
+    try:
+        return OmegaConf.merge(OmegaConf.structured(InferenceConfig), OmegaConf.from_cli(list(args)))
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None)
+        where = f"{key}: " if key else ""
+        _usage_error(f"{where}{str(error).splitlines()[0]} (--help lists the settings and their defaults)")
+
+
+def _usage_error(message: str) -> NoReturn:
+    print(f"inference.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def batch_main(
     load_predictor: Callable[..., EnsemblePredictor], exp_name: str, argv: Sequence[str] | None = None
 ) -> dict | None:
     """Batch mode of an experiment's ``inference.py``: test.csv -> submission.csv (+ the score)."""
-    from omegaconf import OmegaConf
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    cfg = OmegaConf.merge(OmegaConf.structured(InferenceConfig), OmegaConf.from_cli(args))
+    cfg = parse_batch_arguments(list(sys.argv[1:] if argv is None else argv), exp_name)
     setup_logging(None)
     if not cfg.run_dir:
         raise SystemExit(f"run_dir=outputs/{exp_name}/<run> is required (a folder train.py wrote)")
+    check_batch_size(cfg.batch_size)  # before the folds load
     run_dir = Path(cfg.run_dir)
     predictor = load_predictor(
         run_dir,

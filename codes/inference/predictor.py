@@ -34,7 +34,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from codes.common.data_files import DataFileError
+from codes.common.data_files import CsvLayout, DataFileError
 from codes.common.demographics import out_of_range_demographics
 from codes.common.features import (
     FeatureSettings,
@@ -134,6 +134,59 @@ def refuse_duplicate_columns(columns: Sequence[str], name: str) -> None:
             f"{name} names these columns more than once: {', '.join(duplicated[:20])}; which one holds "
             "the values cannot be told. Pass a frame with each column once (e.g. the columns of test.csv)"
         )
+
+
+def check_batch_size(batch_size: object) -> int:
+    """``batch_size`` as a whole number >= 1, else a ``ValueError`` naming the setting."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
+        raise ValueError(
+            f"batch_size={batch_size!r}: the sequences predicted at once must be a whole number >= 1 "
+            "(e.g. batch_size=64, the default)"
+        )
+    return int(batch_size)
+
+
+def refuse_rows_without_sequence_id(frame: pl.DataFrame, source: str) -> None:
+    """A :class:`DataFileError` naming the lines of ``source`` (row + 2: the header is line 1)
+    whose ``sequence_id`` is empty (null or blank): an answer without an id cannot be submitted,
+    and two such sequences would be merged into one."""
+    if "sequence_id" not in frame.columns:
+        raise InputColumnsError(f"{source} lacks the column sequence_id")
+    ids = frame["sequence_id"].cast(pl.String)
+    rows = (ids.is_null() | (ids.str.strip_chars() == "")).arg_true().to_numpy()
+    if len(rows):
+        raise DataFileError(
+            f"{source}: {len(rows)} row(s) have no sequence_id, on {CsvLayout(frame.height).lines(rows)} "
+            "(line 1 is the header); an answer without a sequence_id cannot be submitted. Fill in the "
+            "sequence_id of those rows (each recording's own id), or remove them"
+        )
+
+
+def _warn_about_repeated_counters(frame: pl.DataFrame) -> None:
+    """Name each sequence of ``frame`` (Int64 ``sequence_counter``) in which a counter value repeats
+    (two recordings under one ``sequence_id``?): its rows are answered as one sequence."""
+    counters = pl.col("sequence_counter")
+    repeated = (
+        frame.select("sequence_id", counters)
+        .filter(counters.is_not_null() & pl.struct("sequence_id", counters).is_duplicated())
+        .group_by("sequence_id", maintain_order=True)
+        .agg(counters.unique().sort())
+    )
+    if repeated.is_empty():
+        return
+    shown = [
+        f"{sequence_id} (counters {', '.join(map(str, values[:8]))}{', ...' if len(values) > 8 else ''}"
+        f"{f'; {len(values)} in all' if len(values) > 8 else ''})"
+        for sequence_id, values in repeated.head(10).iter_rows()
+    ]
+    logger.warning(
+        "%d sequence_id(s) repeat sequence_counter values, as if two recordings shared the id: %s%s. "
+        "Their rows are merged in counter order and answered as one sequence (one answer per "
+        "sequence_id); give each recording its own sequence_id",
+        repeated.height,
+        "; ".join(shown),
+        "; ..." if repeated.height > 10 else "",
+    )
 
 
 def _pandas_column(column, name: str) -> pl.Series:
@@ -260,6 +313,7 @@ class EnsemblePredictor:
         """The probabilities of one sequence (None: the fallback) and its table (None when none was built)."""
         sequence = as_polars_frame(sequence, "the sequence")
         self.check_columns(sequence.columns)
+        sequence = self._first_sequence_only(sequence)
         sequence_id = self._sequence_id(sequence)
         if sequence.height == 0:
             logger.warning("sequence %s has no rows: answering %r", sequence_id, FALLBACK_GESTURE)
@@ -290,6 +344,27 @@ class EnsemblePredictor:
                 f"the sequence frame lacks {len(missing)} column(s) the model needs: {shown}. "
                 "Pass the rows with the columns of test.csv."
             )
+
+    def _first_sequence_only(self, sequence: pl.DataFrame) -> pl.DataFrame:
+        """The rows of the first row's ``sequence_id`` when the frame holds several ids (warned
+        about; ``strict=True`` raises a :class:`DataFileError` instead): one answer is one sequence,
+        and the rows of two sequences must not be interleaved into it."""
+        if "sequence_id" not in sequence.columns or sequence.height < 2:
+            return sequence
+        ids = sequence["sequence_id"].cast(pl.String)
+        distinct = ids.unique(maintain_order=True)
+        if len(distinct) < 2:
+            return sequence
+        shown = ", ".join(str(i) for i in distinct.head(5).to_list()) + (", ..." if len(distinct) > 5 else "")
+        message = (
+            f"the sequence frame holds {len(distinct)} sequence_ids ({shown}); predict() answers one "
+            "sequence: pass the rows of one sequence_id per call"
+        )
+        if self.strict:
+            raise DataFileError(message)
+        first = distinct[0]
+        logger.warning("%s (answering %s from its own rows only)", message, first)
+        return sequence.filter(ids.eq_missing(first))
 
     @staticmethod
     def _sequence_id(sequence: pl.DataFrame) -> str:
@@ -597,6 +672,7 @@ class EnsemblePredictor:
         for column in ("sequence_id", "sequence_counter", "subject"):
             if column not in frame.columns:
                 raise InputColumnsError(f"the test frame lacks the column {column}")
+        refuse_rows_without_sequence_id(frame, "the test frame")
         frame = frame.with_columns(
             *self.float32_sensors(frame),
             pl.col("sequence_id").cast(pl.String),
@@ -614,6 +690,7 @@ class EnsemblePredictor:
         frame = self._frame_in_counter_order(frame).with_columns(
             pl.col("subject").first().over("sequence_id")
         )
+        _warn_about_repeated_counters(frame)
         demographics = self._frame_demographics(demographics, frame["subject"])
         return build_sequence_table(frame, demographics, self.settings, "the demographics")
 
@@ -710,7 +787,11 @@ class EnsemblePredictor:
         return demographics
 
     def predict_frame(
-        self, frame: pl.DataFrame, demographics: pl.DataFrame | None, batch_size: int = 64
+        self,
+        frame: pl.DataFrame,
+        demographics: pl.DataFrame | None,
+        batch_size: int = 64,
+        source: str = "the test frame",
     ) -> pl.DataFrame:
         """Every sequence of a test-format frame: ``sequence_id``, ``gesture``, ``imu_only`` and the
         18 ``prob_<gesture>`` columns, in the frame's sequence order.
@@ -718,13 +799,17 @@ class EnsemblePredictor:
         The rules of :meth:`predict`; a sequence that cannot be answered gets
         :data:`FALLBACK_GESTURE` (NaN probabilities) with a warning naming it, never a failure
         of the whole frame: when the whole frame's features or models fail, its sequences are
-        answered one at a time (with ``strict=True`` the failure raises instead).
+        answered one at a time (with ``strict=True`` the failure raises instead). Rows without a
+        ``sequence_id`` are a :class:`DataFileError` naming their lines of ``source`` (the file
+        the frame was read from): their answer could not be submitted.
         """
+        check_batch_size(batch_size)
         frame = as_polars_frame(frame, "the test frame")
         if demographics is None:
             demographics = pl.DataFrame(schema={"subject": pl.String})  # every subject unknown
         demographics = as_polars_frame(demographics, "the demographics")
         self.check_columns(frame.columns)
+        refuse_rows_without_sequence_id(frame, source)
         if frame.height == 0:
             logger.warning("the test frame holds no rows: no predictions")
             return self._result_frame(

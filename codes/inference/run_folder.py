@@ -319,6 +319,12 @@ def select_folds(run_dir: Path, folds: Iterable[int] | None = None) -> list[int]
     wanted = [int(k) for k in folds]
     if not wanted:
         raise ValueError("folds must name at least one fold")
+    twice = sorted({k for k in wanted if wanted.count(k) > 1})
+    if twice:
+        raise ValueError(
+            f"folds={wanted} names fold {', '.join(map(str, twice))} more than once, which would weigh "
+            "it twice in the ensemble; name each fold once"
+        )
     broken = [incomplete[k] for k in wanted if k in incomplete]
     if broken:
         raise RunFolderError(f"{run_dir}: {'; '.join(broken)}; the complete folds are {available}")

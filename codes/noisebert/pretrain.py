@@ -59,7 +59,7 @@ from codes.common.runs import (
     write_json_atomically,
 )
 from codes.common.sequences import FeatureNormalizer, SequenceTable, load_sequence_table
-from codes.common.training import place_model
+from codes.common.training import check_run_settings, place_model
 from codes.noisebert.config import register_configs
 from codes.noisebert.dataset import MaskingConfig, NoiseBERTDataset
 from codes.noisebert.loss import (
@@ -279,6 +279,7 @@ def run_epoch(
 
 def pretrain(cfg: DictConfig, overrides: list[str] | None = None) -> dict | None:
     """The whole run; returns the metrics written to metrics.json (on rank 0; None elsewhere)."""
+    check_run_settings(cfg)  # before the run folder is made
     apply_num_threads(cfg.machine.num_threads)
     context = init_distributed(cfg.machine.device, cfg.machine.distributed_timeout_s)
     try:
