@@ -392,3 +392,168 @@ def test_fitting_the_normaliser_on_imu_only_data_warns_nothing_and_keeps_the_imu
     others = table.feature_groups["thm"] + table.feature_groups["tof"]
     assert (normalised[:, others] == 0).all()
     assert (normalizer.scaler.mean_[others] == 0).all() and (normalizer.scaler.scale_[others] == 1).all()
+
+
+# ---- sweep findings
+def _one_subject(frame: pl.DataFrame, subject: str, columns: list[str], convert) -> pl.DataFrame:
+    """``frame`` with ``columns`` of ``subject``'s rows converted by ``convert`` (an expression map)."""
+    chosen = pl.col("subject") == subject
+    return frame.with_columns(
+        [pl.when(chosen).then(convert(pl.col(c))).otherwise(pl.col(c)).alias(c) for c in columns]
+    )
+
+
+@pytest.mark.parametrize(
+    ("columns", "convert", "unit", "fix"),
+    [
+        (
+            ["acc_x", "acc_y", "acc_z"],
+            lambda c: c / GRAVITY,
+            "g",
+            f"multiply acc_x, acc_y and acc_z by {GRAVITY}",
+        ),
+        (THM_COLUMNS, lambda c: c * 9 / 5 + 32, "deg F", "subtract 32"),
+    ],
+)
+def test_one_subject_in_another_unit_stops_training_naming_the_subject(tmp_path, columns, convert, unit, fix):
+    """SUBJ_000002 holds a third of the rows: the file's median is in the expected unit."""
+    write_train(tmp_path, _one_subject(train_frame(), SUBJECTS[1], columns, convert))
+    with pytest.raises(DataFileError) as error:
+        load_sequence_table(tmp_path, use_cache=False)
+    message = str(error.value)
+    assert str(tmp_path / "train.csv") in message and SUBJECTS[1] in message and SUBJECTS[0] not in message
+    assert f"1 of 2 subject(s) looks recorded in {unit}" in message and fix in message
+    assert "+data.check_units=false" in message
+    assert load_sequence_table(tmp_path, use_cache=False, check_units=False).n_sequences == 3
+
+
+def test_one_subject_in_g_in_test_csv_is_warned_about_naming_the_subject(tmp_path, caplog):
+    frame = _one_subject(
+        make_frame(sequences()), SUBJECTS[1], ["acc_x", "acc_y", "acc_z"], lambda c: c / GRAVITY
+    )
+    write_dataset(tmp_path, frame, make_demographics(SUBJECTS), split="test")
+    with caplog.at_level(logging.WARNING):
+        read_test(tmp_path)
+    assert (
+        f"looks recorded in g, not m/s^2: the median norm of (acc_x, acc_y, acc_z) of subject {SUBJECTS[1]}"
+        in (caplog.text)
+    )
+
+
+@pytest.mark.parametrize(
+    ("factor", "unit", "fix"), [(1 / 2.54, "inches", "by 2.54"), (0.01, "metres", "by 100")]
+)
+def test_a_single_subjects_height_in_another_unit_stops_training_naming_it(tmp_path, factor, unit, fix):
+    demographics = _one_subject(make_demographics(SUBJECTS), SUBJECTS[0], ["height_cm"], lambda c: c * factor)
+    write_train(tmp_path, demographics=demographics)
+    with pytest.raises(DataFileError) as error:
+        load_sequence_table(tmp_path, use_cache=False)
+    message = str(error.value)
+    assert str(tmp_path / "train_demographics.csv") in message and SUBJECTS[0] in message
+    assert f"height_cm of 1 of 2 subject(s) looks recorded in {unit}" in message and fix in message
+
+
+def _tof_as(frame: pl.DataFrame, convert) -> pl.DataFrame:
+    return frame.with_columns([convert(pl.col(c).cast(pl.Int64)).alias(c) for c in TOF_COLUMNS])
+
+
+@pytest.mark.parametrize(
+    ("convert", "cause", "fix"),
+    [
+        # the random readings hold few -1: the smallest distances stand in for more "no reflection"
+        (lambda c: pl.when(c < 10).then(255).otherwise(c), "255 for no reflection", "replace 255 by -1"),
+        (
+            lambda c: pl.when(c == -1).then(-1).otherwise(c * 4),
+            "another scale",
+            "divide the tof_* distances by about 4",
+        ),
+    ],
+)
+def test_tof_in_another_scale_stops_training_and_is_warned_about_in_test_csv(
+    tmp_path, caplog, convert, cause, fix
+):
+    write_train(tmp_path, _tof_as(train_frame(), convert))
+    with pytest.raises(DataFileError) as error:
+        load_sequence_table(tmp_path, use_cache=False)
+    message = str(error.value)
+    assert str(tmp_path / "train.csv") in message and cause in message and fix in message
+    assert "+data.check_units=false" in message
+    with caplog.at_level(logging.WARNING):
+        assert read_train(tmp_path, check_units=False).height == 3 * ROWS
+    assert cause in caplog.text
+    test_dir = tmp_path / "test"
+    write_dataset(
+        test_dir, _tof_as(make_frame(sequences()), convert), make_demographics(SUBJECTS), split="test"
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        read_test(test_dir)
+    assert cause in caplog.text and fix in caplog.text
+
+
+def test_training_warns_once_with_the_readings_dropped_as_impossible_per_group(tmp_path, caplog):
+    """A few impossible readings (under the ToF rule's 1%) train, with one warning counting them."""
+    frame = with_row_value(train_frame(), 3, "tof_2_v5", 300.0)
+    frame = with_row_value(frame, 4, "thm_1", 500.0)
+    frame = with_row_value(frame, 5, "acc_x", 1e6)
+    write_train(tmp_path, frame)
+    with caplog.at_level(logging.WARNING):
+        load_sequence_table(tmp_path, use_cache=False)
+    warned = [r.getMessage() for r in caplog.records if "physically impossible" in r.getMessage()]
+    assert len(warned) == 1
+    assert str(tmp_path / "train.csv") in warned[0]
+    assert "3 sensor value(s)" in warned[0] and "acc 1, rot 0, thm 1, tof 1" in warned[0]
+
+
+def test_valid_readings_train_without_an_impossible_readings_warning(tmp_path, caplog):
+    write_train(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        load_sequence_table(tmp_path, use_cache=False)
+    assert "physically impossible" not in caplog.text and "ToF looks" not in caplog.text
+
+
+@pytest.mark.parametrize("odd", ["Seated Straight ", "seated straight"])
+def test_an_orientation_string_outside_the_competitions_is_named(tmp_path, odd):
+    write_train(tmp_path, train_frame().with_columns(orientation=pl.lit(odd)))
+    with pytest.raises(DataFileError) as error:
+        load_sequence_table(tmp_path, use_cache=False)
+    message = str(error.value)
+    assert str(tmp_path / "train.csv") in message and repr(odd) in message and "'Lie on Back'" in message
+
+
+@pytest.mark.parametrize("rate", [float("nan"), float("inf"), 0.0])
+def test_a_sampling_rate_that_is_not_a_finite_positive_number_is_refused_naming_the_setting(rate):
+    with pytest.raises(ValueError, match=r"data\.sampling_rate_hz.*finite number > 0"):
+        FeatureSettings(sampling_rate_hz=rate)
+
+
+@pytest.mark.parametrize("ending", [b"\n\n", b"\n\n\n", b"\r\n\r\n"])
+def test_empty_lines_at_the_end_of_a_csv_are_accepted_and_read_no_row(tmp_path, ending):
+    write_train(tmp_path / "plain")
+    expected = load_sequence_table(tmp_path / "plain", use_cache=False)
+    padded = write_train(tmp_path / "padded")
+    for name in ("train.csv", "train_demographics.csv"):
+        path = padded / name
+        path.write_bytes(path.read_bytes().rstrip(b"\n") + ending)
+    table = load_sequence_table(padded, use_cache=False)
+    assert np.array_equal(table.sequence_ids, expected.sequence_ids)
+    assert np.array_equal(table.features, expected.features)
+    assert np.array_equal(table.demographics, expected.demographics, equal_nan=True)
+
+
+def test_an_empty_line_before_the_last_row_is_still_an_error(tmp_path):
+    path = write_train(tmp_path) / "train.csv"
+    lines = path.read_bytes().split(b"\n")
+    path.write_bytes(b"\n".join([*lines[:5], b"", *lines[5:]]))
+    with pytest.raises(MalformedFileError, match="line 6 is empty"):
+        read_train(tmp_path)
+
+
+def test_demographics_ids_with_spaces_around_them_get_a_hint(tmp_path):
+    demographics = make_demographics(SUBJECTS).with_columns(pl.col("subject") + " ")
+    write_train(tmp_path, demographics=demographics)
+    with pytest.raises(DataFileError) as error:
+        load_sequence_table(tmp_path, use_cache=False)
+    message = str(error.value)
+    assert "2 subject(s) have no row" in message and f"'{SUBJECTS[0]} '" in message
+    assert "remove the spaces around the subject ids" in message

@@ -53,6 +53,7 @@ from codes.common.units import (
     UnitFinding,
     demographic_subject_unit_findings,
     demographic_unit_findings,
+    merged_unit_findings,
     sensor_subject_unit_findings,
     sensor_unit_findings,
     tof_scale_finding,
@@ -819,15 +820,15 @@ AnyUnitFinding = UnitFinding | SubjectUnitFinding | TofScaleFinding
 
 def frame_unit_findings(frame: pl.DataFrame) -> list[AnyUnitFinding]:
     """The unit findings (``codes.common.units``) of a frame's acc and thermopile columns, over
-    the file and per subject (when the frame has ``subject``; subjects of a rule with a
-    file-level finding are not named again), and of its ToF columns."""
+    the file and per subject when the frame has ``subject`` (``units.merged_unit_findings``),
+    and of its ToF columns."""
     columns = [c for c in (*ACC_COLUMNS, *THM_COLUMNS) if c in frame.columns]
     values = frame.select(columns).to_numpy()
     findings: list[AnyUnitFinding] = list(sensor_unit_findings(values, columns))
     if "subject" in frame.columns:
-        found = {f.rule for f in findings}
-        per_subject = sensor_subject_unit_findings(values, columns, frame["subject"].to_numpy())
-        findings += [f for f in per_subject if f.rule not in found]
+        findings = merged_unit_findings(
+            findings, sensor_subject_unit_findings(frame.select("subject", *columns))
+        )
     tof = tof_scale_finding(frame.select(c for c in TOF_COLUMNS if c in frame.columns))
     return findings + ([tof] if tof is not None else [])
 
@@ -893,10 +894,10 @@ def read_demographics(path: Path, check_units: bool = False) -> pl.DataFrame:
     if duplicated:
         raise DataFileError(f"{path} lists these subjects more than once: {duplicated}")
     values = frame.select(DEMOGRAPHIC_FIELDS).to_numpy().astype(np.float64)
-    findings: list[AnyUnitFinding] = list(demographic_unit_findings(values))
-    found = {f.rule for f in findings}
-    per_subject = demographic_subject_unit_findings(values, frame["subject"].to_numpy())
-    enforce_units(findings + [f for f in per_subject if f.rule not in found], path, stop=check_units)
+    findings = merged_unit_findings(
+        demographic_unit_findings(values), demographic_subject_unit_findings(frame)
+    )
+    enforce_units(findings, path, stop=check_units)
     return frame
 
 

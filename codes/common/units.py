@@ -269,23 +269,16 @@ def demographic_unit_findings(values: np.ndarray) -> list[UnitFinding]:
     return unit_findings(values, DEMOGRAPHIC_FIELDS, DEMOGRAPHIC_UNIT_RULES)
 
 
-def subject_unit_findings(
-    values: np.ndarray,
-    columns: Sequence[str],
-    subjects: Sequence[str] | np.ndarray,
-    rules: Sequence[UnitRule],
-) -> list[SubjectUnitFinding]:
-    """Per rule and likely unit: the subjects whose own median over ``values`` (R, C), columns
-    named ``columns``, rows of ``subjects`` (R,), lies outside the rule's band and inside another
+def subject_unit_findings(frame: pl.DataFrame, rules: Sequence[UnitRule]) -> list[SubjectUnitFinding]:
+    """Per rule and likely unit: the subjects whose own median over the rows of ``frame`` (a
+    ``subject`` column and the rules' columns) lies outside the rule's band and inside another
     unit's (a median that no unit explains is left to :func:`unit_findings`)."""
-    index = {c: i for i, c in enumerate(columns)}
-    subjects = np.asarray(subjects, dtype=object)
     findings = []
     for rule in rules:
-        present = [index[c] for c in rule.columns if c in index]
+        present = [c for c in rule.columns if c in frame.columns]
         if not present or (rule.row_norm and len(present) < len(rule.columns)):
             continue
-        medians = _subject_medians(values[:, present], subjects, rule)
+        medians = _subject_medians(frame, present, rule)
         outside = medians.filter((pl.col("median") < rule.typical[0]) | (pl.col("median") > rule.typical[1]))
         by_units: dict[tuple[OtherUnit, ...], list[tuple[str, float]]] = {}
         for subject, median in outside.iter_rows():
@@ -300,39 +293,47 @@ def subject_unit_findings(
     return findings
 
 
-def _subject_medians(values: np.ndarray, subjects: np.ndarray, rule: UnitRule) -> pl.DataFrame:
+def _subject_medians(frame: pl.DataFrame, columns: list[str], rule: UnitRule) -> pl.DataFrame:
     """``subject`` and the ``median`` of the rule's statistic over each subject's rows, in
-    subject order (subjects without a finite value are left out)."""
-    values = np.asarray(values, dtype=np.float32)
-    if rule.row_norm:
-        with np.errstate(over="ignore", invalid="ignore"):
-            statistic = np.sqrt((values**2).sum(axis=1))  # NaN where a column is NaN
-        owners = subjects
+    subject order (values that are null, NaN or infinite are left out)."""
+    values = [pl.col(c).cast(pl.Float32) for c in columns]
+    if rule.row_norm:  # null when a component is null
+        statistic = frame.select("subject", sum(v * v for v in values).sqrt().alias("value"))
     else:
-        statistic = values.reshape(-1)
-        owners = np.repeat(subjects, values.shape[1])
+        statistic = frame.select("subject", *values).unpivot(index="subject", value_name="value")
     return (
-        pl.DataFrame({"subject": pl.Series(owners, dtype=pl.String), "value": statistic})
-        .filter(pl.col("value").is_finite())
+        statistic.filter(pl.col("value").is_finite())
         .group_by("subject")
         .agg(pl.col("value").median().alias("median"))
         .sort("subject")
     )
 
 
-def sensor_subject_unit_findings(
-    values: np.ndarray, columns: Sequence[str], subjects: Sequence[str] | np.ndarray
-) -> list[SubjectUnitFinding]:
+def merged_unit_findings(
+    file_findings: Sequence[UnitFinding], subject_findings: Sequence[SubjectUnitFinding]
+) -> list[UnitFinding | SubjectUnitFinding]:
+    """Per rule, the file-level findings when its subjects agree (none named, or all named in one
+    unit: the file's median tells it), else the subjects' (the file's median of a mix of units
+    may lie in a third unit's band)."""
+    merged: list[UnitFinding | SubjectUnitFinding] = []
+    for rule in dict.fromkeys([f.rule for f in file_findings] + [f.rule for f in subject_findings]):
+        of_subjects = [f for f in subject_findings if f.rule == rule]
+        agree = not of_subjects or (
+            len(of_subjects) == 1 and len(of_subjects[0].subjects) == of_subjects[0].n_subjects
+        )
+        merged += [f for f in file_findings if f.rule == rule] if agree else of_subjects
+    return merged
+
+
+def sensor_subject_unit_findings(frame: pl.DataFrame) -> list[SubjectUnitFinding]:
     """:func:`subject_unit_findings` of the sensor rules (acceleration, thermopiles)."""
-    return subject_unit_findings(values, columns, subjects, SENSOR_UNIT_RULES)
+    return subject_unit_findings(frame, SENSOR_UNIT_RULES)
 
 
-def demographic_subject_unit_findings(
-    values: np.ndarray, subjects: Sequence[str] | np.ndarray
-) -> list[SubjectUnitFinding]:
-    """:func:`subject_unit_findings` of the length rules on ``(N, 7)`` DEMOGRAPHIC_FIELDS, one row
-    per subject: the bands applied to each subject's own value."""
-    return subject_unit_findings(values, DEMOGRAPHIC_FIELDS, subjects, DEMOGRAPHIC_UNIT_RULES)
+def demographic_subject_unit_findings(frame: pl.DataFrame) -> list[SubjectUnitFinding]:
+    """:func:`subject_unit_findings` of the length rules on a demographics frame, one row per
+    subject: the bands applied to each subject's own value."""
+    return subject_unit_findings(frame, DEMOGRAPHIC_UNIT_RULES)
 
 
 def tof_scale_finding(tof: pl.DataFrame) -> TofScaleFinding | None:
