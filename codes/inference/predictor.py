@@ -17,9 +17,11 @@ demographics that are missing, out of range or another subject's are unknown (ha
 unknown = not mirrored); values that look recorded in another unit are used as they are, with
 a warning given once (``codes.common.units``); an empty sequence, or a failure inside the model,
 gives :data:`FALLBACK_GESTURE`. Only missing columns, and a pandas frame naming a column twice,
-raise (:class:`InputColumnsError`, naming them).
+raise (:class:`InputColumnsError`, naming them). A frame holding several ``sequence_id`` values
+is answered from the first one's rows (warned about; ``strict=True`` raises).
 Batch mode answers every sequence by the same rules and never fails a whole file for one
-sequence.
+sequence; rows without a ``sequence_id`` are an error naming their lines (their answer could
+not be submitted), and an id whose counters repeat is named in a warning.
 """
 
 from __future__ import annotations
