@@ -404,8 +404,6 @@ class SensorBlocks:
     # frame, where the entries of missing frames are arbitrary (tof_missing says which)
     tof: np.ndarray | None
     tof_missing: np.ndarray | None  # (R, 5) bool: ToF sensor k's frame was not read (any pixel)
-    # readings drop_impossible_readings took as missing, per column group (acc, rot, thm, tof)
-    dropped: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_sensors(cls, sensors: np.ndarray | pl.DataFrame, settings: FeatureSettings) -> SensorBlocks:
@@ -465,31 +463,33 @@ class SensorBlocks:
             tof_missing=_tof_nan_frames(tof),
         )
 
-    def drop_impossible_readings(self) -> SensorBlocks:
+    def drop_impossible_readings(self, dropped: dict[str, int] | None = None) -> SensorBlocks:
         """Readings outside their physical range become missing values, in place; returns self.
 
         The rule of :func:`impossible_readings`: acc components and thermopiles become NaN, a
         quaternion out of range becomes NaN as a whole, a ToF pixel out of range marks its
         sensor's frame missing (``tof_missing``), as a null pixel does. Values inside the ranges
-        are untouched. The count of readings dropped per group goes to ``dropped``.
+        are untouched. ``dropped``, when given, receives the count of readings dropped per column
+        group ("acc", "rot", "thm", "tof"; a quaternion counts its read components).
         """
+        dropped = {} if dropped is None else dropped
         acc_cols = _positions(tuple(IMU_COLUMNS), tuple(ACC_COLUMNS))
         rot_cols = _positions(tuple(IMU_COLUMNS), tuple(ROT_COLUMNS))
         with np.errstate(invalid="ignore"):
             acc = self.imu[:, acc_cols]
             bad = acc_out_of_range(acc)
             if bad.any():
-                self.dropped["acc"] = int(np.count_nonzero(bad))
+                dropped["acc"] = int(np.count_nonzero(bad))
                 acc[bad] = np.nan
                 self.imu[:, acc_cols] = acc
             bad_rows = quaternion_out_of_range(self.imu[:, rot_cols])
             if bad_rows.any():
-                self.dropped["rot"] = int(np.count_nonzero(~np.isnan(self.imu[np.ix_(bad_rows, rot_cols)])))
+                dropped["rot"] = int(np.count_nonzero(~np.isnan(self.imu[np.ix_(bad_rows, rot_cols)])))
                 self.imu[np.ix_(bad_rows, rot_cols)] = np.nan
             if self.thm is not None:
                 bad = thm_out_of_range(self.thm)
                 if bad.any():
-                    self.dropped["thm"] = int(np.count_nonzero(bad))
+                    dropped["thm"] = int(np.count_nonzero(bad))
                     self.thm[bad] = np.nan
             if self.tof is None or self.tof.size == 0:
                 return self
@@ -500,7 +500,7 @@ class SensorBlocks:
             bad = tof_out_of_range(self.tof)
         if not bad.any():
             return self
-        self.dropped["tof"] = int(np.count_nonzero(bad))
+        dropped["tof"] = int(np.count_nonzero(bad))
         if self.tof.dtype.kind == "f":
             self.tof[bad] = np.nan
         frames = np.stack(
@@ -576,9 +576,9 @@ def compute_step_features(
         """Sequences ``first:last`` into their rows of ``result``; the readings dropped as impossible."""
         start, end = int(offsets[first]), int(offsets[last])
         part = sensors.slice(start, end - start) if isinstance(sensors, pl.DataFrame) else sensors[start:end]
-        blocks = SensorBlocks.from_sensors(part, settings).drop_impossible_readings()
+        dropped: dict[str, int] = {}
         _compute_piece(
-            blocks,
+            SensorBlocks.from_sensors(part, settings).drop_impossible_readings(dropped),
             offsets[first : last + 1] - start,
             left_handed[first:last],
             settings,
@@ -587,7 +587,7 @@ def compute_step_features(
                 result.features[start:end], result.step_valid[start:end], result.feature_present[first:last]
             ),
         )
-        return blocks.dropped
+        return dropped
 
     pieces = [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
     if n_threads > 1 and len(pieces) > 1:
