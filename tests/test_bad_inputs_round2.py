@@ -427,6 +427,25 @@ def test_one_subject_in_another_unit_stops_training_naming_the_subject(tmp_path,
     assert load_sequence_table(tmp_path, use_cache=False, check_units=False).n_sequences == 3
 
 
+@pytest.mark.parametrize(
+    ("columns", "convert", "seen"),
+    [
+        (THM_COLUMNS, lambda c: c * 0 - 1, f"{SUBJECTS[1]} (-1)"),  # a sensor stuck at a missing code
+        (["acc_x", "acc_y", "acc_z"], lambda c: c * None, f"{SUBJECTS[1]} (no reading)"),  # no IMU at all
+    ],
+)
+def test_one_subject_whose_sensor_no_unit_explains_is_warned_about_by_name(
+    tmp_path, caplog, columns, convert, seen
+):
+    """A whole subject's thermopiles at -1, or its acceleration never read, trains (the values are
+    used by their rules) but not without a word: the subject is named."""
+    write_train(tmp_path, _one_subject(train_frame(), SUBJECTS[1], columns, convert))
+    with caplog.at_level(logging.WARNING):
+        assert load_sequence_table(tmp_path, use_cache=False).n_sequences == 3
+    assert "1 of 2 subject(s) is unusual" in caplog.text and seen in caplog.text
+    assert SUBJECTS[0] not in caplog.text
+
+
 def test_one_subject_in_g_in_test_csv_is_warned_about_naming_the_subject(tmp_path, caplog):
     frame = _one_subject(
         make_frame(sequences()), SUBJECTS[1], ["acc_x", "acc_y", "acc_z"], lambda c: c / GRAVITY

@@ -51,11 +51,13 @@ from codes.common.units import (
     SubjectUnitFinding,
     TofScaleFinding,
     UnitFinding,
+    UnusualSubjectsFinding,
     demographic_subject_unit_findings,
     demographic_unit_findings,
     merged_unit_findings,
     sensor_subject_unit_findings,
     sensor_unit_findings,
+    sensor_unusual_subject_findings,
     tof_scale_finding,
 )
 
@@ -815,7 +817,7 @@ def read_train(
     return frame
 
 
-AnyUnitFinding = UnitFinding | SubjectUnitFinding | TofScaleFinding
+AnyUnitFinding = UnitFinding | SubjectUnitFinding | UnusualSubjectsFinding | TofScaleFinding
 
 
 def frame_unit_findings(frame: pl.DataFrame) -> list[AnyUnitFinding]:
@@ -826,9 +828,13 @@ def frame_unit_findings(frame: pl.DataFrame) -> list[AnyUnitFinding]:
     values = frame.select(columns).to_numpy()
     findings: list[AnyUnitFinding] = list(sensor_unit_findings(values, columns))
     if "subject" in frame.columns:
-        findings = merged_unit_findings(
-            findings, sensor_subject_unit_findings(frame.select("subject", *columns))
-        )
+        by_subject = frame.select("subject", *columns)
+        flagged_file = {finding.rule for finding in findings}  # the file's own message covers its subjects
+        findings = merged_unit_findings(findings, sensor_subject_unit_findings(by_subject)) + [
+            finding
+            for finding in sensor_unusual_subject_findings(by_subject)
+            if finding.rule not in flagged_file
+        ]
     tof = tof_scale_finding(frame.select(c for c in TOF_COLUMNS if c in frame.columns))
     return findings + ([tof] if tof is not None else [])
 

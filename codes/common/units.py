@@ -69,6 +69,7 @@ class UnitRule:
     expected: str  # what the median is in ``unit``, in words
     others: tuple[OtherUnit, ...]
     row_norm: bool = False  # the statistic is the norm of each row (all columns read), not each value
+    required: bool = False  # every subject records it: a subject without any reading is unusual
 
     @property
     def per_subject_statistic(self) -> str:
@@ -138,6 +139,33 @@ class SubjectUnitFinding:
 
 
 @dataclass(frozen=True)
+class UnusualSubjectsFinding:
+    """Subjects whose own median lies outside the rule's band where no usual unit gives it (a
+    sensor stuck at a missing code such as -1, say), or, for a rule that every row must have
+    (``UnitRule.required``), subjects without a single reading: a warning, never an error."""
+
+    rule: UnitRule
+    subjects: tuple[str, ...]
+    medians: tuple[float, ...]  # NaN: the subject has no reading
+    n_subjects: int
+    likely: tuple[OtherUnit, ...] = ()  # none: only ever warned about
+
+    def message(self) -> str:
+        rule = self.rule
+        shown = ", ".join(
+            f"{s} ({'no reading' if np.isnan(m) else f'{m:.4g}'})"
+            for s, m in zip(self.subjects[:_SHOWN_SUBJECTS], self.medians, strict=False)
+        )
+        more = f", ... ({len(self.subjects)} in all)" if len(self.subjects) > _SHOWN_SUBJECTS else ""
+        return (
+            f"{rule.quantity} of {len(self.subjects)} of {self.n_subjects} subject(s) is unusual: the "
+            f"{rule.per_subject_statistic} of {shown}{more}, where {rule.unit} gives {rule.expected}. "
+            "No usual unit gives such a value: check those subjects' recordings (a sensor stuck at a "
+            "missing code such as -1, or one that did not record, is used as it is)"
+        )
+
+
+@dataclass(frozen=True)
 class TofScaleFinding:
     """More than ``TOF_ABOVE_RANGE_SHARE`` of the read ToF values lie above ``TOF_MAX_DISTANCE``."""
 
@@ -189,6 +217,7 @@ ACC_RULE = UnitRule(
         OtherUnit("ft/s^2", (21.3, 48.3), _acc("0.3048")),
     ),
     row_norm=True,
+    required=True,
 )
 THM_RULE = UnitRule(
     quantity="thermopile temperature",
@@ -293,6 +322,35 @@ def subject_unit_findings(frame: pl.DataFrame, rules: Sequence[UnitRule]) -> lis
     return findings
 
 
+def unusual_subject_findings(frame: pl.DataFrame, rules: Sequence[UnitRule]) -> list[UnusualSubjectsFinding]:
+    """Per rule, the subjects whose own median lies outside the band with no usual unit giving
+    it, and, for ``required`` rules, the subjects with no reading of its columns at all."""
+    findings = []
+    subjects = frame["subject"].unique().sort().to_list()
+    for rule in rules:
+        present = [c for c in rule.columns if c in frame.columns]
+        if not present or (rule.row_norm and len(present) < len(rule.columns)):
+            continue
+        medians = dict(_subject_medians(frame, present, rule).iter_rows())
+        unusual = [
+            (subject, medians.get(subject, math.nan))
+            for subject in subjects
+            if (subject not in medians and rule.required)
+            or (
+                subject in medians
+                and not rule.typical[0] <= medians[subject] <= rule.typical[1]
+                and not rule.likely_units(medians[subject])
+            )
+        ]
+        if unusual:
+            findings.append(
+                UnusualSubjectsFinding(
+                    rule, tuple(s for s, _ in unusual), tuple(m for _, m in unusual), len(subjects)
+                )
+            )
+    return findings
+
+
 def _subject_medians(frame: pl.DataFrame, columns: list[str], rule: UnitRule) -> pl.DataFrame:
     """``subject`` and the ``median`` of the rule's statistic over each subject's rows, in
     subject order (values that are null, NaN or infinite are left out)."""
@@ -328,6 +386,11 @@ def merged_unit_findings(
 def sensor_subject_unit_findings(frame: pl.DataFrame) -> list[SubjectUnitFinding]:
     """:func:`subject_unit_findings` of the sensor rules (acceleration, thermopiles)."""
     return subject_unit_findings(frame, SENSOR_UNIT_RULES)
+
+
+def sensor_unusual_subject_findings(frame: pl.DataFrame) -> list[UnusualSubjectsFinding]:
+    """:func:`unusual_subject_findings` of the sensor rules (acceleration, thermopiles)."""
+    return unusual_subject_findings(frame, SENSOR_UNIT_RULES)
 
 
 def demographic_subject_unit_findings(frame: pl.DataFrame) -> list[SubjectUnitFinding]:
