@@ -564,7 +564,9 @@ def test_an_empty_line_before_the_last_row_is_still_an_error(tmp_path):
     path = write_train(tmp_path) / "train.csv"
     lines = path.read_bytes().split(b"\n")
     path.write_bytes(b"\n".join([*lines[:5], b"", *lines[5:]]))
-    with pytest.raises(MalformedFileError, match="line 6 is empty"):
+    with pytest.raises(
+        MalformedFileError, match=r"line 6 is empty, between rows of data: delete the empty line"
+    ):
         read_train(tmp_path)
 
 

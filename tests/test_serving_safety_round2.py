@@ -420,6 +420,17 @@ def test_batch_mode_names_a_sequence_id_that_two_recordings_share(run_dir, serve
     assert pl.read_csv(tmp_path / "submission.csv")["sequence_id"].to_list() == ["SEQ_1"]
 
 
+def test_predict_names_a_sequence_whose_counters_repeat(run_dir, served_data_dir, caplog):
+    """One predict() call with two recordings under one id: named, as batch mode names it."""
+    first, second, _ = served_frames(served_data_dir)
+    merged = pl.concat([first, second.with_columns(sequence_id=pl.lit(first["sequence_id"][0]))])
+    predictor = load(run_dir)
+    with caplog.at_level(logging.WARNING):
+        predictor.predict(merged, None)
+    [warning] = [r.getMessage() for r in caplog.records if "repeat sequence_counter" in r.getMessage()]
+    assert f"{first['sequence_id'][0]} (counters 0, 1, 2" in warning and "own sequence_id" in warning
+
+
 def test_batch_mode_refuses_a_batch_size_below_one_before_loading(run_dir, served_data_dir, tmp_path):
     from codes.inference.batch import run_batch
 

@@ -342,12 +342,14 @@ def _ragged_line_error(
     path: Path, line: int, n_found: int, n_fields: int, text: str, also: str
 ) -> MalformedFileError:
     if not text.strip():
-        what = "is empty"
-    else:
-        what = f"has {n_found} field(s) where the header has {n_fields}"
-        other = [s for s in _OTHER_SEPARATORS if s in text]
-        if n_found == 1 and other:
-            what += f" (it is separated by {other[0]!r}, not by commas)"
+        return MalformedFileError(
+            f"{path}, line {line} is empty, between rows of data{also}: delete the empty line(s) (empty "
+            "lines are accepted only at the very end of a file), or download the file again"
+        )
+    what = f"has {n_found} field(s) where the header has {n_fields}"
+    other = [s for s in _OTHER_SEPARATORS if s in text]
+    if n_found == 1 and other:
+        what += f" (it is separated by {other[0]!r}, not by commas)"
     return MalformedFileError(
         f"{path}, line {line} {what}: its values would land in the wrong columns{also}. "
         f"The line starts: {text!r}"

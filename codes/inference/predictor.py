@@ -407,6 +407,10 @@ class EnsemblePredictor:
         if counter.null_count() == 0 and bool((counter.diff().drop_nulls() > 0).all()):
             return sequence
         logger.warning("sequence %s: rows are not in sequence_counter order; sorting them", sequence_id)
+        if counter.is_duplicated().any():
+            _warn_about_repeated_counters(
+                pl.DataFrame({"sequence_id": sequence_id, "sequence_counter": counter})
+            )
         return sequence.with_columns(counter.alias("sequence_counter")).sort(
             "sequence_counter", nulls_last=True, maintain_order=True
         )
