@@ -86,12 +86,17 @@ def test_an_edit_that_keeps_size_and_mtime_gives_new_features_not_the_cached_one
 
 
 # ---------------------------------------------------------------- 2. a resumed run and its data
-def test_a_run_records_its_config_and_data_and_refuses_to_resume_on_changed_data(tmp_path):
+def interrupted_run(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(data folder, outputs folder, run folder) of a run stopped after its first epoch."""
     data = write_toy_data(tmp_path / "data")
     out = tmp_path / "outputs"
     with pytest.raises(importlib.import_module("codes.common.runs").TrainingInterrupted):
         run_training(data, out, "r", "trainer.interrupt_after_epochs=1")
-    run_dir = out / EXP / "r"
+    return data, out, out / EXP / "r"
+
+
+def test_a_run_records_its_config_and_data_and_refuses_to_resume_on_changed_data(tmp_path):
+    data, out, run_dir = interrupted_run(tmp_path)
     record = json.loads((run_dir / "run_record.json").read_text())
     assert record["version"] == 1
     assert record["config"] == OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
@@ -165,11 +170,7 @@ def test_exp_name_must_be_one_plain_folder_name(tmp_path, exp_name):
 
 # ---------------------------------------------------------------- 4. leftovers of interrupted writes
 def test_a_resumed_run_removes_the_temporaries_of_interrupted_writes_and_nothing_else(tmp_path):
-    data = write_toy_data(tmp_path / "data")
-    out = tmp_path / "outputs"
-    with pytest.raises(importlib.import_module("codes.common.runs").TrainingInterrupted):
-        run_training(data, out, "r", "trainer.interrupt_after_epochs=1")
-    run_dir = out / EXP / "r"
+    data, out, run_dir = interrupted_run(tmp_path)
     leftovers = [run_dir / ".metrics.json.k2j4_9ab.tmp", run_dir / "fold0" / ".last.pt.x8d0qq1z.tmp"]
     kept = [run_dir / "notes.tmp", run_dir / ".keep.tmp", run_dir / "fold0" / "last.pt.x8d0qq1z.tmp"]
     for path in leftovers + kept:
