@@ -606,8 +606,10 @@ def _run_folds(
     # the data files this run reads: recorded when it starts, checked when it resumes
     data_files = [path.name for path in split_files(data_dir, "train")] + [FOLD_FILE]
     run_on_main(lambda: begin_run(cfg, run_dir, data_dir, data_files), context)
-    if context.is_main:  # per-subject gesture counts, for subject-aware inference
-        write_json_atomically(protocol_record(table.gestures, table.subjects), run_dir / PROTOCOL_FILE)
+    if context.is_main:  # per-subject gesture and pair counts, for subject-aware inference
+        write_json_atomically(
+            protocol_record(table.gestures, table.subjects, table.orientations), run_dir / PROTOCOL_FILE
+        )
     # the data folder's own folds (folds.csv), if any
     folds, from_file = data_folds(
         data_dir, table.gestures, table.subjects, cfg.data.n_folds, cfg.data.fold_seed

@@ -34,8 +34,8 @@ from codes.common.data_source import DATA_SOURCES, resolve_data_dir
 from codes.common.folds import FOLD_FILE
 from codes.common.metric import competition_score
 from codes.common.schema import GESTURES
-from codes.inference.predictor import EnsemblePredictor, check_batch_size
-from codes.inference.subject_assignment import SubjectAssignment
+from codes.inference.predictor import EnsemblePredictor, check_batch_size, heads_of_frame
+from codes.inference.subject_assignment import SubjectAssignment, as_heads
 
 logger = logging.getLogger(__name__)
 
@@ -185,16 +185,21 @@ def serving_order(n_sequences: int, seed: int) -> np.ndarray:
 
 
 def subject_aware_answers(
-    assignment: SubjectAssignment, subjects: np.ndarray, probabilities: np.ndarray, order: np.ndarray
+    assignment: SubjectAssignment,
+    subjects: np.ndarray,
+    heads: dict[str, np.ndarray] | np.ndarray,
+    order: np.ndarray,
 ) -> np.ndarray:
     """Gesture indices as :meth:`EnsemblePredictor.predict` answers them when the sequences come in
-    ``order`` (causal: each one assigned with its subject's earlier ones); unanswerable rows
-    (non-finite probabilities) get -1."""
+    ``order`` (causal: each one assigned with its subject's earlier ones); ``heads``: per head
+    ``(N, C)`` probabilities (a bare array: the gesture head's); unanswerable rows (non-finite
+    gesture probabilities) get -1."""
     assignment = assignment.fresh()
-    labels = np.full(len(probabilities), -1, dtype=np.int64)
+    heads = as_heads(heads)
+    labels = np.full(len(heads["gesture"]), -1, dtype=np.int64)
     for i in order:
-        if np.isfinite(probabilities[i]).all():
-            labels[i] = assignment.answer(subjects[i], probabilities[i])
+        if np.isfinite(heads["gesture"][i]).all():
+            labels[i] = assignment.answer(subjects[i], {h: p[i] for h, p in heads.items()})
     return labels
 
 
@@ -225,8 +230,9 @@ def run_batch(
     frame = read_test(data_dir, include_thm=settings.use_thm, include_tof=settings.tof_mode != "none")
     demographics = read_demographics(data_dir / TEST_DEMOGRAPHICS_FILE)
     labels = read_labels(data_dir, frame["sequence_id"])  # checked before anything is written
+    aware = predictor.subject_assignment is not None
     predictions = predictor.predict_frame(
-        frame, demographics, batch_size=batch_size, source=str(data_dir / TEST_FILE)
+        frame, demographics, batch_size=batch_size, source=str(data_dir / TEST_FILE), with_heads=aware
     )
     variants = {"plain": predictions}
     if predictor.subject_assignment is not None:
@@ -234,13 +240,15 @@ def run_batch(
             frame.select("sequence_id", pl.col("subject").cast(pl.String)).unique("sequence_id").iter_rows()
         )
         subjects = np.array([subject_of.get(s) for s in predictions["sequence_id"]], dtype=object)
-        probabilities = predictions.select([f"prob_{g}" for g in GESTURES]).to_numpy()
+        heads = heads_of_frame(predictions)
         order = serving_order(len(subjects), order_seed)
-        answered = np.isfinite(probabilities).all(axis=1)
+        answered = np.isfinite(heads["gesture"]).all(axis=1)
         names = np.array(GESTURES, dtype=object)
-        causal = subject_aware_answers(predictor.subject_assignment, subjects, probabilities, order)
+        causal = subject_aware_answers(predictor.subject_assignment, subjects, heads, order)
         offline = np.full(len(subjects), -1, dtype=np.int64)
-        offline[answered] = predictor.subject_assignment.offline(subjects[answered], probabilities[answered])
+        offline[answered] = predictor.subject_assignment.fresh().offline(
+            subjects[answered], {h: p[answered] for h, p in heads.items()}
+        )
         for name, chosen in (("causal", causal), ("offline", offline)):
             gestures = np.where(answered, names[np.maximum(chosen, 0)], predictions["gesture"].to_numpy())
             variants[name] = predictions.with_columns(pl.Series("gesture", gestures, dtype=pl.String))

@@ -21,7 +21,7 @@ import torch
 from codes.common.distributed import resolve_device
 from codes.common.features import FeatureSettings, feature_layout
 from codes.common.machine import apply_num_threads, autocast_dtype
-from codes.common.protocol import PROTOCOL_FILE, read_capacities
+from codes.common.protocol import PROTOCOL_FILE, read_protocol
 from codes.common.runs import REPO_ROOT, setup_logging
 from codes.inference.batch import SUBMISSION_FILE, resolve_test_dir, run_batch
 from codes.inference.predictor import EnsemblePredictor, FoldMember, check_batch_size, quantize_for_cpu
@@ -38,7 +38,7 @@ from codes.inference.run_folder import (
     select_folds,
     weights_mismatch,
 )
-from codes.inference.subject_assignment import SubjectAssignment
+from codes.inference.subject_assignment import AssignmentClasses, SubjectAssignment
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -60,14 +60,23 @@ SUBJECT_AWARE_BY_DEFAULT = False  # causal gain within the order-to-order spread
 
 
 def subject_assignment_of(
-    run_dir: Path, subject_aware: bool | None, overflow_penalty: float
+    run_dir: Path,
+    subject_aware: bool | None,
+    overflow_penalty: float,
+    joint: str = "auto",
+    plain_until: int = 0,
 ) -> SubjectAssignment | None:
-    """The run's :class:`SubjectAssignment`, or None (off, or a run folder without protocol.json)."""
+    """The run's :class:`SubjectAssignment`, or None (off, or a run folder without protocol.json).
+
+    Pair level (``joint``: auto or one of ``subject_assignment.JOINTS``) where the run folder's
+    protocol counts pairs, with a fall-back to gesture level for a model without the heads the
+    joint needs; gesture level (said once, here) for a version-1 protocol.json or ``joint="gesture"``.
+    """
     wanted = SUBJECT_AWARE_BY_DEFAULT if subject_aware is None else bool(subject_aware)
     if not wanted:
         return None
-    capacities = read_capacities(run_dir)
-    if capacities is None:
+    protocol = read_protocol(run_dir)
+    if protocol is None:
         if subject_aware:
             raise RunFolderError(
                 f"subject_aware=True but {run_dir} has no {PROTOCOL_FILE} (written by training since "
@@ -75,7 +84,16 @@ def subject_assignment_of(
             )
         logger.info("%s has no %s: each sequence is answered alone", run_dir, PROTOCOL_FILE)
         return None
-    return SubjectAssignment(capacities, overflow_penalty)
+    if joint != "gesture" and not protocol.has_pairs:
+        logger.warning(
+            "%s is protocol version %d (gesture counts only): subject-aware answers at gesture "
+            "level; a run trained by the current code counts gesture x orientation pairs",
+            run_dir / PROTOCOL_FILE,
+            protocol.version,
+        )
+    classes = AssignmentClasses.from_protocol(protocol, joint)
+    fallback = AssignmentClasses.gesture_level(protocol.gestures) if classes.level == "pair" else None
+    return SubjectAssignment(classes, overflow_penalty, plain_until=plain_until, fallback=fallback)
 
 
 def mismatch_advice(run_dir: Path, cfg: ConfigView, exp_name: str) -> str:
@@ -132,6 +150,8 @@ def load_run_predictor(
     num_threads: int | None = None,
     subject_aware: bool | None = None,
     overflow_penalty: float = math.inf,
+    joint: str = "auto",
+    plain_until: int = 0,
 ) -> EnsemblePredictor:
     """Every trained fold of ``run_dir`` (or only ``folds``) as one :class:`EnsemblePredictor`.
 
@@ -145,7 +165,10 @@ def load_run_predictor(
     ``subject_aware``: answer each sequence jointly with its subject's earlier ones under the
     training data's per-subject gesture counts (``codes/inference/subject_assignment.py``; the
     run folder's ``protocol.json``); None = :data:`SUBJECT_AWARE_BY_DEFAULT` when the run folder
-    has the counts. ``overflow_penalty``: nats per sequence beyond a gesture's count (inf = hard).
+    has the counts. ``overflow_penalty``: nats per sequence beyond a class's count (inf = hard).
+    ``joint``: how the pair-level assignment gets p(gesture, orientation) from the heads (auto,
+    product, pair, pair_product; gesture = gesture level); ``plain_until``: a subject's first
+    ``plain_until - 1`` sequences are answered plain (docs/inference.md).
     ``num_threads``: ``torch.set_num_threads`` for the process (None: torch's default, one per
     core); 1 on a shared or busy CPU and with ``fold_threads`` > 1 (docs/inference.md, Speed).
     """
@@ -185,7 +208,9 @@ def load_run_predictor(
         autocast_dtype=autocast_dtype(precision or run_precision(cfg), device),
         strict=strict,
         fold_threads=fold_threads,
-        subject_assignment=subject_assignment_of(run_dir, subject_aware, overflow_penalty),
+        subject_assignment=subject_assignment_of(
+            run_dir, subject_aware, overflow_penalty, joint, plain_until
+        ),
     )
     logger.info(
         "loaded %s folds %s (%s weights%s) on %s in %.2f s",
@@ -229,7 +254,17 @@ class InferenceConfig:
     )
     overflow_penalty: float = field(
         default=math.inf,
-        metadata={"help": "subject-aware: nats per sequence beyond a gesture's per-subject count"},
+        metadata={"help": "subject-aware: nats per sequence beyond a class's per-subject count"},
+    )
+    joint: str = field(
+        default="auto",
+        metadata={
+            "help": "subject-aware: p(gesture, orientation) from auto|product|pair|pair_product; gesture = gesture level"
+        },
+    )
+    plain_until: int = field(
+        default=0,
+        metadata={"help": "subject-aware: a subject's first plain_until - 1 sequences answered plain"},
     )
     order_seed: int = field(
         default=0, metadata={"help": "the shuffled order the sequences are served in (as the gateway does)"}
@@ -318,6 +353,8 @@ def batch_main(
         num_threads=cfg.num_threads,  # torch.set_num_threads before the folds load
         subject_aware=cfg.subject_aware,
         overflow_penalty=cfg.overflow_penalty,
+        joint=cfg.joint,
+        plain_until=cfg.plain_until,
     )
     data_dir = resolve_test_dir(cfg.data, load_run_config(run_dir), REPO_ROOT)
     output = Path(cfg.output) if cfg.output else run_dir / SUBMISSION_FILE

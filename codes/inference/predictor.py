@@ -68,6 +68,10 @@ LONGEST_TRAINING_SEQUENCE = 700  # rows (competition train.csv)
 _HANDEDNESS = DEMOGRAPHIC_FIELDS.index("handedness")
 _ACC = [IMU_COLUMNS.index(c) for c in ACC_COLUMNS]
 _ROT = [IMU_COLUMNS.index(c) for c in ROT_COLUMNS]
+# the model outputs the predictor averages over the folds, by head name (a model gives the heads it has)
+HEAD_OUTPUTS = {"gesture": "gesture_logits", "orientation": "orientation_logits", "pair": "pair_logits"}
+# batch mode's extra columns (with_heads=True): prob_orientation_<k>, prob_pair_<k> (class k of the head)
+HEAD_COLUMN_PREFIX = {"orientation": "prob_orientation_", "pair": "prob_pair_"}
 ROWS_PER_CHECK = 65_536  # rows of a whole test frame checked for odd values at once (bounded memory)
 
 
@@ -290,13 +294,13 @@ class EnsemblePredictor:
         assignment over its subject's sequences answered so far (by this predictor object).
         """
         sequence = as_polars_frame(sequence, "the sequence")
-        probabilities = self.predict_probabilities(sequence, demographics)
-        if probabilities is None:
+        heads = self._answer(sequence, demographics)[0]
+        if heads is None:
             self.n_fallbacks += 1
             return FALLBACK_GESTURE
         if self.subject_assignment is not None:
-            return GESTURES[self.subject_assignment.answer(self._subject(sequence), probabilities)]
-        return GESTURES[int(np.argmax(probabilities))]
+            return GESTURES[self.subject_assignment.answer(self._subject(sequence), heads)]
+        return GESTURES[int(np.argmax(heads["gesture"]))]
 
     def reset(self) -> None:
         """Forget the subjects' histories (a new test set)."""
@@ -307,12 +311,14 @@ class EnsemblePredictor:
         self, sequence: pl.DataFrame, demographics: pl.DataFrame | None
     ) -> np.ndarray | None:
         """``(18,)`` ensemble probabilities of one sequence, or None when only the fallback is left."""
-        return self._answer(sequence, demographics)[0]
+        heads = self._answer(sequence, demographics)[0]
+        return None if heads is None else heads["gesture"]
 
     def _answer(
         self, sequence: pl.DataFrame, demographics: pl.DataFrame | None
-    ) -> tuple[np.ndarray | None, SequenceTable | None]:
-        """The probabilities of one sequence (None: the fallback) and its table (None when none was built)."""
+    ) -> tuple[dict[str, np.ndarray] | None, SequenceTable | None]:
+        """Per head, the ``(C,)`` probabilities of one sequence (None: the fallback), and its table
+        (None when none was built)."""
         sequence = as_polars_frame(sequence, "the sequence")
         self.check_columns(sequence.columns)
         sequence = self._first_sequence_only(sequence)
@@ -325,16 +331,16 @@ class EnsemblePredictor:
         table = None
         try:
             table = self.sequence_table(sequence, demographics)
-            probabilities = self.table_probabilities(table, pad_to_max_len=False)[0]
+            heads = {h: p[0] for h, p in self.table_heads(table, pad_to_max_len=False).items()}
         except Exception:
             if self.strict:
                 raise
             logger.exception("predicting sequence %s failed: answering %r", sequence_id, FALLBACK_GESTURE)
             return None, table
-        if not np.isfinite(probabilities).all():
+        if not np.isfinite(heads["gesture"]).all():
             logger.warning("no fold gave finite probabilities for sequence %s", sequence_id)
             return None, table
-        return probabilities, table
+        return heads, table
 
     # ------------------------------------------------------------ input checks and conversion
     def check_columns(self, columns: Sequence[str]) -> None:
@@ -614,21 +620,30 @@ class EnsemblePredictor:
     def table_probabilities(
         self, table: SequenceTable, batch_size: int = 64, pad_to_max_len: bool = True
     ) -> np.ndarray:
-        """``(N, 18)`` ensemble probabilities of every sequence of ``table``.
+        """``(N, 18)`` ensemble gesture probabilities of every sequence of ``table`` (see
+        :meth:`table_heads`)."""
+        return self.table_heads(table, batch_size, pad_to_max_len)["gesture"]
+
+    def table_heads(
+        self, table: SequenceTable, batch_size: int = 64, pad_to_max_len: bool = True
+    ) -> dict[str, np.ndarray]:
+        """Per head of :data:`HEAD_OUTPUTS` the models have, ``(N, C)`` ensemble probabilities of
+        every sequence of ``table``: ``gesture`` (18), and ``orientation`` (4) and ``pair`` (51)
+        where every fold model has that head.
 
         ``pad_to_max_len=False`` pads to the longest kept sequence instead of ``max_len`` (the
-        models' outputs do not depend on padding; fewer steps are faster). A fold whose output
-        for a sequence is not finite is left out of that sequence's mean (with a warning); a
-        sequence no fold answers gets NaN.
+        models' outputs do not depend on padding; fewer steps are faster). A fold whose gesture
+        output for a sequence is not finite is left out of that sequence's mean in every head
+        (with a warning); a sequence no fold answers gets NaN.
         """
         kept = np.minimum(table.lengths, self.max_len)
         length = self.max_len if pad_to_max_len else int(kept.max())
         demographics = torch.from_numpy(table.demographics.astype(np.float32))
 
-        def member_probabilities(member: FoldMember) -> np.ndarray:
-            """(N, 18) probabilities of one fold (inference mode and autocast are per thread)."""
+        def member_heads(member: FoldMember) -> dict[str, np.ndarray]:
+            """Per head, (N, C) probabilities of one fold (inference mode and autocast are per thread)."""
             features, mask = self._member_inputs(table, member.normalizer, length)
-            parts = []
+            parts: dict[str, list[np.ndarray]] = {}
             with (
                 torch.inference_mode(),
                 torch.autocast(
@@ -644,17 +659,20 @@ class EnsemblePredictor:
                         mask[batch].to(self.device),
                         demographics[batch].to(self.device),
                     )
-                    parts.append(outputs["gesture_logits"].float().softmax(-1).cpu().numpy())
-            return np.concatenate(parts)
+                    for head, key in HEAD_OUTPUTS.items():
+                        if key in outputs:
+                            parts.setdefault(head, []).append(outputs[key].float().softmax(-1).cpu().numpy())
+            return {head: np.concatenate(chunks) for head, chunks in parts.items()}
 
         if self._pool is not None and len(self.members) > 1:
-            per_fold = list(self._pool.map(member_probabilities, self.members))
+            per_fold = list(self._pool.map(member_heads, self.members))
         else:
-            per_fold = [member_probabilities(member) for member in self.members]
-        total = np.zeros((table.n_sequences, NUM_GESTURES), dtype=np.float64)
+            per_fold = [member_heads(member) for member in self.members]
+        shared = [h for h in HEAD_OUTPUTS if all(h in heads for heads in per_fold)]
+        totals = {h: np.zeros((table.n_sequences, per_fold[0][h].shape[1]), dtype=np.float64) for h in shared}
         counts = np.zeros(table.n_sequences, dtype=np.int64)
-        for member, probabilities in zip(self.members, per_fold, strict=True):
-            good = np.isfinite(probabilities).all(axis=1)
+        for member, heads in zip(self.members, per_fold, strict=True):
+            good = np.isfinite(heads["gesture"]).all(axis=1)
             if not good.all():
                 bad_ids = table.sequence_ids[~good]
                 logger.warning(
@@ -663,10 +681,11 @@ class EnsemblePredictor:
                     len(bad_ids),
                     ", ".join(map(str, bad_ids[:5])),
                 )
-            total[good] += probabilities[good]
+            for head in shared:
+                totals[head][good] += heads[head][good]
             counts += good
         with np.errstate(invalid="ignore", divide="ignore"):
-            return (total / counts[:, None]).astype(np.float32)
+            return {head: (total / counts[:, None]).astype(np.float32) for head, total in totals.items()}
 
     # ------------------------------------------------------------ batch mode
     def frame_table(self, frame: pl.DataFrame, demographics: pl.DataFrame) -> SequenceTable:
@@ -798,9 +817,12 @@ class EnsemblePredictor:
         demographics: pl.DataFrame | None,
         batch_size: int = 64,
         source: str = "the test frame",
+        with_heads: bool = False,
     ) -> pl.DataFrame:
         """Every sequence of a test-format frame: ``sequence_id``, ``gesture``, ``imu_only`` and the
-        18 ``prob_<gesture>`` columns, in the frame's sequence order.
+        18 ``prob_<gesture>`` columns, in the frame's sequence order; ``with_heads=True`` adds the
+        other heads' probabilities (:data:`HEAD_COLUMN_PREFIX`: ``prob_orientation_<k>`` in
+        ``ORIENTATIONS`` order, ``prob_pair_<k>`` in ``GESTURE_ORIENTATION_PAIRS`` order).
 
         The rules of :meth:`predict`; a sequence that cannot be answered gets
         :data:`FALLBACK_GESTURE` (NaN probabilities) with a warning naming it, never a failure
@@ -829,22 +851,26 @@ class EnsemblePredictor:
             if self.strict:
                 raise
             logger.exception("building the features of the whole test frame failed: one sequence at a time")
-            return self._predict_one_at_a_time(frame, demographics)
+            return self._predict_one_at_a_time(frame, demographics, with_heads)
         try:
-            probabilities = self.table_probabilities(table, batch_size=batch_size)
+            heads = self.table_heads(table, batch_size=batch_size)
         except Exception:
             if self.strict:
                 raise
             logger.exception("predicting the whole test frame failed: one sequence at a time")
-            probabilities = np.full((table.n_sequences, NUM_GESTURES), np.nan, dtype=np.float32)
+            rows = []
             for i in range(table.n_sequences):
                 try:
-                    probabilities[i] = self.table_probabilities(table.subset(np.array([i])), batch_size=1)[0]
+                    rows.append(self.table_heads(table.subset(np.array([i])), batch_size=1))
                 except Exception:
                     logger.exception("predicting sequence %s failed", table.sequence_ids[i])
-        return self._result_frame(table.sequence_ids.astype(str), table.imu_only, probabilities)
+                    rows.append(None)
+            heads = stack_heads([None if r is None else {h: p[0] for h, p in r.items()} for r in rows])
+        return self._result_frame(table.sequence_ids.astype(str), table.imu_only, heads, with_heads)
 
-    def _predict_one_at_a_time(self, frame: pl.DataFrame, demographics: pl.DataFrame) -> pl.DataFrame:
+    def _predict_one_at_a_time(
+        self, frame: pl.DataFrame, demographics: pl.DataFrame, with_heads: bool = False
+    ) -> pl.DataFrame:
         """:meth:`predict_frame` by :meth:`predict_probabilities` on each sequence of ``frame``."""
         sequence_ids, imu_only, rows = [], [], []
         by_subject = "subject" in demographics.columns
@@ -852,20 +878,25 @@ class EnsemblePredictor:
         for sequence in frame.partition_by("sequence_id", maintain_order=True):
             subject = self._subject(sequence)
             rows_of_subject = demographics.filter(subjects == subject) if by_subject else demographics
-            probabilities, table = self._answer(sequence, rows_of_subject)
+            heads, table = self._answer(sequence, rows_of_subject)
             sequence_ids.append(self._sequence_id(sequence))
             imu_only.append(bool(table.imu_only[0]) if table is not None else False)
-            rows.append(probabilities if probabilities is not None else np.full(NUM_GESTURES, np.nan))
+            rows.append(heads)
         return self._result_frame(
-            np.array(sequence_ids, dtype=str), np.array(imu_only), np.stack(rows).astype(np.float32)
+            np.array(sequence_ids, dtype=str), np.array(imu_only), stack_heads(rows), with_heads
         )
 
     @staticmethod
     def _result_frame(
-        sequence_ids: np.ndarray, imu_only: np.ndarray, probabilities: np.ndarray
+        sequence_ids: np.ndarray,
+        imu_only: np.ndarray,
+        heads: dict[str, np.ndarray] | np.ndarray,
+        with_heads: bool = False,
     ) -> pl.DataFrame:
         """sequence_id, gesture (FALLBACK_GESTURE where a row is not finite, warned about), imu_only,
-        prob_<gesture>."""
+        prob_<gesture> (and with ``with_heads`` the other heads' columns)."""
+        heads = heads if isinstance(heads, dict) else {"gesture": heads}
+        probabilities = heads["gesture"]
         answered = np.isfinite(probabilities).all(axis=1)
         if not answered.all():
             unanswered = sequence_ids[~answered]
@@ -887,6 +918,35 @@ class EnsemblePredictor:
                 "imu_only": pl.Series(imu_only, dtype=pl.Boolean),
             }
         )
-        return pl.concat(
-            [result, pl.DataFrame(probabilities, schema=[f"prob_{g}" for g in GESTURES])], how="horizontal"
-        )
+        parts = [result, pl.DataFrame(probabilities, schema=[f"prob_{g}" for g in GESTURES])]
+        if with_heads:
+            for head, prefix in HEAD_COLUMN_PREFIX.items():
+                if head in heads:
+                    width = heads[head].shape[1]
+                    parts.append(pl.DataFrame(heads[head], schema=[f"{prefix}{k}" for k in range(width)]))
+        return pl.concat(parts, how="horizontal")
+
+
+def stack_heads(rows: Sequence[dict[str, np.ndarray] | None]) -> dict[str, np.ndarray]:
+    """Per-sequence heads (None: unanswered) -> per head ``(N, C)`` float32, NaN rows where a
+    sequence has no answer; a head is kept when every answered sequence has it."""
+    answered = [r for r in rows if r is not None]
+    names = [h for h in HEAD_OUTPUTS if answered and all(h in r for r in answered)]
+    widths = {h: len(answered[0][h]) for h in names} | {"gesture": NUM_GESTURES}
+    return {
+        head: np.stack([r[head] if r is not None else np.full(widths[head], np.nan) for r in rows])
+        .astype(np.float32)
+        .reshape(len(rows), widths[head])
+        for head in dict.fromkeys(["gesture", *names])
+    }
+
+
+def heads_of_frame(predictions: pl.DataFrame) -> dict[str, np.ndarray]:
+    """The heads' ``(N, C)`` probabilities held by :meth:`EnsemblePredictor.predict_frame`'s
+    result (``with_heads=True`` for heads other than the gesture's)."""
+    heads = {"gesture": predictions.select([f"prob_{g}" for g in GESTURES]).to_numpy()}
+    for head, prefix in HEAD_COLUMN_PREFIX.items():
+        columns = [c for c in predictions.columns if c.startswith(prefix)]
+        if columns:
+            heads[head] = predictions.select(sorted(columns, key=lambda c: int(c[len(prefix) :]))).to_numpy()
+    return heads

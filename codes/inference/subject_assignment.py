@@ -1,28 +1,58 @@
 """Subject-aware answers: assign labels jointly over a subject's sequences, causally.
 
-A subject performs each gesture at most a known number of times (``codes/common/protocol.py``,
-stored in the run folder at training time). For each new sequence, :class:`SubjectAssignment`
-solves an assignment over that subject's sequences so far (the new one included) that maximises
-the summed log-probability under those capacities, and answers the new sequence's label. It
-never needs future sequences, and an answer already returned is never revised; subjects never
-interfere. The solver is ``scipy.optimize.linear_sum_assignment`` on a capacity-expanded cost
-matrix: one column per allowed occurrence of each gesture.
+A subject performs each class at most a known number of times (``codes/common/protocol.py``,
+stored in the run folder at training time). The classes are the 18 gestures (gesture level) or
+the gesture x orientation pairs of the protocol (pair level: 51 pairs, at most 2 sequences each
+per competition subject, a constraint that binds far more than a gesture's 2 to 8). For each new
+sequence, :class:`SubjectAssignment` solves an assignment over that subject's sequences so far
+(the new one included) that maximises the summed log-probability under those capacities, and
+answers the gesture of the new sequence's class. It never needs future sequences, and an answer
+already returned is never revised; subjects never interfere. The solver is
+``scipy.optimize.linear_sum_assignment`` on a capacity-expanded cost matrix: one column per
+allowed occurrence of each class.
 
-``overflow_penalty`` is the strength: going beyond a gesture's capacity costs that many nats
-(``inf``: never, when the sequences fit; ``0``: capacities ignored, the plain argmax). A gesture
+At pair level the class probabilities come from the model's heads (:class:`AssignmentClasses`,
+``joint``): the product of the gesture and orientation heads, a pair head, or both pooled.
+
+``overflow_penalty`` is the strength: going beyond a class's capacity costs that many nats
+(``inf``: never, when the sequences fit; ``0``: capacities ignored, the plain argmax). A class
 of capacity 0 is never assigned.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
+from scipy.special import logsumexp
+
+from codes.common.protocol import Protocol
+from codes.common.schema import GESTURE_ORIENTATION_PAIRS, GESTURES, NUM_GESTURES, ORIENTATIONS
+
+logger = logging.getLogger(__name__)
 
 LOG_FLOOR = 1e-12  # probabilities are floored here before the log
 HARD_OVERFLOW = 1e6  # nats: the cost of a slot beyond capacity when the penalty is infinite
+# how the pair classes' probabilities are formed from the heads (AssignmentClasses.joint)
+JOINTS = ("product", "pair", "pair_product")
+# the heads each joint needs, besides the gesture head
+JOINT_HEADS = {
+    "gesture": (),
+    "product": ("orientation",),
+    "pair": ("pair",),
+    "pair_product": ("orientation", "pair"),
+}
+# joint="auto": the first of these whose heads the model gives (the order: docs/results.md)
+AUTO_JOINTS = ("pair_product", "pair", "product")
+PAIR_COLUMN = {pair: k for k, pair in enumerate(GESTURE_ORIENTATION_PAIRS)}
+
+_WARNED: set[str] = set()
+Heads = Mapping[str, np.ndarray]  # head name (gesture, orientation, pair) -> probabilities (..., C)
 
 
 def assign_labels(
@@ -31,34 +61,35 @@ def assign_labels(
     overflow_penalty: float = math.inf,
     last_row_cost: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``(n, G)`` log-probabilities -> ``(n,)`` gesture indices maximising their sum under ``capacities``.
+    """``(n, K)`` log-probabilities -> ``(n,)`` class indices maximising their sum under ``capacities``.
 
-    Each gesture ``g`` has ``capacities[g]`` slots at cost ``-log p``, and (when ``capacities[g]
-    > 0``) ``n`` overflow slots at ``-log p + overflow_penalty`` (an infinite penalty is a very
-    large one: only used when more sequences than slots must be placed). ``last_row_cost``
-    ``(G,)`` is added to the last row's cost of each gesture.
+    Each class ``k`` has ``capacities[k]`` slots at cost ``-log p``, and (when ``capacities[k]
+    > 0``) overflow slots at ``-log p + overflow_penalty``: as many as could ever be used (an
+    infinite penalty is a very large one: its overflow slots exist only when more sequences than
+    slots must be placed). ``last_row_cost`` ``(K,)`` is added to the last row's cost of each class.
     """
     log_probabilities = np.asarray(log_probabilities, dtype=np.float64)
-    n, n_gestures = log_probabilities.shape
+    n, n_classes = log_probabilities.shape
     capacities = np.asarray(capacities, dtype=np.int64)
     if (capacities <= 0).all():
         return log_probabilities.argmax(1)
-    penalty = HARD_OVERFLOW if math.isinf(overflow_penalty) else float(overflow_penalty)
-    slot_gesture = np.concatenate(
-        [
-            np.repeat(np.arange(n_gestures), np.minimum(capacities, n)),
-            np.repeat(np.flatnonzero(capacities > 0), n),
-        ]
+    regular = np.minimum(capacities, n)
+    if math.isinf(overflow_penalty):
+        penalty = HARD_OVERFLOW
+        overflow = np.where(capacities > 0, max(0, n - int(regular.sum())), 0)
+    else:
+        penalty = float(overflow_penalty)
+        overflow = np.where(capacities > 0, n - regular, 0)
+    slot_class = np.concatenate(
+        [np.repeat(np.arange(n_classes), regular), np.repeat(np.arange(n_classes), overflow)]
     )
-    slot_extra = np.concatenate(
-        [np.zeros(int(np.minimum(capacities, n).sum())), np.full(int((capacities > 0).sum()) * n, penalty)]
-    )
-    cost = -log_probabilities[:, slot_gesture] + slot_extra[None, :]  # (n, slots)
+    slot_extra = np.concatenate([np.zeros(int(regular.sum())), np.full(int(overflow.sum()), penalty)])
+    cost = -log_probabilities[:, slot_class] + slot_extra[None, :]  # (n, slots)
     if last_row_cost is not None:
-        cost[-1] += np.asarray(last_row_cost, dtype=np.float64)[slot_gesture]
+        cost[-1] += np.asarray(last_row_cost, dtype=np.float64)[slot_class]
     rows, columns = linear_sum_assignment(cost)
     labels = np.empty(n, dtype=np.int64)
-    labels[rows] = slot_gesture[columns]
+    labels[rows] = slot_class[columns]
     return labels
 
 
@@ -66,65 +97,196 @@ def floored_log(probabilities: np.ndarray) -> np.ndarray:
     return np.log(np.maximum(np.asarray(probabilities, dtype=np.float64), LOG_FLOOR))
 
 
-class SubjectAssignment:
-    """Per-subject history of answered sequences' log-probabilities, bounded in memory.
+def as_heads(heads: Heads | np.ndarray) -> Heads:
+    """A bare array is the gesture head's probabilities."""
+    return {"gesture": heads} if isinstance(heads, np.ndarray) else heads
 
-    ``answer(subject, probabilities)`` returns the gesture index of the new sequence; a missing
-    or empty subject is answered without history (the argmax). The capacities bind each step's
+
+@dataclass(frozen=True)
+class AssignmentClasses:
+    """What the assignment places a subject's sequences in: ``K`` classes with their capacities,
+    each class's gesture (the answer) and orientation (-1 at gesture level), and ``joint``, how
+    the classes' log-probabilities come from the heads (``gesture``: the gesture head alone;
+    pair level: one of :data:`JOINTS`)."""
+
+    capacities: np.ndarray  # (K,) int
+    gestures: np.ndarray  # (K,) gesture index of each class
+    orientations: np.ndarray  # (K,) orientation index of each class, -1 at gesture level
+    joint: str = "gesture"
+
+    def __post_init__(self) -> None:
+        if self.joint not in ("gesture", "auto", *JOINTS):
+            raise ValueError(f"joint must be 'gesture', 'auto' or one of {JOINTS}, got {self.joint!r}")
+        if np.ndim(self.capacities) != 1 or (np.asarray(self.capacities) < 0).any():
+            raise ValueError("capacities must be one non-negative count per class")
+
+    @property
+    def level(self) -> str:
+        return "gesture" if self.joint == "gesture" else "pair"
+
+    @classmethod
+    def gesture_level(cls, capacities: np.ndarray) -> AssignmentClasses:
+        capacities = np.asarray(capacities, dtype=np.int64)
+        return cls(capacities, np.arange(len(capacities)), np.full(len(capacities), -1), "gesture")
+
+    @classmethod
+    def pair_level(cls, pair_capacities: np.ndarray, joint: str = "product") -> AssignmentClasses:
+        """The pairs of ``(18, 4)`` capacities that a training subject performed."""
+        gestures, orientations = np.nonzero(np.asarray(pair_capacities) > 0)
+        capacities = np.asarray(pair_capacities, dtype=np.int64)[gestures, orientations]
+        return cls(capacities, gestures, orientations, joint)
+
+    @classmethod
+    def from_protocol(cls, protocol: Protocol, joint: str = "product") -> AssignmentClasses:
+        """Pair level when the protocol counts pairs (version 2), else gesture level."""
+        if joint == "gesture" or not protocol.has_pairs:
+            return cls.gesture_level(protocol.gestures)
+        return cls.pair_level(protocol.pairs, joint)
+
+    @property
+    def needed_heads(self) -> tuple[str, ...]:
+        if self.joint == "auto":
+            return ("gesture", "orientation")  # the least an automatic pair-level joint needs
+        return ("gesture", *JOINT_HEADS[self.joint])
+
+    def resolved(self, heads: Heads) -> AssignmentClasses:
+        """``joint="auto"``: the first of :data:`AUTO_JOINTS` whose heads are in ``heads``
+        (itself when none is: :meth:`SubjectAssignment.answer` then falls back)."""
+        if self.joint != "auto":
+            return self
+        for joint in AUTO_JOINTS:
+            if all(name in heads for name in JOINT_HEADS[joint]):
+                return AssignmentClasses(self.capacities, self.gestures, self.orientations, joint)
+        return self
+
+    def log_probabilities(self, heads: Heads | np.ndarray) -> np.ndarray:
+        """``(..., K)`` log-probabilities of the classes (normalised over them) from the heads'
+        probabilities ``(..., C)``; floored at :data:`LOG_FLOOR` before the log."""
+        heads = as_heads(heads)
+        if self.joint == "gesture":
+            return floored_log(heads["gesture"])[..., self.gestures]
+        parts = []
+        if self.joint in ("product", "pair_product"):
+            parts.append(
+                floored_log(heads["gesture"])[..., self.gestures]
+                + floored_log(heads["orientation"])[..., self.orientations]
+            )
+        if self.joint in ("pair", "pair_product"):
+            columns = [
+                PAIR_COLUMN.get((GESTURES[g], ORIENTATIONS[o]), -1)
+                for g, o in zip(self.gestures, self.orientations, strict=True)
+            ]
+            pair_log = floored_log(heads["pair"])[..., np.maximum(columns, 0)]
+            parts.append(np.where(np.array(columns) >= 0, pair_log, math.log(LOG_FLOOR)))
+        pooled = np.mean(parts, axis=0)  # a log-linear pool when both
+        return pooled - logsumexp(pooled, axis=-1, keepdims=True)
+
+    def plain_gestures(self, log_probabilities: np.ndarray) -> np.ndarray:
+        """The gesture with the largest marginal over its classes, per row of ``(..., K)``."""
+        marginal = np.full((*log_probabilities.shape[:-1], NUM_GESTURES), -np.inf)
+        for k, gesture in enumerate(self.gestures):
+            marginal[..., gesture] = np.logaddexp(marginal[..., gesture], log_probabilities[..., k])
+        return marginal.argmax(-1)
+
+
+class SubjectAssignment:
+    """Per-subject history of answered sequences' class log-probabilities, bounded in memory.
+
+    ``answer(subject, heads)`` returns the gesture index of the new sequence (``heads``: the
+    model's probabilities per head, or a bare array of gesture probabilities); a missing or
+    empty subject is answered without history (the argmax). The capacities bind each step's
     joint solution, in which the earlier sequences are free: an earlier answer may later look
     wrong, and the returned answers may then exceed a capacity. ``respect_answers=True`` makes
-    the answers already returned use up their gestures instead; on simulated subjects with
+    the answers already returned use up their classes instead; on simulated subjects with
     biased priors that lost accuracy (0.349 against 0.512 for the default, plain argmax 0.388;
     docs/inference.md), since one early mistake then forces others. At most ``max_subjects`` subjects
     are kept (the least recently seen is dropped) and the last ``max_sequences_per_subject``
     sequences of each.
+
+    ``plain_until``: a subject's first ``plain_until - 1`` sequences are answered plain (their
+    rows still join the history). A pair-level assignment given heads that lack what its joint
+    needs (a model without an orientation or pair head) falls back to ``fallback`` (gesture
+    level), once, with a warning.
     """
 
     def __init__(
         self,
-        capacities: np.ndarray,
+        capacities: np.ndarray | AssignmentClasses,
         overflow_penalty: float = math.inf,
         max_subjects: int = 10_000,
         max_sequences_per_subject: int = 512,
         respect_answers: bool = False,
+        plain_until: int = 0,
+        fallback: AssignmentClasses | None = None,
     ) -> None:
-        self.capacities = np.asarray(capacities, dtype=np.int64)
-        if self.capacities.ndim != 1 or (self.capacities < 0).any():
-            raise ValueError("capacities must be one non-negative count per gesture")
+        self.classes = (
+            capacities
+            if isinstance(capacities, AssignmentClasses)
+            else AssignmentClasses.gesture_level(np.asarray(capacities))
+        )
         if overflow_penalty < 0:
             raise ValueError(f"overflow_penalty must be >= 0, got {overflow_penalty}")
         self.overflow_penalty = float(overflow_penalty)
         self.max_subjects, self.max_sequences_per_subject = int(max_subjects), int(max_sequences_per_subject)
         self.respect_answers = respect_answers
-        # per subject: its sequences' log-probabilities and the count of each answer returned
+        self.plain_until = int(plain_until)
+        self.fallback = fallback
+        # per subject: its sequences' log-probabilities and the count of each answered class
         self._history: OrderedDict[str, tuple[list[np.ndarray], np.ndarray]] = OrderedDict()
 
-    def answer(self, subject: str | None, probabilities: np.ndarray) -> int:
-        log_probabilities = floored_log(probabilities)
+    @property
+    def capacities(self) -> np.ndarray:
+        return self.classes.capacities
+
+    def _check_heads(self, heads: Heads) -> None:
+        self.classes = self.classes.resolved(heads)
+        missing = [name for name in self.classes.needed_heads if name not in heads]
+        if not missing:
+            return
+        if self.fallback is None or any(name not in heads for name in self.fallback.needed_heads):
+            raise ValueError(f"the model gives no {', '.join(missing)} head(s), which the assignment needs")
+        message = (
+            f"the model has no {' or '.join(missing)} head: subject-aware answers fall back from "
+            f"{self.classes.level} level ({self.classes.joint}) to {self.fallback.level} level"
+        )
+        if message not in _WARNED:  # once per process, however many copies (fresh()) meet it
+            _WARNED.add(message)
+            logger.warning(message)
+        self.classes, self.fallback = self.fallback, None
+        self._history.clear()
+
+    def answer(self, subject: str | None, heads: Heads | np.ndarray) -> int:
+        heads = as_heads(heads)
+        self._check_heads(heads)
+        log_probabilities = self.classes.log_probabilities(heads)
         if not subject:
-            return int(np.argmax(log_probabilities))
+            return int(self.classes.plain_gestures(log_probabilities))
         rows, answered = self._history.setdefault(subject, ([], np.zeros(len(self.capacities), np.int64)))
         self._history.move_to_end(subject)
         rows.append(log_probabilities)
         del rows[: max(0, len(rows) - self.max_sequences_per_subject)]
         while len(self._history) > self.max_subjects:
             self._history.popitem(last=False)
+        if len(rows) < self.plain_until:
+            return int(self.classes.plain_gestures(log_probabilities))
         # the earlier sequences are free in the joint solution; with respect_answers the answers
-        # already returned also hold their places (a used-up gesture costs the overflow penalty)
+        # already returned also hold their places (a used-up class costs the overflow penalty)
         penalty = HARD_OVERFLOW if math.isinf(self.overflow_penalty) else self.overflow_penalty
         used_up = np.where(answered >= self.capacities, penalty, 0.0) if self.respect_answers else None
         label = int(assign_labels(np.stack(rows), self.capacities, self.overflow_penalty, used_up)[-1])
         answered[label] += 1
-        return label
+        return int(self.classes.gestures[label])
 
     def fresh(self) -> SubjectAssignment:
         """The same settings, no history."""
         return SubjectAssignment(
-            self.capacities,
+            self.classes,
             self.overflow_penalty,
             self.max_subjects,
             self.max_sequences_per_subject,
             self.respect_answers,
+            self.plain_until,
+            self.fallback,
         )
 
     def reset(self) -> None:
@@ -134,13 +296,16 @@ class SubjectAssignment:
     def n_sequences(self, subject: str) -> int:
         return len(self._history[subject][0]) if subject in self._history else 0
 
-    def offline(self, subjects: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    def offline(self, subjects: np.ndarray, heads: Heads | np.ndarray) -> np.ndarray:
         """Every sequence at once: each subject's whole set assigned jointly (what a gateway that
-        serves one sequence at a time cannot do). Missing subjects get the argmax."""
+        serves one sequence at a time cannot do). Missing subjects get the plain answer."""
+        heads = as_heads(heads)
+        self._check_heads(heads)
         subjects = np.asarray(subjects, dtype=object)
-        log_probabilities = floored_log(probabilities)
-        labels = log_probabilities.argmax(1)
+        log_probabilities = self.classes.log_probabilities(heads)
+        labels = self.classes.plain_gestures(log_probabilities)
         for subject in {s for s in subjects if s}:
             index = np.flatnonzero(subjects == subject)
-            labels[index] = assign_labels(log_probabilities[index], self.capacities, self.overflow_penalty)
+            assigned = assign_labels(log_probabilities[index], self.capacities, self.overflow_penalty)
+            labels[index] = self.classes.gestures[assigned]
         return labels
