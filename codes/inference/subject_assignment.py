@@ -203,8 +203,13 @@ class SubjectAssignment:
     are kept (the least recently seen is dropped) and the last ``max_sequences_per_subject``
     sequences of each.
 
-    ``plain_until``: a subject's first ``plain_until - 1`` sequences are answered plain (their
-    rows still join the history). A pair-level assignment given heads that lack what its joint
+    Variants measured by ``benchmarks/subject_assignment.py`` (docs/results.md), all off by
+    default: ``plain_until``: a subject's first ``plain_until - 1`` sequences are answered plain
+    (their rows still join the history); ``penalty_ramp``: a finite ``overflow_penalty`` grows
+    with the history, ``overflow_penalty x min(1, n / penalty_ramp)`` at the subject's ``n``-th
+    sequence; ``prior_weight``: instead of the joint solution's label, the new sequence gets
+    ``argmax log p + prior_weight x log((free slots + 0.5) / (capacity + 0.5))``, the free slots
+    being those the earlier sequences' own assignment leaves. A pair-level assignment given heads that lack what its joint
     needs (a model without an orientation or pair head) falls back to ``fallback`` (gesture
     level), once, with a warning.
     """
@@ -218,6 +223,8 @@ class SubjectAssignment:
         respect_answers: bool = False,
         plain_until: int = 0,
         fallback: AssignmentClasses | None = None,
+        penalty_ramp: int = 0,
+        prior_weight: float | None = None,
     ) -> None:
         self.classes = (
             capacities
@@ -231,6 +238,10 @@ class SubjectAssignment:
         self.respect_answers = respect_answers
         self.plain_until = int(plain_until)
         self.fallback = fallback
+        if penalty_ramp < 0 or (penalty_ramp and math.isinf(overflow_penalty)):
+            raise ValueError("penalty_ramp must be >= 0, and needs a finite overflow_penalty")
+        self.penalty_ramp = int(penalty_ramp)
+        self.prior_weight = prior_weight
         # per subject: its sequences' log-probabilities and the count of each answered class
         self._history: OrderedDict[str, tuple[list[np.ndarray], np.ndarray]] = OrderedDict()
 
@@ -269,13 +280,29 @@ class SubjectAssignment:
             self._history.popitem(last=False)
         if len(rows) < self.plain_until:
             return int(self.classes.plain_gestures(log_probabilities))
-        # the earlier sequences are free in the joint solution; with respect_answers the answers
-        # already returned also hold their places (a used-up class costs the overflow penalty)
-        penalty = HARD_OVERFLOW if math.isinf(self.overflow_penalty) else self.overflow_penalty
-        used_up = np.where(answered >= self.capacities, penalty, 0.0) if self.respect_answers else None
-        label = int(assign_labels(np.stack(rows), self.capacities, self.overflow_penalty, used_up)[-1])
+        penalty = self.overflow_penalty
+        if self.penalty_ramp:
+            penalty *= min(1.0, len(rows) / self.penalty_ramp)
+        if self.prior_weight is not None:
+            label = self._rescored(rows, penalty)
+        else:
+            # the earlier sequences are free in the joint solution; with respect_answers the answers
+            # already returned also hold their places (a used-up class costs the overflow penalty)
+            hard = HARD_OVERFLOW if math.isinf(penalty) else penalty
+            used_up = np.where(answered >= self.capacities, hard, 0.0) if self.respect_answers else None
+            label = int(assign_labels(np.stack(rows), self.capacities, penalty, used_up)[-1])
         answered[label] += 1
         return int(self.classes.gestures[label])
+
+    def _rescored(self, rows: list[np.ndarray], penalty: float) -> int:
+        """The new sequence's class by its own log-probabilities and the free slots the earlier
+        sequences' assignment leaves (``prior_weight``)."""
+        used = np.zeros(len(self.capacities), dtype=np.int64)
+        if len(rows) > 1:
+            np.add.at(used, assign_labels(np.stack(rows[:-1]), self.capacities, penalty), 1)
+        free = np.maximum(self.capacities - used, 0)
+        prior = np.log((free + 0.5) / (self.capacities + 0.5))
+        return int(np.argmax(np.where(self.capacities > 0, rows[-1] + self.prior_weight * prior, -np.inf)))
 
     def fresh(self) -> SubjectAssignment:
         """The same settings, no history."""
@@ -287,6 +314,8 @@ class SubjectAssignment:
             self.respect_answers,
             self.plain_until,
             self.fallback,
+            self.penalty_ramp,
+            self.prior_weight,
         )
 
     def reset(self) -> None:
