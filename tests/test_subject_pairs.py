@@ -280,3 +280,29 @@ def test_an_old_protocol_serves_at_gesture_level_and_says_so(pair_run, caplog):
         assert [r for r in caplog.records if "gesture level" in r.getMessage()]
     finally:
         path.write_text(original)
+
+
+def test_exp020_without_its_pair_head_is_exp019():
+    from codes.exp.exp019.losses import compute_loss as loss_019
+    from codes.exp.exp019.model import build_model as model_019
+    from codes.exp.exp020.losses import compute_loss as loss_020
+    from codes.exp.exp020.model import build_model as model_020
+
+    off = ("model.pair_head=false", "trainer.pair_weight=0")
+    cfg_019 = experiment_config("exp019", "variant=smoke", "machine=cpu")
+    cfg_020 = experiment_config("exp020", "variant=smoke", "machine=cpu", *off)
+    torch.manual_seed(0)
+    first = model_019(cfg_019, 12).eval()
+    torch.manual_seed(0)
+    second = model_020(cfg_020, 12).eval()
+    assert list(first.state_dict()) == list(second.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    features, mask = torch.randn(3, 20, 12), torch.ones(3, 20, dtype=torch.bool)
+    with torch.no_grad():
+        outputs = first(features, mask), second(features, mask)
+    labels, orientations = torch.tensor([0, 9, 17]), torch.tensor([1, 0, -1])
+    mix = (torch.tensor([2, 0, 1]), torch.tensor([0.7, 0.6, 0.9]))
+    assert torch.equal(
+        loss_019(outputs[0], labels, cfg_019.trainer, None, orientations, mix),
+        loss_020(outputs[1], labels, cfg_020.trainer, None, orientations, mix),
+    )
