@@ -306,3 +306,29 @@ def test_exp020_without_its_pair_head_is_exp019():
         loss_019(outputs[0], labels, cfg_019.trainer, None, orientations, mix),
         loss_020(outputs[1], labels, cfg_020.trainer, None, orientations, mix),
     )
+
+
+def test_pairs_mode_assigns_only_at_pair_level_else_answers_plain(pair_run, caplog):
+    from codes.exp.exp020.inference import load_predictor
+    from codes.inference.experiment import pair_level_only
+
+    assert (
+        load_predictor(pair_run, device="cpu", subject_aware="pairs").subject_assignment.classes.level
+        == "pair"
+    )
+    with pytest.raises(ValueError, match="subject_aware"):
+        load_predictor(pair_run, device="cpu", subject_aware="yes please")
+    # a model without an orientation head: plain answers (the argmax), said once
+    assignment = pair_level_only(pair_run, math.inf, "auto", 0)
+    gestures, orientations = protocol_subject(9)
+    heads = noisy_heads(gestures, orientations, seed=9)
+    with caplog.at_level(logging.WARNING, logger="codes.inference.subject_assignment"):
+        answers = [assignment.answer("s", heads["gesture"][i]) for i in range(102)]
+    assert answers == heads["gesture"].argmax(1).tolist()
+    path = pair_run / PROTOCOL_FILE
+    original = path.read_text()
+    path.write_text(json.dumps(json.loads(original) | {"version": 1}))
+    try:  # a version-1 protocol: no pair counts, so no assignment at all
+        assert load_predictor(pair_run, device="cpu", subject_aware="pairs").subject_assignment is None
+    finally:
+        path.write_text(original)

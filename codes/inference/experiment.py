@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+import numpy as np
 import torch
 
 from codes.common.distributed import resolve_device
@@ -56,12 +57,15 @@ def run_precision(cfg: ConfigView) -> str:
     return cfg.trainer.get("precision", "auto")
 
 
-SUBJECT_AWARE_BY_DEFAULT = False  # causal gain within the order-to-order spread: docs/results.md
+SUBJECT_AWARE_BY_DEFAULT = False  # load_predictor's default; the Kaggle script's is "pairs"
+# subject_aware="pairs": on only where it pays (docs/results.md): the run folder's protocol counts
+# gesture x orientation pairs and the model gives the heads of the joint; plain answers otherwise
+ONLY_WITH_PAIRS = "pairs"
 
 
 def subject_assignment_of(
     run_dir: Path,
-    subject_aware: bool | None,
+    subject_aware: bool | str | None,
     overflow_penalty: float,
     joint: str = "auto",
     plain_until: int = 0,
@@ -71,7 +75,15 @@ def subject_assignment_of(
     Pair level (``joint``: auto or one of ``subject_assignment.JOINTS``) where the run folder's
     protocol counts pairs, with a fall-back to gesture level for a model without the heads the
     joint needs; gesture level (said once, here) for a version-1 protocol.json or ``joint="gesture"``.
+    ``subject_aware="pairs"``: pair level only, never gesture level (no pair counts, or a model
+    without the heads: plain answers, said once).
     """
+    if subject_aware == ONLY_WITH_PAIRS:
+        return pair_level_only(run_dir, overflow_penalty, joint, plain_until)
+    if isinstance(subject_aware, str):
+        raise ValueError(
+            f"subject_aware must be true, false, None or {ONLY_WITH_PAIRS!r}, got {subject_aware!r}"
+        )
     wanted = SUBJECT_AWARE_BY_DEFAULT if subject_aware is None else bool(subject_aware)
     if not wanted:
         return None
@@ -94,6 +106,28 @@ def subject_assignment_of(
     classes = AssignmentClasses.from_protocol(protocol, joint)
     fallback = AssignmentClasses.gesture_level(protocol.gestures) if classes.level == "pair" else None
     return SubjectAssignment(classes, overflow_penalty, plain_until=plain_until, fallback=fallback)
+
+
+def pair_level_only(
+    run_dir: Path, overflow_penalty: float, joint: str, plain_until: int
+) -> SubjectAssignment | None:
+    """``subject_aware="pairs"``: the pair-level assignment, or None (plain answers) where the run
+    folder's protocol.json does not count pairs; a model without the joint's heads answers plain."""
+    protocol = read_protocol(run_dir)
+    if protocol is None or not protocol.has_pairs or joint == "gesture":
+        logger.info(
+            "%s: no pair counts (%s): each sequence is answered alone",
+            run_dir / PROTOCOL_FILE,
+            "no file" if protocol is None else f"protocol version {protocol.version}",
+        )
+        return None
+    plain = AssignmentClasses.gesture_level(np.zeros_like(protocol.gestures))  # no capacity: the argmax
+    return SubjectAssignment(
+        AssignmentClasses.from_protocol(protocol, joint),
+        overflow_penalty,
+        plain_until=plain_until,
+        fallback=plain,
+    )
 
 
 def mismatch_advice(run_dir: Path, cfg: ConfigView, exp_name: str) -> str:
@@ -148,7 +182,7 @@ def load_run_predictor(
     fold_threads: int = 1,
     precision: str | None = None,
     num_threads: int | None = None,
-    subject_aware: bool | None = None,
+    subject_aware: bool | str | None = None,
     overflow_penalty: float = math.inf,
     joint: str = "auto",
     plain_until: int = 0,

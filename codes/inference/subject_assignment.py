@@ -256,9 +256,10 @@ class SubjectAssignment:
             return
         if self.fallback is None or any(name not in heads for name in self.fallback.needed_heads):
             raise ValueError(f"the model gives no {', '.join(missing)} head(s), which the assignment needs")
+        to = "plain answers" if (self.fallback.capacities <= 0).all() else f"{self.fallback.level} level"
         message = (
             f"the model has no {' or '.join(missing)} head: subject-aware answers fall back from "
-            f"{self.classes.level} level ({self.classes.joint}) to {self.fallback.level} level"
+            f"{self.classes.level} level ({self.classes.joint}) to {to}"
         )
         if message not in _WARNED:  # once per process, however many copies (fresh()) meet it
             _WARNED.add(message)
