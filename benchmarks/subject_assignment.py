@@ -8,7 +8,9 @@ Each run's fold ensemble gives every test sequence's head probabilities once (ba
 sequences in a shuffled order (``--orders`` seeds), the offline ones assign each subject's whole
 test set at once. Answers:
 
-- ``plain``: each sequence alone (the gesture head's argmax);
+- ``plain``: each sequence alone (the gesture head's argmax); ``plain (<joint> marginal)``: alone,
+  the gesture with the largest p(gesture) = sum over orientations of the joint (what the
+  assignment starts from: the gain of the assignment itself is over this row);
 - ``causal gesture``: the assignment over the 18 gestures (per-subject gesture counts);
 - ``causal pair (<joint>)``: over the gesture x orientation pairs, p(gesture, orientation) from
   the heads (``product`` of the gesture and orientation heads, the ``pair`` head, or both pooled:
@@ -140,6 +142,10 @@ def main_scores(runs: list[RunOutputs], orders: int) -> None:
         for run in members:
             plain = run.heads["gesture"].argmax(1)
             rows["plain"] += [run.scores(plain)] * orders  # the same for every order
+            for joint in run.joints():  # the joint's own plain answer: its gesture marginal
+                classes = AssignmentClasses.pair_level(run.protocol.pairs, joint)
+                marginal = classes.plain_gestures(classes.log_probabilities(run.heads))
+                rows[f"plain ({joint} marginal)"] += [run.scores(marginal)] * orders
             variants = {"causal gesture": run.assignment("gesture")}
             variants |= {f"causal pair ({j})": run.assignment("pair", j) for j in run.joints()}
             for name, assignment in variants.items():
