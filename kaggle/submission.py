@@ -15,8 +15,9 @@ staged by ``python -m codes.inference.kaggle_package``). Internet off: nothing i
   batch mode: test.csv -> submission.csv (CMI_OUTPUT), with the score when labels exist.
 - CMI_NUM_THREADS sets torch's CPU threads (default: torch's, one per core); 1 is faster on a
   busy or shared CPU and with CMI_FOLD_THREADS=2.
-- CMI_SUBJECT_AWARE=1 / 0 turns subject-aware answers on / off (default: the predictor's,
-  ``SUBJECT_AWARE_BY_DEFAULT``; it needs the run's protocol.json, staged with the run).
+- CMI_SUBJECT_AWARE=1 / 0 turns subject-aware answers on / off. Unset: on at pair level where
+  it pays (``subject_aware="pairs"``: the run's protocol.json, staged with the run, counts
+  gesture x orientation pairs and the model gives the heads; docs/results.md), plain otherwise.
 - Yes/no switches (CMI_SUBJECT_AWARE, CMI_QUANTIZE) take 1/0, true/false, yes/no, on/off (any
   case); whole numbers (CMI_NUM_THREADS, CMI_FOLD_THREADS) are at least 1. Any other value stops
   the script before the run loads, naming the variable (``codes/common/env_flags.py``).
@@ -92,7 +93,7 @@ QUANTIZE_ON_CPU = env_flag("CMI_QUANTIZE", False)
 FOLD_THREADS = env_positive_int("CMI_FOLD_THREADS", 1)  # fold models run at once per sequence
 # torch CPU threads (None = torch's default, one per core): 1 on a busy or shared CPU, or with fold threads
 NUM_THREADS = env_positive_int("CMI_NUM_THREADS", None)
-SUBJECT_AWARE = env_flag("CMI_SUBJECT_AWARE", None)  # None: the predictor's default
+SUBJECT_AWARE = env_flag("CMI_SUBJECT_AWARE", None)  # None: "pairs", pair level where it pays
 run_dir = find_run_dir()
 inference = importlib.import_module(f"codes.exp.{EXPERIMENT}.inference")
 from codes.common.runs import setup_logging  # noqa: E402  (importable once code_dir is on the path)
@@ -108,7 +109,7 @@ predictor = inference.load_predictor(
     quantize=quantize,
     fold_threads=FOLD_THREADS,
     num_threads=NUM_THREADS,
-    subject_aware=SUBJECT_AWARE,
+    subject_aware="pairs" if SUBJECT_AWARE is None else SUBJECT_AWARE,
 )  # every fold, once, before the server starts
 print(
     f"loaded folds {predictor.folds} on {predictor.device} in {time.perf_counter() - started:.1f} s "

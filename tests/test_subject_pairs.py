@@ -217,6 +217,19 @@ def test_exp020_pair_loss_is_the_cross_entropy_of_the_known_pairs():
     assert torch.isclose(compute_loss(outputs, labels, cfg, None, orientations), expected)
 
 
+def labelled_test_dir(toy_data, tmp_path):
+    """The toy training data as a labelled test set (test.csv, test_demographics.csv, test_labels.csv)."""
+    test_dir = tmp_path / "test"
+    test_dir.mkdir()
+    train = pl.read_csv(toy_data / "train.csv")
+    train.drop("sequence_type", "orientation", "behavior", "phase", "gesture").write_csv(
+        test_dir / "test.csv"
+    )
+    pl.read_csv(toy_data / "train_demographics.csv").write_csv(test_dir / "test_demographics.csv")
+    train.select("sequence_id", "gesture").unique("sequence_id").write_csv(test_dir / "test_labels.csv")
+    return test_dir
+
+
 @pytest.fixture(scope="module")
 def pair_run(toy_data, tmp_path_factory):
     """A tiny exp020 run on the toy data (its protocol counts pairs)."""
@@ -238,14 +251,7 @@ def test_exp020_serves_pairs_the_same_through_the_gateway_and_batch_mode(pair_ru
     from codes.inference.predictor import heads_of_frame
 
     assert read_protocol(pair_run).has_pairs
-    test_dir = tmp_path / "test"
-    test_dir.mkdir()
-    train = pl.read_csv(toy_data / "train.csv")
-    train.drop("sequence_type", "orientation", "behavior", "phase", "gesture").write_csv(
-        test_dir / "test.csv"
-    )
-    pl.read_csv(toy_data / "train_demographics.csv").write_csv(test_dir / "test_demographics.csv")
-    train.select("sequence_id", "gesture").unique("sequence_id").write_csv(test_dir / "test_labels.csv")
+    test_dir = labelled_test_dir(toy_data, tmp_path)
     predictor = load_predictor(pair_run, device="cpu", strict=True, subject_aware=True, joint="pair_product")
     assert predictor.subject_assignment.classes.level == "pair"
     served = LocalGateway.from_dir(test_dir, seed=3).serve(predictor.predict).submission
@@ -296,7 +302,10 @@ def test_exp020_without_its_pair_head_is_exp019():
     torch.manual_seed(0)
     second = model_020(cfg_020, 12).eval()
     assert list(first.state_dict()) == list(second.state_dict())
-    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True)
+    )
     features, mask = torch.randn(3, 20, 12), torch.ones(3, 20, dtype=torch.bool)
     with torch.no_grad():
         outputs = first(features, mask), second(features, mask)
@@ -332,3 +341,27 @@ def test_pairs_mode_assigns_only_at_pair_level_else_answers_plain(pair_run, capl
         assert load_predictor(pair_run, device="cpu", subject_aware="pairs").subject_assignment is None
     finally:
         path.write_text(original)
+
+
+def test_the_kaggle_script_assigns_pairs_unless_switched_off(pair_run, toy_data, tmp_path):
+    """Unset CMI_SUBJECT_AWARE: pair level (its batch fall-back prints the causal score); 0: plain."""
+    import os
+
+    from codes.common.runs import REPO_ROOT
+    from tests.test_run_folder_safety import run_submission
+
+    environment = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "CMI_CODE_DIR": str(REPO_ROOT),
+        "CMI_RUN_DIR": str(pair_run),
+        "CMI_EXPERIMENT": "exp020",
+        "CMI_COMPETITION_DIR": str(labelled_test_dir(toy_data, tmp_path)),
+        "CMI_OUTPUT": str(tmp_path / "submission.csv"),
+    }
+    environment.pop("CMI_SUBJECT_AWARE", None)
+    default = run_submission(environment, tmp_path)
+    assert default.returncode == 0, default.stderr[-2000:]
+    assert "subject-aware: plain" in default.stdout
+    switched_off = run_submission(environment | {"CMI_SUBJECT_AWARE": "0"}, tmp_path)
+    assert switched_off.returncode == 0 and "subject-aware" not in switched_off.stdout
