@@ -23,7 +23,10 @@ causal gain comes from: the gain by the position of a sequence in its subject's 
 and variants (early answers plain, a finite or growing overflow penalty, the history's
 assignment as a prior). ``--latency-run``: ``predict()`` p50 through the local gateway stand-in
 on one subject's sequences (served last: the 102nd and the 10 before it), plain and
-subject-aware in turn, twice, 1 torch thread.
+subject-aware in turn, twice, 1 torch thread. ``--oof``: each head's plain answers on the runs'
+out-of-fold sequences (every fold model on its own validation subjects of train.csv, all sensors
+and with the thermopiles and ToF removed, as training's CV scores them): is a joint's marginal a
+better plain answer than the gesture head?
 """
 
 from __future__ import annotations
@@ -42,10 +45,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from codes.common.data_files import TEST_DEMOGRAPHICS_FILE, read_demographics, read_test
+from codes.common.data_files import (
+    TEST_DEMOGRAPHICS_FILE,
+    TRAIN_DEMOGRAPHICS_FILE,
+    read_demographics,
+    read_test,
+    read_train,
+)
 from codes.common.metric import competition_score
 from codes.common.protocol import read_protocol
-from codes.common.schema import GESTURES
+from codes.common.schema import GESTURES, SENSOR_COLUMNS, TEST_COLUMNS
 from codes.inference.batch import read_labels, serving_order, subject_aware_answers
 from codes.inference.gateway import LocalGateway, latency_summary
 from codes.inference.predictor import heads_of_frame
@@ -246,6 +255,51 @@ def latency(run_dir: Path, data_dir: Path) -> None:
         )
 
 
+def out_of_fold(run_dirs: list[Path], data_dir: Path) -> None:
+    """CV scores of each head's plain answer: every fold model on its validation sequences."""
+    train = read_train(data_dir)
+    demographics = read_demographics(data_dir / TRAIN_DEMOGRAPHICS_FILE)
+    non_imu = [c for c in SENSOR_COLUMNS if c.startswith(("thm_", "tof_"))]
+    print("\n#### Plain answers on the out-of-fold sequences (training's CV), per head\n")
+    print("| run | answers | CV | IMU-only CV |")
+    print("| --- | --- | ---: | ---: |")
+    for run_dir in run_dirs:
+        exp = load_run_config(run_dir).exp_name
+        predictor = importlib.import_module(f"codes.exp.{exp}.inference").load_predictor(
+            run_dir, device="cpu"
+        )
+        folds = pl.read_parquet(run_dir / "oof.parquet").select("sequence_id", "fold")
+        truth, answers = [], defaultdict(lambda: ([], []))
+        for fold in sorted(folds["fold"].unique().to_list()):
+            ids = folds.filter(pl.col("fold") == fold)["sequence_id"]
+            frame = train.filter(pl.col("sequence_id").is_in(ids.implode())).select(TEST_COLUMNS)
+            member = predictor.restricted_to([fold])
+            parts = []
+            for sensors in (
+                frame,
+                frame.with_columns(pl.lit(None, dtype=pl.Float64).alias(c) for c in non_imu),
+            ):
+                parts.append(member.predict_frame(sensors, demographics, with_heads=True))
+            gesture_of = dict(train.select("sequence_id", "gesture").unique("sequence_id").iter_rows())
+            truth += [gesture_of[s] for s in parts[0]["sequence_id"]]
+            protocol = read_protocol(run_dir)
+            for which, predictions in enumerate(parts):
+                heads = heads_of_frame(predictions)
+                answers["gesture head"][which].append(heads["gesture"].argmax(1))
+                for joint in JOINTS:
+                    if protocol.has_pairs and all(h in heads for h in JOINT_HEADS[joint]):
+                        classes = AssignmentClasses.pair_level(protocol.pairs, joint)
+                        marginal = classes.plain_gestures(classes.log_probabilities(heads))
+                        answers[f"{joint} marginal"][which].append(marginal)
+        truth = np.array(truth, dtype=object)
+        for name, (full, imu) in answers.items():
+            full, imu = NAMES[np.concatenate(full)], NAMES[np.concatenate(imu)]
+            print(
+                f"| {exp} {run_dir.name} | {name} | {competition_score(truth, full):.4f} | "
+                f"{competition_score(truth, imu):.4f} |"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -255,6 +309,10 @@ def main() -> None:
     parser.add_argument("--orders", type=int, default=5)
     parser.add_argument("--analysis", action="store_true")
     parser.add_argument("--latency-run", type=Path)
+    parser.add_argument("--oof", action="store_true")
+    parser.add_argument(
+        "--train-data", type=Path, default=Path("data/synthetic"), help="--oof: the runs' training data"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     runs = [RunOutputs(run_dir, args.data) for run_dir in args.runs]
@@ -263,6 +321,8 @@ def main() -> None:
     main_scores(runs, args.orders)
     if args.analysis:
         analysis(runs, args.orders)
+    if args.oof:
+        out_of_fold(args.runs, args.train_data)
     if args.latency_run:
         latency(args.latency_run, args.data)
 
