@@ -253,6 +253,20 @@ def latency(run_dir: Path, data_dir: Path) -> None:
             f"| {'subject-aware' if aware else 'plain'} | {len(result.seconds)} | {everything['p50']:.1f} ms | "
             f"{last['p50']:.1f} ms | {everything['p99']:.1f} ms |"
         )
+    # the assignment's own cost, without the models: the subject's heads replayed in serving order
+    predictor = inference.load_predictor(run_dir, device="cpu", subject_aware=True)
+    heads = heads_of_frame(predictor.predict_frame(served, demographics, with_heads=True))
+    order = serving_order(len(heads["gesture"]), 0)
+    seconds = []
+    for i in order:
+        started = time.perf_counter()
+        predictor.subject_assignment.answer(subject, {h: p[i] for h, p in heads.items()})
+        seconds.append(time.perf_counter() - started)
+    print(
+        f"\nThe assignment step alone ({predictor.subject_assignment.classes.level} level, "
+        f"{predictor.subject_assignment.classes.joint}): p50 {1000 * np.median(seconds):.2f} ms over all "
+        f"{len(seconds)}, {1000 * np.median(seconds[-11:]):.2f} ms at the last 11."
+    )
 
 
 def out_of_fold(run_dirs: list[Path], data_dir: Path) -> None:
