@@ -142,3 +142,17 @@ def training_config(exp: str, data_dir: Path, output_dir: Path, model: dict, *ov
                 *overrides,
             ],
         )
+
+
+def labelled_test_dir(data_dir: Path, tmp_path: Path) -> Path:
+    """``data_dir``'s training data as a labelled test set in ``tmp_path/test``: test.csv (the
+    label columns dropped), test_demographics.csv and test_labels.csv (sequence_id, gesture)."""
+    test_dir = tmp_path / "test"
+    test_dir.mkdir()
+    train = pl.read_csv(data_dir / "train.csv")
+    train.drop("sequence_type", "orientation", "behavior", "phase", "gesture").write_csv(
+        test_dir / "test.csv"
+    )
+    pl.read_csv(data_dir / "train_demographics.csv").write_csv(test_dir / "test_demographics.csv")
+    train.select("sequence_id", "gesture").unique("sequence_id").write_csv(test_dir / "test_labels.csv")
+    return test_dir

@@ -186,16 +186,10 @@ def test_the_gateway_and_batch_mode_give_the_same_answers_in_the_same_order(subj
     from codes.exp.exp013.inference import load_predictor
     from codes.inference.batch import run_batch
     from codes.inference.gateway import LocalGateway
+    from tests.helpers import labelled_test_dir
 
-    test_dir = tmp_path / "test"
-    test_dir.mkdir()
-    train = pl.read_csv(toy_data / "train.csv")
-    train.drop("sequence_type", "orientation", "behavior", "phase", "gesture").write_csv(
-        test_dir / "test.csv"
-    )
-    pl.read_csv(toy_data / "train_demographics.csv").write_csv(test_dir / "test_demographics.csv")
-    labels = train.select("sequence_id", "gesture").unique("sequence_id")
-    labels.write_csv(test_dir / "test_labels.csv")
+    test_dir = labelled_test_dir(toy_data, tmp_path)
+    labels = pl.read_csv(test_dir / "test_labels.csv")
     predictor = load_predictor(subject_run, device="cpu", strict=True, subject_aware=True)
     served = LocalGateway.from_dir(test_dir, seed=7).serve(predictor.predict).submission
     scores = run_batch(

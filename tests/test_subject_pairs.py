@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from codes.common.protocol import PROTOCOL_FILE, pair_capacities, protocol_record, read_protocol
 from codes.common.schema import GESTURE_ORIENTATION_PAIRS, GESTURES, NUM_GESTURES, ORIENTATIONS
 from codes.inference.subject_assignment import AssignmentClasses, SubjectAssignment, assign_labels
-from tests.helpers import experiment_config
+from tests.helpers import experiment_config, labelled_test_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -215,19 +215,6 @@ def test_exp020_pair_loss_is_the_cross_entropy_of_the_known_pairs():
     )
     expected = without + cfg.pair_weight * F.cross_entropy(outputs["pair_logits"][:2], pairs[:2])
     assert torch.isclose(compute_loss(outputs, labels, cfg, None, orientations), expected)
-
-
-def labelled_test_dir(toy_data, tmp_path):
-    """The toy training data as a labelled test set (test.csv, test_demographics.csv, test_labels.csv)."""
-    test_dir = tmp_path / "test"
-    test_dir.mkdir()
-    train = pl.read_csv(toy_data / "train.csv")
-    train.drop("sequence_type", "orientation", "behavior", "phase", "gesture").write_csv(
-        test_dir / "test.csv"
-    )
-    pl.read_csv(toy_data / "train_demographics.csv").write_csv(test_dir / "test_demographics.csv")
-    train.select("sequence_id", "gesture").unique("sequence_id").write_csv(test_dir / "test_labels.csv")
-    return test_dir
 
 
 @pytest.fixture(scope="module")
