@@ -352,3 +352,13 @@ def test_the_kaggle_script_assigns_pairs_unless_switched_off(pair_run, toy_data,
     assert "subject-aware: plain" in default.stdout
     switched_off = run_submission(environment | {"CMI_SUBJECT_AWARE": "0"}, tmp_path)
     assert switched_off.returncode == 0 and "subject-aware" not in switched_off.stdout
+
+
+def test_a_head_without_finite_probabilities_is_answered_plain_and_not_remembered():
+    classes = AssignmentClasses.pair_level(PAIR_CAPACITIES, "product")
+    gestures, orientations = protocol_subject(10)
+    heads = noisy_heads(gestures, orientations, seed=10)
+    assignment = SubjectAssignment(classes)
+    broken = {"gesture": heads["gesture"][0], "orientation": np.full(len(ORIENTATIONS), np.nan)}
+    assert assignment.answer("s", broken) == int(heads["gesture"][0].argmax())
+    assert assignment.n_sequences("s") == 0

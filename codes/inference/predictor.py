@@ -632,9 +632,9 @@ class EnsemblePredictor:
         where every fold model has that head.
 
         ``pad_to_max_len=False`` pads to the longest kept sequence instead of ``max_len`` (the
-        models' outputs do not depend on padding; fewer steps are faster). A fold whose gesture
-        output for a sequence is not finite is left out of that sequence's mean in every head
-        (with a warning); a sequence no fold answers gets NaN.
+        models' outputs do not depend on padding; fewer steps are faster). A fold whose output
+        for a sequence is not finite in any head is left out of that sequence's mean in every
+        head (with a warning); a sequence no fold answers gets NaN.
         """
         kept = np.minimum(table.lengths, self.max_len)
         length = self.max_len if pad_to_max_len else int(kept.max())
@@ -672,7 +672,7 @@ class EnsemblePredictor:
         totals = {h: np.zeros((table.n_sequences, per_fold[0][h].shape[1]), dtype=np.float64) for h in shared}
         counts = np.zeros(table.n_sequences, dtype=np.int64)
         for member, heads in zip(self.members, per_fold, strict=True):
-            good = np.isfinite(heads["gesture"]).all(axis=1)
+            good = np.logical_and.reduce([np.isfinite(heads[head]).all(axis=1) for head in shared])
             if not good.all():
                 bad_ids = table.sequence_ids[~good]
                 logger.warning(

@@ -271,6 +271,11 @@ class SubjectAssignment:
         heads = as_heads(heads)
         self._check_heads(heads)
         log_probabilities = self.classes.log_probabilities(heads)
+        if not np.isfinite(log_probabilities).all():  # a head without an answer: the gesture head alone
+            logger.warning(
+                "subject %s: a head gave non-finite probabilities: answered plain, not remembered", subject
+            )
+            return int(np.nanargmax(np.nan_to_num(np.asarray(heads["gesture"], dtype=np.float64), nan=-1.0)))
         if not subject:
             return int(self.classes.plain_gestures(log_probabilities))
         rows, answered = self._history.setdefault(subject, ([], np.zeros(len(self.capacities), np.int64)))
