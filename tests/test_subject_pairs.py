@@ -362,3 +362,20 @@ def test_a_head_without_finite_probabilities_is_answered_plain_and_not_remembere
     broken = {"gesture": heads["gesture"][0], "orientation": np.full(len(ORIENTATIONS), np.nan)}
     assert assignment.answer("s", broken) == int(heads["gesture"][0].argmax())
     assert assignment.n_sequences("s") == 0
+
+
+def test_a_detached_pair_head_trains_itself_only():
+    from codes.exp.exp020.model import build_model
+
+    for detached in (False, True):
+        cfg = experiment_config(
+            "exp020", "variant=smoke", "machine=cpu", f"model.pair_head_detached={detached}"
+        )
+        torch.manual_seed(0)
+        model = build_model(cfg, 12)
+        outputs = model(torch.randn(3, 20, 12), torch.ones(3, 20, dtype=torch.bool))
+        outputs["pair_logits"].logsumexp(-1).sum().backward()  # a loss of the pair head alone
+        encoder = model.input_projection.weight.grad
+        head = model.pair_head[0].weight.grad
+        assert head is not None and head.abs().sum() > 0
+        assert (encoder is None or encoder.abs().sum() == 0) == detached

@@ -102,6 +102,9 @@ class ModelConfig:
     # a head over the 51 gesture x orientation pairs (trainer.pair_weight); subject-aware inference
     # assigns pairs with it (codes/inference/joint_heads.py)
     pair_head: bool = True
+    # the pair head reads the fused vector detached: its loss trains the head only, never the
+    # encoder the gesture head shares (a trade-off measured in docs/results.md)
+    pair_head_detached: bool = False
     bert: BertHeadConfig = field(default_factory=BertHeadConfig)
     # initialise the Squeezeformer + BERT stack from a checkpoint (e.g. NoiseBERT pretraining);
     # tensors are matched by name and shape, and the log lists what was loaded and what is new

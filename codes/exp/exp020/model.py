@@ -77,6 +77,7 @@ class GestureClassifier(nn.Module):
             if cfg.pair_head
             else None
         )
+        self.pair_head_detached = bool(cfg.get("pair_head_detached", False))
 
     def encode(
         self, features: torch.Tensor, mask: torch.Tensor, output_attentions: bool = False
@@ -115,7 +116,7 @@ class GestureClassifier(nn.Module):
         if self.orientation_head is not None:
             outputs["orientation_logits"] = self.orientation_head(pooled)
         if self.pair_head is not None:
-            outputs["pair_logits"] = self.pair_head(pooled)
+            outputs["pair_logits"] = self.pair_head(pooled.detach() if self.pair_head_detached else pooled)
         return outputs
 
     def head_parameters(self) -> list[nn.Parameter]:
