@@ -156,3 +156,15 @@ def labelled_test_dir(data_dir: Path, tmp_path: Path) -> Path:
     pl.read_csv(data_dir / "train_demographics.csv").write_csv(test_dir / "test_demographics.csv")
     train.select("sequence_id", "gesture").unique("sequence_id").write_csv(test_dir / "test_labels.csv")
     return test_dir
+
+
+def train_smoke_run(exp: str, data_dir: Path, output_dir: Path, *overrides: str) -> Path:
+    """Experiment ``exp``'s smoke variant trained on ``data_dir`` (CPU) as ``output_dir/<exp>/tiny``."""
+    import importlib
+
+    cfg = experiment_config(
+        exp, "variant=smoke", "machine=cpu", "data=competition", f"paths.data_dir={data_dir}",
+        f"paths.output_dir={output_dir}", "run_name=tiny", *overrides,
+    )  # fmt: skip
+    importlib.import_module(f"codes.exp.{exp}.train").run_training(cfg)
+    return output_dir / exp / "tiny"

@@ -150,16 +150,9 @@ def test_missing_subjects_are_answered_alone_and_memory_is_bounded():
 @pytest.fixture(scope="module")
 def subject_run(toy_data, tmp_path_factory):
     """A tiny exp013 run on the toy data (6 subjects x 18 gestures: capacity 1 each)."""
-    from codes.exp.exp013 import train
-    from tests.helpers import experiment_config
+    from tests.helpers import train_smoke_run
 
-    output_dir = tmp_path_factory.mktemp("subject_runs")
-    cfg = experiment_config(
-        "exp013", "variant=smoke", "machine=cpu", "data=competition", f"paths.data_dir={toy_data}",
-        f"paths.output_dir={output_dir}", "run_name=tiny", "trainer.epochs=2",
-    )  # fmt: skip
-    train.run_training(cfg)
-    return output_dir / "exp013" / "tiny"
+    return train_smoke_run("exp013", toy_data, tmp_path_factory.mktemp("subject_runs"), "trainer.epochs=2")
 
 
 def test_training_stores_the_protocol_and_inference_uses_it_when_asked(subject_run, monkeypatch):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from codes.common.protocol import PROTOCOL_FILE, pair_capacities, protocol_record, read_protocol
 from codes.common.schema import GESTURE_ORIENTATION_PAIRS, GESTURES, NUM_GESTURES, ORIENTATIONS
 from codes.inference.subject_assignment import AssignmentClasses, SubjectAssignment, assign_labels
-from tests.helpers import experiment_config, labelled_test_dir
+from tests.helpers import experiment_config, labelled_test_dir, train_smoke_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -220,15 +220,7 @@ def test_exp020_pair_loss_is_the_cross_entropy_of_the_known_pairs():
 @pytest.fixture(scope="module")
 def pair_run(toy_data, tmp_path_factory):
     """A tiny exp020 run on the toy data (its protocol counts pairs)."""
-    from codes.exp.exp020 import train
-
-    output_dir = tmp_path_factory.mktemp("pair_runs")
-    cfg = experiment_config(
-        "exp020", "variant=smoke", "machine=cpu", "data=competition", f"paths.data_dir={toy_data}",
-        f"paths.output_dir={output_dir}", "run_name=tiny", "trainer.epochs=1",
-    )  # fmt: skip
-    train.run_training(cfg)
-    return output_dir / "exp020" / "tiny"
+    return train_smoke_run("exp020", toy_data, tmp_path_factory.mktemp("pair_runs"), "trainer.epochs=1")
 
 
 def test_exp020_serves_pairs_the_same_through_the_gateway_and_batch_mode(pair_run, toy_data, tmp_path):
