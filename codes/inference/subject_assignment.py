@@ -26,6 +26,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -172,21 +173,32 @@ class AssignmentClasses:
                 + floored_log(heads["orientation"])[..., self.orientations]
             )
         if self.joint in ("pair", "pair_product"):
-            columns = [
-                PAIR_COLUMN.get((GESTURES[g], ORIENTATIONS[o]), -1)
-                for g, o in zip(self.gestures, self.orientations, strict=True)
-            ]
+            columns = self._pair_columns
             pair_log = floored_log(heads["pair"])[..., np.maximum(columns, 0)]
-            parts.append(np.where(np.array(columns) >= 0, pair_log, math.log(LOG_FLOOR)))
+            parts.append(np.where(columns >= 0, pair_log, math.log(LOG_FLOOR)))
         pooled = np.mean(parts, axis=0)  # a log-linear pool when both
         return pooled - logsumexp(pooled, axis=-1, keepdims=True)
 
+    @cached_property
+    def _pair_columns(self) -> np.ndarray:
+        """``(K,)`` each class's column of the pair head (``GESTURE_ORIENTATION_PAIRS``), -1 for none."""
+        return np.array(
+            [
+                PAIR_COLUMN.get((GESTURES[g], ORIENTATIONS[o]), -1)
+                for g, o in zip(self.gestures, self.orientations, strict=True)
+            ],
+            dtype=np.int64,
+        )
+
+    @cached_property
+    def _class_gesture(self) -> np.ndarray:
+        """``(K, 18)`` one-hot: the gesture of each class."""
+        return np.eye(NUM_GESTURES)[self.gestures]
+
     def plain_gestures(self, log_probabilities: np.ndarray) -> np.ndarray:
         """The gesture with the largest marginal over its classes, per row of ``(..., K)``."""
-        marginal = np.full((*log_probabilities.shape[:-1], NUM_GESTURES), -np.inf)
-        for k, gesture in enumerate(self.gestures):
-            marginal[..., gesture] = np.logaddexp(marginal[..., gesture], log_probabilities[..., k])
-        return marginal.argmax(-1)
+        shifted = log_probabilities - log_probabilities.max(-1, keepdims=True)
+        return (np.exp(shifted) @ self._class_gesture).argmax(-1)
 
 
 class SubjectAssignment:
