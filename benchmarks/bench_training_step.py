@@ -3,7 +3,7 @@
     python benchmarks/bench_training_step.py --exp exp013 [--batch-size 32 --length 128 --features 16]
         [--max-len N] [--variant quick] [--lengths-from data/synthetic]
         [--min-length 29] [--steps 10 --repeats 3] [--device cpu|cuda] [--bf16] [--compile]
-        [--full-step] [--ema torch|sync-free] [--profile] [--no-time-reduction]
+        [--full-step] [--ema torch|sync-free] [--profile] [--no-time-reduction] [--batch-from DIR]
         [--no-cpu-fast-paths] [model.key=value ...]
 
 The model is built from the experiment's default ``ModelConfig`` (the full dims), or with
@@ -15,7 +15,12 @@ as training pads every batch to ``data.max_len``.
 Real lengths are random in [min-length, length] with the mask set accordingly (``--min-length``
 equal to ``--length``: no padding at all), or, with ``--lengths-from DIR``, drawn from the
 training sequences of a dataset folder in the competition format (cropped to ``--length``), so
-that the padding is what training sees. The loss is the experiment's training loss.
+that the padding is what training sees. ``--batch-from DIR`` takes a whole batch from that dataset
+instead: ``--batch-size`` random training sequences with the experiment's own feature settings
+(``data.*``: e.g. exp021's ToF grid), normalised, their last ``--length`` steps, and the
+thermopile and ToF inputs of every second sequence zeroed (``data.sensor_drop_prob`` = 0.5, as
+training drops them); the model is then built by the experiment's ``build_model``. The loss is
+the experiment's training loss.
 ``--full-step`` adds what ``train.py`` does besides: gradient clipping (``trainer.grad_clip``)
 and the EMA update (``--ema torch``: ``torch.optim.swa_utils.AveragedModel`` as
 ``codes.common.training.build_ema`` builds it; ``--ema sync-free``:
@@ -35,6 +40,7 @@ import importlib
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -53,6 +59,31 @@ def real_lengths(args: argparse.Namespace, generator: torch.Generator) -> torch.
     lengths = load_sequence_table(args.lengths_from, "train", FeatureSettings()).lengths
     picked = torch.randint(0, len(lengths), (args.batch_size,), generator=generator).numpy()
     return torch.from_numpy(np.minimum(lengths[picked], args.length).astype(np.int64))
+
+
+def batch_from(
+    args: argparse.Namespace, cfg, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features (B, L, F), mask (B, L))``: ``--batch-size`` random training sequences of
+    ``--batch-from`` with the experiment's feature settings, normalised and padded to
+    ``--length``; every second sequence without its thermopile and ToF inputs."""
+    from codes.common.features import FeatureSettings
+    from codes.common.sequences import FeatureNormalizer, load_sequence_table, pad_sequences
+
+    settings = FeatureSettings(
+        use_thm=cfg.data.use_thm,
+        tof_mode=cfg.data.tof_mode,
+        mirror_left_handed=cfg.data.mirror_left_handed,
+        sampling_rate_hz=cfg.data.sampling_rate_hz,
+    )
+    table = load_sequence_table(Path(args.batch_from), "train", settings)
+    picked = torch.randint(0, table.n_sequences, (args.batch_size,), generator=generator).numpy()
+    batch = table.subset(picked)
+    padded = pad_sequences(batch, args.length, FeatureNormalizer().fit(table).transform(batch))
+    features = torch.from_numpy(padded.features)
+    non_imu = table.feature_groups.get("thm", []) + table.feature_groups.get("tof", [])
+    features[1::2, :, non_imu] = 0.0
+    return features, torch.from_numpy(padded.mask)
 
 
 def build_ema(kind: str, model: torch.nn.Module, decay: float):
@@ -86,6 +117,9 @@ def main() -> None:
     parser.add_argument(
         "--lengths-from", default=None, help="draw real lengths from this dataset's train.csv"
     )
+    parser.add_argument(
+        "--batch-from", default=None, help="a real batch of this dataset's train.csv, the experiment's features"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--bf16", action="store_true", help="torch.autocast with bfloat16")
@@ -118,8 +152,17 @@ def main() -> None:
     if args.no_time_reduction:
         cfg.model.time_reduction = False
     device = torch.device(args.device)
+    generator = torch.Generator().manual_seed(0)
+    real_batch = None
+    if args.batch_from is not None:
+        cfg.data.max_len = max_len
+        real_batch = batch_from(args, cfg, generator)
+        args.features = real_batch[0].shape[-1]
     torch.manual_seed(0)
-    model = model_module.GestureClassifier(args.features, cfg.model, max_len)
+    if real_batch is not None:
+        model = model_module.build_model(cfg, args.features)
+    else:
+        model = model_module.GestureClassifier(args.features, cfg.model, max_len)
     fast_paths = device.type == "cpu" and not args.no_cpu_fast_paths
     if fast_paths:
         enable_cpu_fast_paths(model)
@@ -132,12 +175,15 @@ def main() -> None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ema = build_ema(args.ema, model, cfg.trainer.ema_decay) if args.full_step else None
 
-    generator = torch.Generator().manual_seed(0)
-    features = torch.randn(args.batch_size, args.length, args.features, generator=generator)
-    if not 1 <= args.min_length <= args.length:
-        parser.error(f"--min-length must be in [1, --length={args.length}], got {args.min_length}")
-    lengths = real_lengths(args, generator)
-    mask = torch.arange(args.length)[None, :] < lengths[:, None]
+    if real_batch is not None:
+        features, mask = real_batch
+        lengths = mask.sum(dim=1)
+    else:
+        features = torch.randn(args.batch_size, args.length, args.features, generator=generator)
+        if not 1 <= args.min_length <= args.length:
+            parser.error(f"--min-length must be in [1, --length={args.length}], got {args.min_length}")
+        lengths = real_lengths(args, generator)
+        mask = torch.arange(args.length)[None, :] < lengths[:, None]
     features = (features * mask[..., None]).to(device)
     mask = mask.to(device)
     demographics = (

@@ -17,6 +17,13 @@ Rules (documented in docs/data.md):
   neither -1 nor in 0..``TOF_MAX_DISTANCE`` (its sensor's frame, as for a null pixel). Values
   inside the ranges are untouched.
 - ToF ``-1`` (no reflection) counts as ``TOF_MAX_DISTANCE + 1`` (beyond range).
+- ``tof_mode="grid"`` keeps the five 8x8 frames for a spatial model, each pixel as its closeness
+  ``(255 - distance) / 255`` (no reflection = 0, the nearest reading = 1), with a validity flag
+  per frame and per thermopile. A frame that was not read (a null, NaN or out-of-range pixel) or
+  read no reflection at any pixel (all -1: a blank frame, counted) is masked: validity flag 0 and
+  pixels 0, never filled from a neighbouring step; a blank frame sets its sensor's blank flag
+  instead (a model may embed "nothing in range" without reading it as distances). The pixels and
+  all flags are fixed-scale columns (``fixed_scale`` group): the normaliser leaves them as they are.
 - Handedness: with ``mirror_left_handed`` the sensors of left-handed wearers are mirrored onto
   the right-handed frame before any feature is computed (``schema.mirror_sensors``).
 - The quaternion is made sign-continuous within a sequence (q and -q are the same rotation).
@@ -68,7 +75,8 @@ IMU_FEATURE_NAMES: list[str] = [
     "acc_jerk", "linear_acc_jerk",
 ]  # fmt: skip
 TOF_SUMMARY_STATISTICS: list[str] = ["mean", "std", "min", "no_reflection_fraction"]
-TOF_MODES = ("none", "summary", "raw")
+TOF_MODES = ("none", "summary", "raw", "grid")
+GRID_SCALE = 255  # closeness = (GRID_SCALE - distance) / GRID_SCALE; distance 255 = no reflection
 PARALLEL_MIN_ROWS = 20_000
 PIECE_ROWS = 65_536  # rows per piece of compute_step_features (whole sequences)
 
@@ -78,7 +86,9 @@ class FeatureSettings:
     """What the per-step feature vector holds; part of the cache key."""
 
     use_thm: bool = True  # the 5 thermopile temperatures
-    tof_mode: str = "summary"  # "none" | "summary" (4 statistics per sensor) | "raw" (320 pixels)
+    # "none" | "summary" (4 statistics per sensor) | "raw" (320 pixels) | "grid" (320 closeness
+    # pixels with a validity flag per frame and per thermopile, for a spatial model)
+    tof_mode: str = "summary"
     mirror_left_handed: bool = True  # mirror left-handed wearers onto the right-handed frame
     sampling_rate_hz: float = 10.0  # turns per-step differences into per-second rates
 
@@ -105,9 +115,19 @@ class FeatureSettings:
 
 
 def feature_layout(settings: FeatureSettings) -> tuple[list[str], dict[str, list[int]]]:
-    """Feature names and their groups (``imu``, ``thm``, ``tof``) as column indices."""
+    """Feature names and their groups (``imu``, ``thm``, ``tof``) as column indices.
+
+    With ``tof_mode="grid"``, ``thm`` and ``tof`` also hold the validity flags, and sub-groups
+    name the parts: ``thm_values``, ``thm_valid`` (one flag per thermopile), ``tof_grid`` (the
+    320 closeness pixels, sensor by sensor, each 8x8 row-major), ``tof_valid`` (one flag per
+    sensor: a frame with a reflection was read), ``tof_blank`` (one flag per sensor: the frame
+    read no reflection at any pixel) and ``fixed_scale`` (the columns the normaliser leaves
+    unscaled).
+    """
     names = list(IMU_FEATURE_NAMES)
     groups = {"imu": list(range(len(names)))}
+    if settings.tof_mode == "grid":
+        return _grid_layout(settings, names, groups)
     if settings.use_thm:
         groups["thm"] = list(range(len(names), len(names) + len(THM_COLUMNS)))
         names += THM_COLUMNS
@@ -122,6 +142,31 @@ def feature_layout(settings: FeatureSettings) -> tuple[list[str], dict[str, list
     if tof_names:
         groups["tof"] = list(range(len(names), len(names) + len(tof_names)))
         names += tof_names
+    return names, groups
+
+
+def _grid_layout(
+    settings: FeatureSettings, names: list[str], groups: dict[str, list[int]]
+) -> tuple[list[str], dict[str, list[int]]]:
+    """:func:`feature_layout` of ``tof_mode="grid"``."""
+
+    def add(group: str, new: list[str]) -> list[int]:
+        columns = list(range(len(names), len(names) + len(new)))
+        names.extend(new)
+        groups[group] = columns
+        return columns
+
+    fixed = []
+    if settings.use_thm:
+        values = add("thm_values", list(THM_COLUMNS))
+        valid = add("thm_valid", [f"{c}_valid" for c in THM_COLUMNS])
+        groups["thm"] = values + valid
+        fixed += valid
+    grid = add("tof_grid", [f"{c}_closeness" for c in TOF_COLUMNS])
+    valid = add("tof_valid", [f"tof_{k}_valid" for k in TOF_COLUMNS_BY_SENSOR])
+    blank = add("tof_blank", [f"tof_{k}_blank" for k in TOF_COLUMNS_BY_SENSOR])
+    groups["tof"] = grid + valid + blank
+    groups["fixed_scale"] = fixed + grid + valid + blank
     return names, groups
 
 
@@ -361,6 +406,19 @@ def tof_distances(grid: np.ndarray) -> np.ndarray:
     )
 
 
+def tof_closeness(grid: np.ndarray) -> np.ndarray:
+    """The grid feature of one sensor: ``(R, 64)`` readings (-1 = no reflection) -> float32
+    ``(GRID_SCALE - distance) / GRID_SCALE``, with no reflection at distance 255 (closeness 0).
+
+    Integer readings give multiples of 1/255 exactly (``SequenceTable.save`` stores them as
+    bytes). NaN stays NaN (the frame is masked by the caller).
+    """
+    distances = np.where(grid == TOF_NO_REFLECTION, np.float32(TOF_MAX_DISTANCE + 1), grid).astype(
+        np.float32, copy=False
+    )
+    return (np.float32(GRID_SCALE) - distances) / np.float32(GRID_SCALE)
+
+
 @functools.cache
 def tof_mirror_sources(columns: tuple[str, ...]) -> dict[int, tuple[int, np.ndarray]]:
     """For each ToF sensor: the sensor a mirrored wearer's reading comes from, and its pixel order.
@@ -577,8 +635,9 @@ def compute_step_features(
         start, end = int(offsets[first]), int(offsets[last])
         part = sensors.slice(start, end - start) if isinstance(sensors, pl.DataFrame) else sensors[start:end]
         dropped: dict[str, int] = {}
+        blocks = SensorBlocks.from_sensors(part, settings).drop_impossible_readings(dropped)
         _compute_piece(
-            SensorBlocks.from_sensors(part, settings).drop_impossible_readings(dropped),
+            blocks,
             offsets[first : last + 1] - start,
             left_handed[first:last],
             settings,
@@ -586,6 +645,7 @@ def compute_step_features(
             StepFeatures(
                 result.features[start:end], result.step_valid[start:end], result.feature_present[first:last]
             ),
+            dropped,
         )
         return dropped
 
@@ -610,8 +670,10 @@ def _compute_piece(
     settings: FeatureSettings,
     tof_mirror: dict[int, tuple[int, np.ndarray]],
     out: StepFeatures,
+    counts: dict[str, int],
 ) -> None:
-    """:func:`compute_step_features` of some whole sequences, written into ``out``.
+    """:func:`compute_step_features` of some whole sequences, written into ``out``; ``counts``
+    receives the blank ToF frames of ``tof_mode="grid"`` (``tof_blank_frames``).
 
     Mirroring: IMU and thermopile columns are mirrored (in ``blocks``) before any feature is
     computed. A ToF feature of a row depends on that row's grid only, so ToF features are
@@ -667,9 +729,15 @@ def _compute_piece(
         )
         store(column, fill_nan(filled, 0.0), _segment_any(thm_valid, offsets))
         column += len(THM_COLUMNS)
+        if settings.tof_mode == "grid":  # a flag per thermopile and step: read, not filled in
+            store(column, thm_valid.astype(np.float32), _segment_any(thm_valid, offsets))
+            column += len(THM_COLUMNS)
 
     # ToF: features of the unmirrored grids, then those of the mirrored sensor for left-handed rows
     if blocks.tof is None:
+        return
+    if settings.tof_mode == "grid":
+        _store_tof_grid(blocks, offsets, left_rows, tof_mirror, store, column, counts)
         return
     unmirrored = {}
     for k in TOF_COLUMNS_BY_SENSOR:
@@ -691,6 +759,55 @@ def _compute_piece(
         present = np.repeat(_segment_any(valid[:, None], offsets), features.shape[1], axis=1)
         store(column, filled, present)
         column += features.shape[1]
+
+
+def _store_tof_grid(
+    blocks: SensorBlocks,
+    offsets: np.ndarray,
+    left_rows: np.ndarray | None,
+    tof_mirror: dict[int, tuple[int, np.ndarray]],
+    store,
+    column: int,
+    counts: dict[str, int],
+) -> None:
+    """The ``tof_mode="grid"`` columns from ``column`` on: 320 closeness pixels, 5 validity flags,
+    5 blank flags.
+
+    A frame not read or blank (every pixel -1) is masked: validity flag 0 and pixels 0; a blank
+    frame sets the blank flag. Left-handed rows take the mirrored sensor's frame with its columns
+    flipped (``tof_mirror_sources``), and its flags.
+    """
+    n_sensors = len(TOF_COLUMNS_BY_SENSOR)
+    unmirrored = {}
+    for k in TOF_COLUMNS_BY_SENSOR:
+        grid = blocks.tof[:, (k - 1) * TOF_PIXELS : k * TOF_PIXELS]
+        missing = blocks.tof_missing[:, k - 1]
+        blank = (grid == TOF_NO_REFLECTION).all(axis=1) & ~missing
+        if blank.any():
+            counts["tof_blank_frames"] = counts.get("tof_blank_frames", 0) + int(np.count_nonzero(blank))
+        unmirrored[k] = tof_closeness(grid), missing, blank
+    valid_flags = np.empty((len(blocks.tof), n_sensors), dtype=np.float32)
+    blank_flags = np.empty_like(valid_flags)
+    for k, (closeness, missing, blank) in unmirrored.items():
+        if left_rows is not None:
+            source, pixels = tof_mirror[k]
+            source_closeness, source_missing, source_blank = unmirrored[source]
+            closeness = np.where(left_rows[:, None], source_closeness[:, pixels], closeness)
+            missing = np.where(left_rows, source_missing, missing)
+            blank = np.where(left_rows, source_blank, blank)
+        masked = missing | blank
+        closeness = np.where(masked[:, None], np.float32(0.0), closeness)
+        valid_flags[:, k - 1] = ~masked
+        blank_flags[:, k - 1] = blank
+        present = np.repeat(_segment_any(~masked[:, None], offsets), TOF_PIXELS, axis=1)
+        store(column + (k - 1) * TOF_PIXELS, closeness, present)
+    read = _segment_any(~blocks.tof_missing, offsets)  # a blank frame is a reading
+    if left_rows is not None:  # the flags of sensor k come from its mirror source
+        left = _segment_any(left_rows[:, None], offsets)[:, 0]
+        sources = [tof_mirror[k][0] - 1 for k in TOF_COLUMNS_BY_SENSOR]
+        read = np.where(left[:, None], read[:, sources], read)
+    store(column + n_sensors * TOF_PIXELS, valid_flags, read)
+    store(column + n_sensors * TOF_PIXELS + n_sensors, blank_flags, read)
 
 
 def _mirrored(values: np.ndarray, names: list[str], left_rows: np.ndarray | None) -> np.ndarray:

@@ -36,7 +36,13 @@ from codes.common.data_files import (
     require_file,
 )
 from codes.common.demographics import out_of_range_as_unknown
-from codes.common.features import FEATURE_VERSION, FeatureSettings, compute_step_features, feature_layout
+from codes.common.features import (
+    FEATURE_VERSION,
+    GRID_SCALE,
+    FeatureSettings,
+    compute_step_features,
+    feature_layout,
+)
 from codes.common.schema import DEMOGRAPHIC_FIELDS, GESTURE_TO_INDEX, GESTURES
 
 logger = logging.getLogger(__name__)
@@ -134,6 +140,12 @@ class SequenceTable:
         arrays["layout_json"] = np.array(
             json.dumps({"names": self.feature_names, "groups": self.feature_groups})
         )
+        grid = self.feature_groups.get("tof_grid")
+        if grid:
+            codes = grid_codes(self.features[:, grid])
+            if codes is not None:  # 1 byte per pixel instead of 4, restored exactly by load
+                arrays["grid_codes"] = codes
+                arrays["features"] = np.delete(self.features, grid, axis=1)
         with atomic_path(path) as temporary, open(temporary, "wb") as handle:
             np.savez(handle, **arrays)
 
@@ -142,7 +154,29 @@ class SequenceTable:
         with np.load(path, allow_pickle=False) as stored:
             arrays = {name: stored[name] for name in stored.files}
         layout = json.loads(str(arrays.pop("layout_json")))
+        codes = arrays.pop("grid_codes", None)
+        if codes is not None:
+            grid = layout["groups"]["tof_grid"]
+            rest = arrays["features"]
+            features = np.empty((len(rest), rest.shape[1] + len(grid)), dtype=np.float32)
+            kept = np.setdiff1d(np.arange(features.shape[1]), grid)
+            features[:, kept] = rest
+            features[:, grid] = codes.astype(np.float32) / np.float32(GRID_SCALE)
+            arrays["features"] = features
         return cls(**arrays, feature_names=layout["names"], feature_groups=layout["groups"])
+
+
+def grid_codes(closeness: np.ndarray) -> np.ndarray | None:
+    """``tof_mode="grid"`` pixels as bytes ``closeness x 255``, or None when some pixel is not a
+    multiple of 1/255 (a file with fractional ToF readings), which ``codes / 255`` would not
+    restore exactly."""
+    codes = np.rint(closeness * np.float32(GRID_SCALE))
+    if not ((codes >= 0) & (codes <= GRID_SCALE)).all():
+        return None
+    codes = codes.astype(np.uint8)
+    if not np.array_equal(codes.astype(np.float32) / np.float32(GRID_SCALE), closeness):
+        return None
+    return codes
 
 
 # ---------------------------------------------------------------- building
@@ -218,6 +252,7 @@ def build_sequence_table(
     step = compute_step_features(sensors, offsets, left_handed, settings)
     if sensor_source is not None:
         warn_about_impossible_readings(step.impossible_counts, sensor_source)
+        log_blank_tof_frames(step.impossible_counts, sensor_source)
     names, groups = feature_layout(settings)
 
     if "gesture" in frame.columns:
@@ -250,7 +285,7 @@ def warn_about_impossible_readings(counts: dict[str, int], source: str) -> None:
     """One warning with the count of readings of ``source`` taken as missing for lying outside
     their physical range (``features.impossible_readings``), per column group; none when there
     are none."""
-    total = sum(counts.values())
+    total = sum(counts.get(group, 0) for group in IMPOSSIBLE_READING_GROUPS)
     if not total:
         return
     logger.warning(
@@ -260,6 +295,18 @@ def warn_about_impossible_readings(counts: dict[str, int], source: str) -> None:
         f"{total:,}",
         ", ".join(f"{group} {counts.get(group, 0):,}" for group in IMPOSSIBLE_READING_GROUPS),
     )
+
+
+def log_blank_tof_frames(counts: dict[str, int], source: str) -> None:
+    """One log line with the count of ToF frames masked for reading no reflection at any pixel
+    (``tof_mode="grid"``, ``features.tof_closeness``); none when there are none."""
+    if counts.get("tof_blank_frames"):
+        logger.info(
+            "%s: %s ToF frame(s) read no reflection at any pixel (all -1); masked from the grid "
+            "and flagged blank (tof_mode=grid, docs/data.md)",
+            source,
+            f"{counts['tof_blank_frames']:,}",
+        )
 
 
 def refuse_varying_labels(frame: pl.DataFrame) -> None:
@@ -466,7 +513,8 @@ class FeatureNormalizer:
     Wraps ``sklearn.preprocessing.StandardScaler`` (absent features enter the fit as NaN, which
     it ignores). A feature no sequence of the fit has (e.g. every thermopile and ToF feature of
     IMU-only data) gets the neutral statistics, mean 0 and scale 1, without a mean or variance
-    taken over no value (numpy's "invalid value encountered in divide").
+    taken over no value (numpy's "invalid value encountered in divide"); so do the fixed-scale
+    columns (``feature_groups["fixed_scale"]``: the ``tof_mode="grid"`` pixels and flags).
     ``transform`` maps absent features to 0, the training mean.
     """
 
@@ -483,6 +531,9 @@ class FeatureNormalizer:
         # a feature no sequence of the fit has (all NaN) enters as zeros, not as a mean over
         # nothing, and gets the neutral statistics; the other columns' statistics are unchanged
         unread = ~table.feature_present.any(axis=0)  # (F,)
+        # fixed-scale columns (tof_mode=grid: closeness pixels and validity flags) keep their
+        # values: 0 stays "masked"
+        unread[table.feature_groups.get("fixed_scale", [])] = True
         rows[:, unread] = 0.0
         self.scaler.fit(rows)
         self.scaler.mean_[unread] = 0.0

@@ -1,0 +1,98 @@
+"""A per-step encoder of the ToF frames and thermopiles (``tof_mode="grid"`` features).
+
+For every step of every sequence at once (no loop over time or sensors):
+
+- each of the five 8x8 ToF frames (closeness pixels, ``features.tof_closeness``) goes through a
+  small 2-D CNN whose weights all sensors share, plus a learned embedding of its sensor;
+- the frames are pooled by a masked mean over the sensors: a frame whose validity flag is 0 (not
+  read, or blank: no reflection at any pixel) never reaches the CNN; a blank frame contributes
+  a learned per-sensor "nothing in range" vector instead (``blank_embedding``), never distances;
+- the five thermopiles (values and validity flags) go through a small MLP, its output gated by
+  whether any thermopile was read at the step.
+
+The result ``(B, T, out_dim)`` is exactly 0 at a step with no valid frame, no blank flag and no
+thermopile, and at padded steps: a sequence without thermopile and ToF readings adds nothing,
+whatever its (masked) pixel values hold. The CNN runs on the valid frames of real steps only,
+gathered into one batch, so its cost follows what was read.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+TOF_SIDE = 8  # each ToF sensor is an 8x8 grid, row-major from the top left
+
+
+class SpatialSensorEncoder(nn.Module):
+    """``(features (B, T, F), mask (B, T))`` -> ``(B, T, out_dim)``; the columns come from
+    ``features.feature_layout`` groups of ``tof_mode="grid"`` (``tof_grid``, ``tof_valid``,
+    ``tof_blank``, and ``thm_values`` / ``thm_valid`` when thermopiles are used)."""
+
+    def __init__(
+        self,
+        groups: dict[str, list[int]],
+        tof_dim: int = 32,
+        thm_dim: int = 16,
+        channels: int = 8,
+        blank_embedding: bool = True,
+    ) -> None:
+        super().__init__()
+        missing = [g for g in ("tof_grid", "tof_valid", "tof_blank") if g not in groups]
+        if missing:
+            raise ValueError(
+                f"the feature layout has no {missing} group(s): the spatial encoder needs data.tof_mode=grid"
+            )
+        self.n_sensors = len(groups["tof_valid"])
+        if len(groups["tof_grid"]) != self.n_sensors * TOF_SIDE * TOF_SIDE:
+            raise ValueError(f"expected {self.n_sensors} x 64 ToF pixels, got {len(groups['tof_grid'])}")
+        for name in ("tof_grid", "tof_valid", "tof_blank", "thm_values", "thm_valid"):
+            self.register_buffer(name, torch.tensor(groups.get(name, []), dtype=torch.long), persistent=False)
+        self.use_thm = len(groups.get("thm_values", [])) > 0
+        c = channels
+        self.frame_cnn = nn.Sequential(  # (n, 1, 8, 8) -> (n, tof_dim)
+            nn.Conv2d(1, c, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(c, 2 * c, 3, stride=2, padding=1),  # 4x4
+            nn.SiLU(),
+            nn.Conv2d(2 * c, 4 * c, 3, stride=2, padding=1),  # 2x2
+            nn.SiLU(),
+            nn.Flatten(),
+            nn.Linear(4 * c * 4, tof_dim),
+        )
+        self.sensor_embedding = nn.Parameter(torch.zeros(self.n_sensors, tof_dim))
+        nn.init.normal_(self.sensor_embedding, std=0.02)
+        self.frame_mlp = nn.Sequential(nn.SiLU(), nn.Linear(tof_dim, tof_dim))
+        self.blank_vectors = nn.Parameter(torch.zeros(self.n_sensors, tof_dim)) if blank_embedding else None
+        n_thm = len(groups.get("thm_values", []))
+        self.thm_mlp = (
+            nn.Sequential(nn.Linear(2 * n_thm, thm_dim), nn.SiLU(), nn.Linear(thm_dim, thm_dim))
+            if self.use_thm
+            else None
+        )
+        self.out_dim = tof_dim + (thm_dim if self.use_thm else 0)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        batch, steps = features.shape[:2]
+        real = mask[..., None].to(features.dtype)  # (B, T, 1)
+        valid = features[..., self.tof_valid] * real  # (B, T, S)
+        blank = features[..., self.tof_blank] * real if self.blank_vectors is not None else None
+        # the CNN on the valid frames of real steps only: one gathered batch
+        read = valid > 0  # (B, T, S)
+        frames = features[..., self.tof_grid].reshape(batch, steps, self.n_sensors, TOF_SIDE, TOF_SIDE)[read]
+        sensor = torch.arange(self.n_sensors, device=features.device).expand(batch, steps, -1)[read]
+        embedded = self.frame_mlp(self.frame_cnn(frames[:, None]) + self.sensor_embedding[sensor])  # (n, D)
+        per_frame = embedded.new_zeros(batch, steps, self.n_sensors, embedded.shape[-1])
+        per_frame = per_frame.index_put((read,), embedded)  # (B, T, S, D)
+        weights = valid
+        pooled = (weights[..., None] * per_frame).sum(dim=2)  # (B, T, D)
+        if blank is not None:
+            pooled = pooled + blank @ self.blank_vectors.to(pooled.dtype)
+            weights = weights + blank
+        pooled = pooled / weights.sum(dim=-1, keepdim=True).clamp(min=1.0)
+        if not self.use_thm:
+            return pooled
+        thm_valid = features[..., self.thm_valid] * real  # (B, T, 5)
+        thm_input = torch.cat([features[..., self.thm_values] * thm_valid, thm_valid], dim=-1)
+        gate = thm_valid.amax(dim=-1, keepdim=True)  # 0 where no thermopile was read
+        return torch.cat([pooled, self.thm_mlp(thm_input) * gate], dim=-1)
