@@ -121,8 +121,15 @@ def test_a_command_line_override_reaches_the_model(exp):
     small, n_features = build(exp, "model.d_model=24")
     large, _ = build(exp, "model.d_model=40")
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in large.parameters())
-    first = next(m for m in small.modules() if isinstance(m, torch.nn.Linear))
-    assert (first.in_features, first.out_features) == (n_features, 24)
+    projection = small.input_projection  # features (B, T, F) -> (B, T, d_model)
+    assert projection.out_features == 24
+    # every feature reaches the projection, unless a branch reads some first (exp021's spatial
+    # encoder reads the ToF and thermopile columns and hands the projection their embedding)
+    branch = getattr(small, "spatial", None)
+    expected = n_features if branch is None else projection.in_features
+    assert projection.in_features == expected
+    if branch is not None:
+        assert projection.in_features < n_features
 
 
 def test_shared_config_groups_hold_only_the_machine():

@@ -80,8 +80,11 @@ class SpatialSensorEncoder(nn.Module):
         # the CNN on the valid frames of real steps only: one gathered batch
         read = valid > 0  # (B, T, S)
         frames = features[..., self.tof_grid].reshape(batch, steps, self.n_sensors, TOF_SIDE, TOF_SIDE)[read]
-        sensor = torch.arange(self.n_sensors, device=features.device).expand(batch, steps, -1)[read]
-        embedded = self.frame_mlp(self.frame_cnn(frames[:, None]) + self.sensor_embedding[sensor])  # (n, D)
+        sensor = torch.eye(self.n_sensors, device=features.device, dtype=frames.dtype).expand(
+            batch, steps, -1, -1
+        )[read]  # (n, S) one-hot: a matmul, whose gradient sums in a fixed order (an indexed
+        # lookup's gradient accumulates over threads in any order, and runs would not repeat)
+        embedded = self.frame_mlp(self.frame_cnn(frames[:, None]) + sensor @ self.sensor_embedding)  # (n, D)
         per_frame = embedded.new_zeros(batch, steps, self.n_sensors, embedded.shape[-1])
         per_frame = per_frame.index_put((read,), embedded)  # (B, T, S, D)
         weights = valid
