@@ -1,12 +1,15 @@
 """Ingest benchmark: train.csv -> model-ready per-step features, three ways.
 
     python benchmarks/bench_ingest.py [--data data/synthetic_full] [--subjects 81] [--repeats 1]
+        [--tof-modes summary grid] [--skip-pandas]
 
 - ``polars cold``: ``load_sequence_table`` with an empty cache (read, features, cache write);
 - ``polars cached``: the same call again, served from the cache;
 - ``pandas groupby``: the obvious way: ``pandas.read_csv`` of every column, then a Python loop
   over ``groupby("sequence_id")`` computing the same features one sequence at a time.
 
+The polars ways run once per ``--tof-modes`` entry (``features.FeatureSettings.tof_mode``;
+default ``summary``, the default features), each reporting the size of the cache file it wrote.
 Each measurement runs in a fresh process, which reports its wall time and peak resident memory.
 The dataset (full competition size by default) is generated first when it is missing.
 """
@@ -35,12 +38,12 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
 
 
-def run_mode(mode: str, data_dir: Path, cache_dir: Path) -> dict:
+def run_mode(mode: str, data_dir: Path, cache_dir: Path, tof_mode: str = "summary") -> dict:
     """One measurement, in this process."""
     from codes.common.features import FeatureSettings, compute_step_features
     from codes.common.sequences import load_sequence_table
 
-    settings = FeatureSettings()
+    settings = FeatureSettings(tof_mode=tof_mode)
     started = time.perf_counter()
     if mode in ("polars-cold", "polars-cached"):
         table = load_sequence_table(data_dir, "train", settings, cache_dir=cache_dir)
@@ -66,10 +69,14 @@ def run_mode(mode: str, data_dir: Path, cache_dir: Path) -> dict:
         "peak_rss_gb": _peak_rss_gb(),
         "sequences": n_sequences,
         "rows": n_rows,
+        "tof_mode": tof_mode,
+        "cache_mb": sum(f.stat().st_size for f in cache_dir.glob("*.npz")) / 1e6
+        if cache_dir.is_dir()
+        else 0.0,
     }
 
 
-def measure(mode: str, data_dir: Path, cache_dir: Path) -> dict:
+def measure(mode: str, data_dir: Path, cache_dir: Path, tof_mode: str = "summary") -> dict:
     """Run one mode in a fresh interpreter and return what it reports."""
     command = [
         sys.executable,
@@ -80,6 +87,8 @@ def measure(mode: str, data_dir: Path, cache_dir: Path) -> dict:
         str(data_dir),
         "--cache-dir",
         str(cache_dir),
+        "--tof-mode",
+        tof_mode,
     ]
     output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO_ROOT).stdout
     return json.loads(output.strip().splitlines()[-1])
@@ -97,9 +106,13 @@ def main() -> None:
     parser.add_argument("--skip-pandas", action="store_true")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--tof-mode", default="summary", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--tof-modes", nargs="+", default=["summary"], help="feature settings' tof_mode, each"
+    )
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_mode(args.child, args.data, args.cache_dir)))
+        print(json.dumps(run_mode(args.child, args.data, args.cache_dir, args.tof_mode)))
         return
 
     if not (args.data / "train.csv").is_file():
@@ -111,12 +124,13 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     results = []
     for _ in range(args.repeats):
-        cache_dir = Path(tempfile.mkdtemp(prefix="ingest-cache-"))
-        try:
-            results.append(measure("polars-cold", args.data, cache_dir))
-            results.append(measure("polars-cached", args.data, cache_dir))
-        finally:
-            shutil.rmtree(cache_dir, ignore_errors=True)
+        for tof_mode in args.tof_modes:
+            cache_dir = Path(tempfile.mkdtemp(prefix="ingest-cache-"))
+            try:
+                results.append(measure("polars-cold", args.data, cache_dir, tof_mode))
+                results.append(measure("polars-cached", args.data, cache_dir, tof_mode))
+            finally:
+                shutil.rmtree(cache_dir, ignore_errors=True)
         if not args.skip_pandas:
             results.append(measure("pandas-groupby", args.data, Path(tempfile.gettempdir())))
 
@@ -125,16 +139,20 @@ def main() -> None:
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     )
     print(f"load average (1 min) before: {load_before:.2f}, after: {os.getloadavg()[0]:.2f}")
-    print("| way | wall time (s), best | each round (s) | peak memory (GB) |")
-    print("| --- | ---: | --- | ---: |")
+    print("| way | tof_mode | wall time (s), best | each round (s) | peak memory (GB) | cache (MB) |")
+    print("| --- | --- | ---: | --- | ---: | ---: |")
     for mode in MODES:
-        runs = [r for r in results if r["mode"] == mode]
-        if runs:
-            seconds = min(r["seconds"] for r in runs)
-            each = ", ".join(f"{r['seconds']:.2f}" for r in runs)
-            memory = max(r["peak_rss_gb"] for r in runs)
-            print(f"| {mode} | {seconds:.2f} | {each} | {memory:.2f} |")
-    colds = [r["seconds"] for r in results if r["mode"] == "polars-cold"]
+        for tof_mode in args.tof_modes:
+            runs = [r for r in results if r["mode"] == mode and r["tof_mode"] == tof_mode]
+            if runs:
+                seconds = min(r["seconds"] for r in runs)
+                each = ", ".join(f"{r['seconds']:.2f}" for r in runs)
+                memory = max(r["peak_rss_gb"] for r in runs)
+                cache = max(r["cache_mb"] for r in runs)
+                print(f"| {mode} | {tof_mode} | {seconds:.2f} | {each} | {memory:.2f} | {cache:.0f} |")
+    colds = [
+        r["seconds"] for r in results if r["mode"] == "polars-cold" and r["tof_mode"] == args.tof_modes[0]
+    ]
     pandas_runs = [r["seconds"] for r in results if r["mode"] == "pandas-groupby"]
     if pandas_runs:
         per_round = [p / c for c, p in zip(colds, pandas_runs, strict=True)]
