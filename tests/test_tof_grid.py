@@ -4,6 +4,7 @@ sensors, mirroring, the compact cache and the modality drop-out."""
 from __future__ import annotations
 
 import importlib
+import logging
 
 import numpy as np
 import polars as pl
@@ -49,7 +50,7 @@ def flags(table: SequenceTable, group: str) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- features
-def test_grid_pixels_are_closeness_and_unread_or_blank_frames_are_masked_not_filled():
+def test_grid_pixels_are_closeness_and_unread_or_blank_frames_are_masked_not_filled(caplog):
     sensors = rest_rows(6)
     sensors[:, frame_columns(1)] = 100
     sensors[:, COLUMN["tof_1_v0"]] = 0  # nearest
@@ -70,6 +71,10 @@ def test_grid_pixels_are_closeness_and_unread_or_blank_frames_are_masked_not_fil
     )
     assert step.impossible_counts["tof_blank_frames"] == 6  # tof_2 at each step
     assert step.impossible_counts["tof"] == 1
+    assert step.impossible_counts["tof_unread_frames"] == 6 + 1 + 1  # tof_5 throughout, tof_3, tof_4
+    with caplog.at_level(logging.INFO, logger="codes.common.sequences"):
+        build_sequence_table(frame, make_demographics(["SUBJ_000000"]), GRID, sensor_source="train.csv")
+    assert "14 ToF frame(s) masked in the grid: 8 not read (null, NaN or out of range), 6 blank" in caplog.text
     table = grid_table([sensors])
     grids = np.stack([sensor_grids(table, r) for r in range(6)])  # (6, 5, 8, 8)
     assert grids[:, 0, 0, 0] == pytest.approx(1.0) and grids[:, 0, 0, 1] == pytest.approx(1 / 255)

@@ -673,7 +673,8 @@ def _compute_piece(
     counts: dict[str, int],
 ) -> None:
     """:func:`compute_step_features` of some whole sequences, written into ``out``; ``counts``
-    receives the blank ToF frames of ``tof_mode="grid"`` (``tof_blank_frames``).
+    receives the masked ToF frames of ``tof_mode="grid"`` (``tof_blank_frames``: all -1;
+    ``tof_unread_frames``: a null, NaN or out-of-range pixel).
 
     Mirroring: IMU and thermopile columns are mirrored (in ``blocks``) before any feature is
     computed. A ToF feature of a row depends on that row's grid only, so ToF features are
@@ -783,8 +784,9 @@ def _store_tof_grid(
         grid = blocks.tof[:, (k - 1) * TOF_PIXELS : k * TOF_PIXELS]
         missing = blocks.tof_missing[:, k - 1]
         blank = (grid == TOF_NO_REFLECTION).all(axis=1) & ~missing
-        if blank.any():
-            counts["tof_blank_frames"] = counts.get("tof_blank_frames", 0) + int(np.count_nonzero(blank))
+        for name, frames in (("tof_blank_frames", blank), ("tof_unread_frames", missing)):
+            if frames.any():
+                counts[name] = counts.get(name, 0) + int(np.count_nonzero(frames))
         unmirrored[k] = tof_closeness(grid), missing, blank
     valid_flags = np.empty((len(blocks.tof), n_sensors), dtype=np.float32)
     blank_flags = np.empty_like(valid_flags)

@@ -252,7 +252,7 @@ def build_sequence_table(
     step = compute_step_features(sensors, offsets, left_handed, settings)
     if sensor_source is not None:
         warn_about_impossible_readings(step.impossible_counts, sensor_source)
-        log_blank_tof_frames(step.impossible_counts, sensor_source)
+        log_masked_tof_frames(step.impossible_counts, sensor_source)
     names, groups = feature_layout(settings)
 
     if "gesture" in frame.columns:
@@ -297,15 +297,18 @@ def warn_about_impossible_readings(counts: dict[str, int], source: str) -> None:
     )
 
 
-def log_blank_tof_frames(counts: dict[str, int], source: str) -> None:
-    """One log line with the count of ToF frames masked for reading no reflection at any pixel
-    (``tof_mode="grid"``, ``features.tof_closeness``); none when there are none."""
-    if counts.get("tof_blank_frames"):
+def log_masked_tof_frames(counts: dict[str, int], source: str) -> None:
+    """One log line with the count of ToF frames ``tof_mode="grid"`` masks: not read (a null,
+    NaN or out-of-range pixel) and blank (no reflection at any pixel); none when there are none."""
+    unread, blank = counts.get("tof_unread_frames", 0), counts.get("tof_blank_frames", 0)
+    if unread or blank:
         logger.info(
-            "%s: %s ToF frame(s) read no reflection at any pixel (all -1); masked from the grid "
-            "and flagged blank (tof_mode=grid, docs/data.md)",
+            "%s: %s ToF frame(s) masked in the grid: %s not read (null, NaN or out of range), "
+            "%s blank (all -1, flagged blank) (tof_mode=grid, docs/data.md)",
             source,
-            f"{counts['tof_blank_frames']:,}",
+            f"{unread + blank:,}",
+            f"{unread:,}",
+            f"{blank:,}",
         )
 
 
