@@ -118,7 +118,9 @@ def main() -> None:
         "--lengths-from", default=None, help="draw real lengths from this dataset's train.csv"
     )
     parser.add_argument(
-        "--batch-from", default=None, help="a real batch of this dataset's train.csv, the experiment's features"
+        "--batch-from",
+        default=None,
+        help="a real batch of this dataset's train.csv, the experiment's features",
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")

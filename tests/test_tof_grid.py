@@ -74,7 +74,9 @@ def test_grid_pixels_are_closeness_and_unread_or_blank_frames_are_masked_not_fil
     assert step.impossible_counts["tof_unread_frames"] == 6 + 1 + 1  # tof_5 throughout, tof_3, tof_4
     with caplog.at_level(logging.INFO, logger="codes.common.sequences"):
         build_sequence_table(frame, make_demographics(["SUBJ_000000"]), GRID, sensor_source="train.csv")
-    assert "14 ToF frame(s) masked in the grid: 8 not read (null, NaN or out of range), 6 blank" in caplog.text
+    assert (
+        "14 ToF frame(s) masked in the grid: 8 not read (null, NaN or out of range), 6 blank" in caplog.text
+    )
     table = grid_table([sensors])
     grids = np.stack([sensor_grids(table, r) for r in range(6)])  # (6, 5, 8, 8)
     assert grids[:, 0, 0, 0] == pytest.approx(1.0) and grids[:, 0, 0, 1] == pytest.approx(1 / 255)
