@@ -4,9 +4,13 @@ For every step of every sequence at once (no loop over time or sensors):
 
 - each of the five 8x8 ToF frames (closeness pixels, ``features.tof_closeness``) goes through a
   small 2-D CNN whose weights all sensors share, plus a learned embedding of its sensor;
-- the frames are pooled by a masked mean over the sensors: a frame whose validity flag is 0 (not
-  read, or blank: no reflection at any pixel) never reaches the CNN; a blank frame contributes
-  a learned per-sensor "nothing in range" vector instead (``blank_embedding``), never distances;
+- next to the CNN's output, the frame's mean and largest closeness and its share of pixels with
+  a reflection (``frame_statistics``); a LayerNorm, SiLU and a linear layer follow;
+- the frames are pooled over the sensors: ``concat`` (default) keeps a slot per sensor, 0 where
+  masked, mixed by a linear map without bias; ``mean`` takes the masked mean. A frame whose
+  validity flag is 0 (not read, or blank: no reflection at any pixel) never reaches the CNN; a
+  blank frame contributes a learned per-sensor "nothing in range" vector instead
+  (``blank_embedding``), never distances;
 - the five thermopiles (values and validity flags) go through a small MLP, its output gated by
   whether any thermopile was read at the step.
 
@@ -22,6 +26,7 @@ import torch
 from torch import nn
 
 TOF_SIDE = 8  # each ToF sensor is an 8x8 grid, row-major from the top left
+POOLINGS = ("concat", "mean")
 
 
 class SpatialSensorEncoder(nn.Module):
@@ -36,6 +41,8 @@ class SpatialSensorEncoder(nn.Module):
         thm_dim: int = 16,
         channels: int = 8,
         blank_embedding: bool = True,
+        pooling: str = "concat",
+        frame_statistics: bool = True,
     ) -> None:
         super().__init__()
         missing = [g for g in ("tof_grid", "tof_valid", "tof_blank") if g not in groups]
@@ -60,9 +67,19 @@ class SpatialSensorEncoder(nn.Module):
             nn.Flatten(),
             nn.Linear(4 * c * 4, tof_dim),
         )
+        # the frame's mean and largest closeness and its share of pixels with a reflection, next
+        # to what the CNN finds (the statistics exp020's summary features hold)
+        self.statistics_projection = nn.Linear(3, tof_dim) if frame_statistics else None
         self.sensor_embedding = nn.Parameter(torch.zeros(self.n_sensors, tof_dim))
         nn.init.normal_(self.sensor_embedding, std=0.02)
-        self.frame_mlp = nn.Sequential(nn.SiLU(), nn.Linear(tof_dim, tof_dim))
+        self.frame_mlp = nn.Sequential(nn.LayerNorm(tof_dim), nn.SiLU(), nn.Linear(tof_dim, tof_dim))
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.pooling = pooling
+        # concat: each sensor keeps its own slot (0 where masked), one linear map without bias
+        self.sensor_mix = (
+            nn.Linear(self.n_sensors * tof_dim, tof_dim, bias=False) if pooling == "concat" else None
+        )
         self.blank_vectors = nn.Parameter(torch.zeros(self.n_sensors, tof_dim)) if blank_embedding else None
         n_thm = len(groups.get("thm_values", []))
         self.thm_mlp = (
@@ -84,15 +101,25 @@ class SpatialSensorEncoder(nn.Module):
             batch, steps, -1, -1
         )[read]  # (n, S) one-hot: a matmul, whose gradient sums in a fixed order (an indexed
         # lookup's gradient accumulates over threads in any order, and runs would not repeat)
-        embedded = self.frame_mlp(self.frame_cnn(frames[:, None]) + sensor @ self.sensor_embedding)  # (n, D)
+        embedded = self.frame_cnn(frames[:, None]) + sensor @ self.sensor_embedding  # (n, D)
+        if self.statistics_projection is not None:
+            pixels = frames.flatten(1)  # (n, 64)
+            statistics = torch.stack(
+                [pixels.mean(dim=1), pixels.amax(dim=1), (pixels > 0).to(pixels.dtype).mean(dim=1)], dim=1
+            )
+            embedded = embedded + self.statistics_projection(statistics)
+        embedded = self.frame_mlp(embedded)
         per_frame = embedded.new_zeros(batch, steps, self.n_sensors, embedded.shape[-1])
-        per_frame = per_frame.index_put((read,), embedded)  # (B, T, S, D)
+        per_frame = per_frame.index_put((read,), embedded)  # (B, T, S, D), 0 at masked frames
+        per_frame = valid[..., None] * per_frame
         weights = valid
-        pooled = (weights[..., None] * per_frame).sum(dim=2)  # (B, T, D)
-        if blank is not None:
-            pooled = pooled + blank @ self.blank_vectors.to(pooled.dtype)
+        if blank is not None:  # a blank frame's slot holds its sensor's "nothing in range" vector
+            per_frame = per_frame + blank[..., None] * self.blank_vectors.to(per_frame.dtype)
             weights = weights + blank
-        pooled = pooled / weights.sum(dim=-1, keepdim=True).clamp(min=1.0)
+        if self.sensor_mix is not None:
+            pooled = self.sensor_mix(per_frame.flatten(2))  # (B, T, S x D) -> (B, T, D)
+        else:  # the masked mean over the sensors
+            pooled = per_frame.sum(dim=2) / weights.sum(dim=-1, keepdim=True).clamp(min=1.0)
         if not self.use_thm:
             return pooled
         thm_valid = features[..., self.thm_valid] * real  # (B, T, 5)

@@ -94,6 +94,8 @@ class SpatialConfig:
     tof_dim: int = 32  # the pooled ToF embedding per step
     thm_dim: int = 16  # the thermopile embedding per step
     blank_embedding: bool = True  # a learned per-sensor vector for frames with no reflection at all
+    pooling: str = "concat"  # over the 5 sensors: concat (a slot per sensor) | mean (masked mean)
+    frame_statistics: bool = True  # each frame's mean and largest closeness and reflection share
 
 
 @dataclass

@@ -66,6 +66,8 @@ class GestureClassifier(nn.Module):
                 spatial_cfg.thm_dim,
                 spatial_cfg.channels,
                 spatial_cfg.blank_embedding,
+                spatial_cfg.pooling,
+                spatial_cfg.frame_statistics,
             )
             self.fusion = spatial_cfg.fusion
             self.register_buffer(
