@@ -41,8 +41,8 @@ class DataConfig:
     sensor_drop_prob: float = 0.5
     # of the sequences that keep them: the probability of dropping the ToF only, and the
     # thermopiles only (the model survives one missing modality)
-    tof_drop_prob: float = 0.15
-    thm_drop_prob: float = 0.15
+    tof_drop_prob: float = 0.1
+    thm_drop_prob: float = 0.1
 
 
 @dataclass
@@ -89,7 +89,8 @@ class SpatialConfig:
 
     # early: the per-step embedding joins the IMU features at the input projection, before the
     # Squeezeformer | mid: it is added to the Squeezeformer's output steps, before the BERT head
-    fusion: str = "early"
+    # (mid scored higher: docs/exp021.md)
+    fusion: str = "mid"
     channels: int = 8  # the frame CNN's first width (then 2x and 4x)
     tof_dim: int = 32  # the pooled ToF embedding per step
     thm_dim: int = 16  # the thermopile embedding per step
