@@ -160,9 +160,10 @@ def random_grid_batch(lengths, seed=0):
     return features * mask[..., None], mask, groups
 
 
-def test_the_encoder_gives_exactly_zero_without_readings_and_ignores_masked_frames():
+@pytest.mark.parametrize("pooling", ["concat", "mean"])
+def test_the_encoder_gives_exactly_zero_without_readings_and_ignores_masked_frames(pooling):
     features, mask, groups = random_grid_batch([30, 24, 17])
-    encoder = SpatialSensorEncoder(groups).eval()
+    encoder = SpatialSensorEncoder(groups, pooling=pooling).eval()
     unread = features.clone()
     unread[0][:, groups["tof_valid"] + groups["tof_blank"] + groups["thm_valid"]] = 0.0
     with torch.no_grad():
