@@ -67,15 +67,9 @@ def batch_from(
     """``(features (B, L, F), mask (B, L))``: ``--batch-size`` random training sequences of
     ``--batch-from`` with the experiment's feature settings, normalised and padded to
     ``--length``; every second sequence without its thermopile and ToF inputs."""
-    from codes.common.features import FeatureSettings
     from codes.common.sequences import FeatureNormalizer, load_sequence_table, pad_sequences
 
-    settings = FeatureSettings(
-        use_thm=cfg.data.use_thm,
-        tof_mode=cfg.data.tof_mode,
-        mirror_left_handed=cfg.data.mirror_left_handed,
-        sampling_rate_hz=cfg.data.sampling_rate_hz,
-    )
+    settings = importlib.import_module(f"codes.exp.{args.exp}.dataset").feature_settings(cfg.data)
     table = load_sequence_table(Path(args.batch_from), "train", settings)
     picked = torch.randint(0, table.n_sequences, (args.batch_size,), generator=generator).numpy()
     batch = table.subset(picked)
