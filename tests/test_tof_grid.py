@@ -190,16 +190,18 @@ def test_the_encoder_gives_exactly_zero_without_readings_and_ignores_masked_fram
         torch.testing.assert_close(encoder(garbage, mask), out, atol=TOLERANCE, rtol=0)
 
 
-def exp021_model(fusion: str):
-    cfg = experiment_config("exp021", "variant=smoke", "machine=cpu", f"model.spatial.fusion={fusion}")
+def exp021_model(fusion: str, *overrides: str):
+    cfg = experiment_config(
+        "exp021", "variant=smoke", "machine=cpu", f"model.spatial.fusion={fusion}", *overrides
+    )
     names, _ = feature_layout(importlib.import_module("codes.exp.exp021.dataset").feature_settings(cfg.data))
     torch.manual_seed(0)
     return importlib.import_module("codes.exp.exp021.model").build_model(cfg, len(names)).eval()
 
 
-@pytest.mark.parametrize("fusion", ["early", "mid"])
-def test_a_sequence_without_thermopiles_or_tof_gets_exactly_the_imu_only_input(fusion):
-    model = exp021_model(fusion)
+@pytest.mark.parametrize(("fusion", "statistics"), [("early", "false"), ("mid", "false"), ("mid", "true")])
+def test_a_sequence_without_thermopiles_or_tof_gets_exactly_the_imu_only_input(fusion, statistics):
+    model = exp021_model(fusion, f"model.spatial.early_statistics={statistics}")
     features, mask, groups = random_grid_batch([40, 31])
     non_imu = groups["thm"] + groups["tof"]
     unread = features.clone()  # readings' values still there, every flag 0

@@ -89,6 +89,23 @@ class SpatialSensorEncoder(nn.Module):
         )
         self.out_dim = tof_dim + (thm_dim if self.use_thm else 0)
 
+    def step_statistics(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``(B, T, 4 S)``: per sensor the frame's mean and largest closeness, its share of pixels
+        with a reflection and its blank flag; 0 for a masked frame and at padded steps (what
+        exp020's summary features say, for the input projection: ``model.spatial.early_statistics``)."""
+        batch, steps = features.shape[:2]
+        real = mask[..., None].to(features.dtype)
+        valid = features[..., self.tof_valid] * real  # (B, T, S)
+        pixels = features[..., self.tof_grid].reshape(batch, steps, self.n_sensors, TOF_SIDE * TOF_SIDE)
+        statistics = (
+            torch.stack(
+                [pixels.mean(dim=-1), pixels.amax(dim=-1), (pixels > 0).to(pixels.dtype).mean(dim=-1)], dim=-1
+            )
+            * valid[..., None]
+        )  # (B, T, S, 3)
+        blank = features[..., self.tof_blank] * real
+        return torch.cat([statistics, blank[..., None]], dim=-1).flatten(2)
+
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         batch, steps = features.shape[:2]
         real = mask[..., None].to(features.dtype)  # (B, T, 1)

@@ -97,6 +97,9 @@ class SpatialConfig:
     blank_embedding: bool = True  # a learned per-sensor vector for frames with no reflection at all
     pooling: str = "concat"  # over the 5 sensors: concat (a slot per sensor) | mean (masked mean)
     frame_statistics: bool = True  # each frame's mean and largest closeness and reflection share
+    # the frames' statistics (and blank flags) also join the IMU features at the input projection
+    # (4 per sensor, as exp020's summary features), whatever the fusion of the embedding
+    early_statistics: bool = False
 
 
 @dataclass

@@ -73,7 +73,9 @@ class GestureClassifier(nn.Module):
             self.register_buffer(
                 "imu_columns", torch.tensor(groups["imu"], dtype=torch.long), persistent=False
             )
+            self.early_statistics = bool(spatial_cfg.get("early_statistics", False))
             n_inputs = len(groups["imu"]) + (self.spatial.out_dim if self.fusion == "early" else 0)
+            n_inputs += 4 * self.spatial.n_sensors if self.early_statistics else 0
         else:
             n_inputs = n_features
         self.input_projection = nn.Linear(n_inputs, cfg.d_model)
@@ -127,9 +129,12 @@ class GestureClassifier(nn.Module):
         spatial = None
         if self.spatial is not None:  # (B, T, F) -> the IMU features and (B, T, E), 0 where unread
             spatial = self.spatial(features, mask)
-            features = features[..., self.imu_columns]
+            inputs = [features[..., self.imu_columns]]
+            if self.early_statistics:
+                inputs.append(self.spatial.step_statistics(features, mask))
             if self.fusion == "early":
-                features = torch.cat([features, spatial.to(features.dtype)], dim=-1)
+                inputs.append(spatial.to(features.dtype))
+            features = torch.cat(inputs, dim=-1)
         x = self.input_projection(features)  # (B, T, F) -> (B, T, D)
         x, mask = self.encoder(x, mask)
         x = self.bert_projection(x)  # (B, T, D) -> (B, T, H)
