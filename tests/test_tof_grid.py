@@ -280,3 +280,19 @@ def test_a_served_sequence_with_some_tof_sensors_missing_is_answered_with_them_m
         atol=TOLERANCE,
         rtol=0,
     )
+
+
+def test_integer_readings_take_the_byte_path_to_the_same_features_as_floats():
+    """The CSV reader gives integer ToF columns (int16): the grid is built from bytes, and must
+    equal the float path bit for bit, mirrored rows, blank and unread frames included."""
+    rows = [rest_rows(12, seed=s) for s in range(3)]
+    rows[0][:, frame_columns(2)] = -1  # blank
+    rows[1][3:5, frame_columns(3)] = np.nan  # not read
+    sequences = [(f"SEQ_{i:06d}", f"SUBJ_{i:06d}", r) for i, r in enumerate(rows)]
+    frame = make_frame(sequences, gestures=["Wave hello"] * 3)
+    demographics = make_demographics([s for _, s, _ in sequences], {"SUBJ_000001"})
+    tof = [c for c in frame.columns if c.startswith("tof_")]
+    as_floats = build_sequence_table(frame, demographics, GRID)
+    as_integers = build_sequence_table(frame.with_columns(pl.col(tof).cast(pl.Int16)), demographics, GRID)
+    assert np.array_equal(as_integers.features, as_floats.features)
+    assert np.array_equal(as_integers.feature_present, as_floats.feature_present)

@@ -779,26 +779,39 @@ def _store_tof_grid(
     flipped (``tof_mirror_sources``), and its flags.
     """
     n_sensors = len(TOF_COLUMNS_BY_SENSOR)
+    # integer readings in -1..254 (the usual case) as bytes: code = 255 - distance, 0 = no
+    # reflection; the float path gives the same closeness (code / 255) for integer values
+    as_codes = _fits_uint8_distances(blocks.tof)
     unmirrored = {}
     for k in TOF_COLUMNS_BY_SENSOR:
         grid = blocks.tof[:, (k - 1) * TOF_PIXELS : k * TOF_PIXELS]
         missing = blocks.tof_missing[:, k - 1]
-        blank = (grid == TOF_NO_REFLECTION).all(axis=1) & ~missing
+        if as_codes:
+            values = np.uint8(GRID_SCALE) - grid.astype(np.uint8)  # -1 wraps to 255: code 0
+            blank = ~values.any(axis=1) & ~missing
+        else:
+            values = tof_closeness(grid)
+            blank = (grid == TOF_NO_REFLECTION).all(axis=1) & ~missing
         for name, frames in (("tof_blank_frames", blank), ("tof_unread_frames", missing)):
             if frames.any():
                 counts[name] = counts.get(name, 0) + int(np.count_nonzero(frames))
-        unmirrored[k] = tof_closeness(grid), missing, blank
+        unmirrored[k] = values, missing, blank
     valid_flags = np.empty((len(blocks.tof), n_sensors), dtype=np.float32)
     blank_flags = np.empty_like(valid_flags)
-    for k, (closeness, missing, blank) in unmirrored.items():
-        if left_rows is not None:
+    left = np.flatnonzero(left_rows) if left_rows is not None else None
+    for k, (values, missing, blank) in unmirrored.items():
+        if left is not None:  # only the left-handed rows change: no copy of the others' work
             source, pixels = tof_mirror[k]
-            source_closeness, source_missing, source_blank = unmirrored[source]
-            closeness = np.where(left_rows[:, None], source_closeness[:, pixels], closeness)
-            missing = np.where(left_rows, source_missing, missing)
-            blank = np.where(left_rows, source_blank, blank)
+            source_values, source_missing, source_blank = unmirrored[source]
+            values, missing, blank = values.copy(), missing.copy(), blank.copy()
+            values[left] = source_values[left][:, pixels]
+            missing[left], blank[left] = source_missing[left], source_blank[left]
         masked = missing | blank
-        closeness = np.where(masked[:, None], np.float32(0.0), closeness)
+        if as_codes:
+            values = np.where(masked[:, None], np.uint8(0), values)
+            closeness = np.divide(values, np.float32(GRID_SCALE), dtype=np.float32)
+        else:
+            closeness = np.where(masked[:, None], np.float32(0.0), values)
         valid_flags[:, k - 1] = ~masked
         blank_flags[:, k - 1] = blank
         present = np.repeat(_segment_any(~masked[:, None], offsets), TOF_PIXELS, axis=1)

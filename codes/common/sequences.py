@@ -140,12 +140,14 @@ class SequenceTable:
         arrays["layout_json"] = np.array(
             json.dumps({"names": self.feature_names, "groups": self.feature_groups})
         )
-        grid = self.feature_groups.get("tof_grid")
-        if grid:
-            codes = grid_codes(self.features[:, grid])
+        grid = _grid_slice(self.feature_groups)
+        if grid is not None:
+            codes = grid_codes(self.features, grid)
             if codes is not None:  # 1 byte per pixel instead of 4, restored exactly by load
                 arrays["grid_codes"] = codes
-                arrays["features"] = np.delete(self.features, grid, axis=1)
+                arrays["features"] = np.concatenate(
+                    [self.features[:, : grid.start], self.features[:, grid.stop :]], axis=1
+                )
         with atomic_path(path) as temporary, open(temporary, "wb") as handle:
             np.savez(handle, **arrays)
 
@@ -156,26 +158,46 @@ class SequenceTable:
         layout = json.loads(str(arrays.pop("layout_json")))
         codes = arrays.pop("grid_codes", None)
         if codes is not None:
-            grid = layout["groups"]["tof_grid"]
-            rest = arrays["features"]
-            features = np.empty((len(rest), rest.shape[1] + len(grid)), dtype=np.float32)
-            kept = np.setdiff1d(np.arange(features.shape[1]), grid)
-            features[:, kept] = rest
-            features[:, grid] = codes.astype(np.float32) / np.float32(GRID_SCALE)
+            grid, rest = _grid_slice(layout["groups"]), arrays["features"]
+            features = np.empty((len(rest), rest.shape[1] + codes.shape[1]), dtype=np.float32)
+            features[:, : grid.start] = rest[:, : grid.start]
+            features[:, grid.stop :] = rest[:, grid.start :]
+            for start in range(0, len(codes), GRID_CHUNK_ROWS):  # chunks: no full-size temporary
+                end = start + GRID_CHUNK_ROWS
+                np.divide(
+                    codes[start:end], np.float32(GRID_SCALE), out=features[start:end, grid], dtype=np.float32
+                )
             arrays["features"] = features
         return cls(**arrays, feature_names=layout["names"], feature_groups=layout["groups"])
 
 
-def grid_codes(closeness: np.ndarray) -> np.ndarray | None:
-    """``tof_mode="grid"`` pixels as bytes ``closeness x 255``, or None when some pixel is not a
-    multiple of 1/255 (a file with fractional ToF readings), which ``codes / 255`` would not
-    restore exactly."""
-    codes = np.rint(closeness * np.float32(GRID_SCALE))
-    if not ((codes >= 0) & (codes <= GRID_SCALE)).all():
+GRID_CHUNK_ROWS = 16_384  # rows of the ToF grid converted at a time (small temporaries)
+
+
+def _grid_slice(groups: dict[str, list[int]]) -> slice | None:
+    """The ``tof_grid`` columns as a slice (they are contiguous), or None without a grid."""
+    columns = groups.get("tof_grid")
+    if not columns:
         return None
-    codes = codes.astype(np.uint8)
-    if not np.array_equal(codes.astype(np.float32) / np.float32(GRID_SCALE), closeness):
-        return None
+    if columns != list(range(columns[0], columns[-1] + 1)):
+        raise ValueError("the tof_grid feature columns are not contiguous")
+    return slice(columns[0], columns[-1] + 1)
+
+
+def grid_codes(features: np.ndarray, grid: slice) -> np.ndarray | None:
+    """The ``tof_mode="grid"`` pixels ``features[:, grid]`` as bytes ``closeness x 255``, or
+    None when some pixel is not a multiple of 1/255 (a file with fractional ToF readings), which
+    ``codes / 255`` would not restore exactly. Converted in row chunks."""
+    codes = np.empty((len(features), grid.stop - grid.start), dtype=np.uint8)
+    for start in range(0, len(features), GRID_CHUNK_ROWS):
+        closeness = features[start : start + GRID_CHUNK_ROWS, grid]
+        scaled = np.rint(closeness * np.float32(GRID_SCALE))
+        if not ((scaled >= 0) & (scaled <= GRID_SCALE)).all():
+            return None
+        chunk = scaled.astype(np.uint8)
+        if not np.array_equal(np.divide(chunk, np.float32(GRID_SCALE), dtype=np.float32), closeness):
+            return None
+        codes[start : start + len(chunk)] = chunk
     return codes
 
 
