@@ -29,6 +29,14 @@ TOF_SIDE = 8  # each ToF sensor is an 8x8 grid, row-major from the top left
 POOLINGS = ("concat", "mean")
 
 
+def closeness_statistics(pixels: torch.Tensor) -> torch.Tensor:
+    """``(..., 64)`` closeness pixels -> ``(..., 3)``: their mean, their largest value (the
+    nearest reading) and the share of pixels with a reflection."""
+    return torch.stack(
+        [pixels.mean(dim=-1), pixels.amax(dim=-1), (pixels > 0).to(pixels.dtype).mean(dim=-1)], dim=-1
+    )
+
+
 class SpatialSensorEncoder(nn.Module):
     """``(features (B, T, F), mask (B, T))`` -> ``(B, T, out_dim)``; the columns come from
     ``features.feature_layout`` groups of ``tof_mode="grid"`` (``tof_grid``, ``tof_valid``,
@@ -97,12 +105,7 @@ class SpatialSensorEncoder(nn.Module):
         real = mask[..., None].to(features.dtype)
         valid = features[..., self.tof_valid] * real  # (B, T, S)
         pixels = features[..., self.tof_grid].reshape(batch, steps, self.n_sensors, TOF_SIDE * TOF_SIDE)
-        statistics = (
-            torch.stack(
-                [pixels.mean(dim=-1), pixels.amax(dim=-1), (pixels > 0).to(pixels.dtype).mean(dim=-1)], dim=-1
-            )
-            * valid[..., None]
-        )  # (B, T, S, 3)
+        statistics = closeness_statistics(pixels) * valid[..., None]  # (B, T, S, 3)
         blank = features[..., self.tof_blank] * real
         return torch.cat([statistics, blank[..., None]], dim=-1).flatten(2)
 
@@ -120,11 +123,7 @@ class SpatialSensorEncoder(nn.Module):
         # lookup's gradient accumulates over threads in any order, and runs would not repeat)
         embedded = self.frame_cnn(frames[:, None]) + sensor @ self.sensor_embedding  # (n, D)
         if self.statistics_projection is not None:
-            pixels = frames.flatten(1)  # (n, 64)
-            statistics = torch.stack(
-                [pixels.mean(dim=1), pixels.amax(dim=1), (pixels > 0).to(pixels.dtype).mean(dim=1)], dim=1
-            )
-            embedded = embedded + self.statistics_projection(statistics)
+            embedded = embedded + self.statistics_projection(closeness_statistics(frames.flatten(1)))
         embedded = self.frame_mlp(embedded)
         per_frame = embedded.new_zeros(batch, steps, self.n_sensors, embedded.shape[-1])
         per_frame = per_frame.index_put((read,), embedded)  # (B, T, S, D), 0 at masked frames
