@@ -17,6 +17,7 @@ from codes.common.sequences import FeatureNormalizer, SequenceTable, build_seque
 from codes.inference.predictor import EnsemblePredictor, FoldMember
 from codes.models.spatial import SpatialSensorEncoder
 from tests.helpers import experiment_config, make_demographics, make_frame, rest_sensors
+from tests.test_host_syncs import RecordOps
 
 GRID = FeatureSettings(tof_mode="grid")
 COLUMN = {c: i for i, c in enumerate(SENSOR_COLUMNS)}
@@ -296,3 +297,21 @@ def test_integer_readings_take_the_byte_path_to_the_same_features_as_floats():
     as_integers = build_sequence_table(frame.with_columns(pl.col(tof).cast(pl.Int16)), demographics, GRID)
     assert np.array_equal(as_integers.features, as_floats.features)
     assert np.array_equal(as_integers.feature_present, as_floats.feature_present)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_off_the_cpu_the_encoder_runs_every_frame_reads_nothing_back_and_gives_the_same_outputs(training):
+    """On a GPU (or compiling) the CNN runs on every frame instead of gathering the read ones
+    (a gather reads their count back to the host): no syncing op, the same outputs."""
+    features, mask, groups = random_grid_batch([30, 24, 17])
+    encoder = SpatialSensorEncoder(groups).train(training)
+    torch.manual_seed(0)
+    gathered = encoder(features, mask)
+    assert encoder.gathers(features) and not encoder.gathers(features.to("meta"))
+    encoder.gathers = lambda _: False  # the path a CUDA tensor takes, on the CPU
+    with RecordOps() as recorded:
+        dense = encoder(features.requires_grad_(training), mask)
+        if training:
+            dense.square().sum().backward()
+    assert recorded.syncing() == []
+    torch.testing.assert_close(dense, gathered, atol=1e-5, rtol=1e-5)

@@ -16,8 +16,10 @@ For every step of every sequence at once (no loop over time or sensors):
 
 The result ``(B, T, out_dim)`` is exactly 0 at a step with no valid frame, no blank flag and no
 thermopile, and at padded steps: a sequence without thermopile and ToF readings adds nothing,
-whatever its (masked) pixel values hold. The CNN runs on the valid frames of real steps only,
-gathered into one batch, so its cost follows what was read.
+whatever its (masked) pixel values hold. On the CPU the CNN runs on the valid frames of real
+steps only, gathered into one batch, so its cost follows what was read; elsewhere (a GPU, or
+under ``torch.compile``) it runs on every frame, with nothing read back to the host, and the
+masked frames get weight 0 (the same outputs).
 """
 
 from __future__ import annotations
@@ -109,24 +111,38 @@ class SpatialSensorEncoder(nn.Module):
         blank = features[..., self.tof_blank] * real
         return torch.cat([statistics, blank[..., None]], dim=-1).flatten(2)
 
+    def gathers(self, features: torch.Tensor) -> bool:
+        """Whether the CNN runs on the read frames only (gathered: the count is read back to the
+        host): on the CPU, not compiling; elsewhere on every frame, as the encoder runs padded."""
+        return features.device.type == "cpu" and not torch.compiler.is_compiling()
+
+    def _embed_frames(self, frames: torch.Tensor, sensor: torch.Tensor) -> torch.Tensor:
+        """``(n, 8, 8)`` frames and ``(n, S)`` one-hot sensors -> ``(n, D)``."""
+        embedded = self.frame_cnn(frames[:, None]) + sensor @ self.sensor_embedding
+        if self.statistics_projection is not None:
+            embedded = embedded + self.statistics_projection(closeness_statistics(frames.flatten(1)))
+        return self.frame_mlp(embedded)
+
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         batch, steps = features.shape[:2]
         real = mask[..., None].to(features.dtype)  # (B, T, 1)
         valid = features[..., self.tof_valid] * real  # (B, T, S)
         blank = features[..., self.tof_blank] * real if self.blank_vectors is not None else None
-        # the CNN on the valid frames of real steps only: one gathered batch
-        read = valid > 0  # (B, T, S)
-        frames = features[..., self.tof_grid].reshape(batch, steps, self.n_sensors, TOF_SIDE, TOF_SIDE)[read]
+        frames = features[..., self.tof_grid].reshape(batch, steps, self.n_sensors, TOF_SIDE, TOF_SIDE)
+        # (B, T, S, S) one-hot sensors: a matmul, whose gradient sums in a fixed order (an indexed
+        # lookup's gradient accumulates over threads in any order, and runs would not repeat)
         sensor = torch.eye(self.n_sensors, device=features.device, dtype=frames.dtype).expand(
             batch, steps, -1, -1
-        )[read]  # (n, S) one-hot: a matmul, whose gradient sums in a fixed order (an indexed
-        # lookup's gradient accumulates over threads in any order, and runs would not repeat)
-        embedded = self.frame_cnn(frames[:, None]) + sensor @ self.sensor_embedding  # (n, D)
-        if self.statistics_projection is not None:
-            embedded = embedded + self.statistics_projection(closeness_statistics(frames.flatten(1)))
-        embedded = self.frame_mlp(embedded)
-        per_frame = embedded.new_zeros(batch, steps, self.n_sensors, embedded.shape[-1])
-        per_frame = per_frame.index_put((read,), embedded)  # (B, T, S, D), 0 at masked frames
+        )
+        read = valid > 0  # (B, T, S)
+        if self.gathers(features):  # the CNN on the read frames of real steps only
+            per_frame = self._embed_frames(frames[read], sensor[read])  # (n, D)
+            per_frame = per_frame.new_zeros(batch, steps, self.n_sensors, per_frame.shape[-1]).index_put(
+                (read,), per_frame
+            )
+        else:  # every frame, nothing read back to the host: masked ones get weight 0 below
+            per_frame = self._embed_frames(frames.flatten(0, 2), sensor.flatten(0, 2))
+            per_frame = per_frame.view(batch, steps, self.n_sensors, -1)
         per_frame = valid[..., None] * per_frame
         weights = valid
         if blank is not None:  # a blank frame's slot holds its sensor's "nothing in range" vector
