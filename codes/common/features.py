@@ -448,7 +448,8 @@ class StepFeatures:
     step_valid: np.ndarray  # (R,) bool: acc and rot were both read at this step
     feature_present: np.ndarray  # (N, F) bool: the sequence had readings behind the feature
     # readings taken as missing for lying outside their physical range, per column group
-    # ("acc", "rot", "thm", "tof"; a quaternion counts its read components)
+    # ("acc", "rot", "thm", "tof"; a quaternion counts its read components); with
+    # tof_mode="grid" also the frames the grid masks ("tof_unread_frames", "tof_blank_frames")
     impossible_counts: dict[str, int] = field(default_factory=dict)
 
 
