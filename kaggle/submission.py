@@ -41,6 +41,7 @@ COMPETITION_DIR = Path(
 CODE_DIR = os.environ.get("CMI_CODE_DIR", "")  # "" = search INPUT_ROOT for the code dataset
 RUN_DIR = os.environ.get("CMI_RUN_DIR", "")  # "" = search INPUT_ROOT for a run folder
 WORKING_DIR = Path("/kaggle/working")
+BLEND_FILE = "blend.json"  # a blend folder (codes/inference/blend.py): several runs served together
 SEARCH_DEPTH = 4
 
 
@@ -74,10 +75,16 @@ def find_code_dir() -> Path:
 def find_run_dir() -> Path:
     if RUN_DIR:
         return Path(RUN_DIR)
-    found = _search(INPUT_ROOT, lambda f: (f / "config.yaml").is_file() and any(f.glob("fold*/best.pt")))
+    found = _search(  # a blend (blend.json) lies above its members' run folders: found first
+        INPUT_ROOT,
+        lambda f: (
+            (f / BLEND_FILE).is_file() or ((f / "config.yaml").is_file() and any(f.glob("fold*/best.pt")))
+        ),
+    )
     if found is None:
         raise FileNotFoundError(
-            f"no run folder (config.yaml + fold*/best.pt) under {INPUT_ROOT}; set CMI_RUN_DIR"
+            f"no run folder (config.yaml + fold*/best.pt) or blend ({BLEND_FILE}) under {INPUT_ROOT}; "
+            "set CMI_RUN_DIR"
         )
     return found
 
@@ -95,16 +102,21 @@ FOLD_THREADS = env_positive_int("CMI_FOLD_THREADS", 1)  # fold models run at onc
 NUM_THREADS = env_positive_int("CMI_NUM_THREADS", None)
 SUBJECT_AWARE = env_flag("CMI_SUBJECT_AWARE", None)  # None: "pairs", pair level where it pays
 run_dir = find_run_dir()
-inference = importlib.import_module(f"codes.exp.{EXPERIMENT}.inference")
+is_blend = (run_dir / BLEND_FILE).is_file()
+if is_blend:  # every member's experiment is named in blend.json; CMI_EXPERIMENT is not used
+    from codes.inference import blend as inference
+else:
+    inference = importlib.import_module(f"codes.exp.{EXPERIMENT}.inference")
 from codes.common.runs import setup_logging  # noqa: E402  (importable once code_dir is on the path)
 
 setup_logging(None)
-print(f"code: {Path(inference.__file__).parent}, run: {run_dir}")
+print(f"code: {Path(inference.__file__).parent}, {'blend' if is_blend else 'run'}: {run_dir}")
 started = time.perf_counter()
 import torch  # noqa: E402
 
 quantize = QUANTIZE_ON_CPU and not torch.cuda.is_available()
-predictor = inference.load_predictor(
+load = inference.load_blend if is_blend else inference.load_predictor
+predictor = load(
     run_dir,
     quantize=quantize,
     fold_threads=FOLD_THREADS,

@@ -445,10 +445,16 @@ def fold_predictions(
     }
 
 
+# oof.parquet: prob_<gesture> with every sensor, prob_imu_only_<gesture> with the thermopile and ToF
+# inputs off (the IMU-only score's probabilities; what a blend fits its IMU-only route on)
+IMU_ONLY_PROBABILITY_PREFIX = "prob_imu_only_"
+
+
 def write_outputs(
     run_dir: Path, table: SequenceTable, folds: np.ndarray, results: dict[int, dict], wall_seconds: float
 ) -> dict:
-    """``oof.parquet``, ``metrics.json`` and the plots; returns the metrics."""
+    """``oof.parquet`` (per sequence: fold, gesture, predictions, ``prob_<gesture>`` and
+    ``prob_imu_only_<gesture>``), ``metrics.json`` and the plots; returns the metrics."""
     names = np.array(GESTURES)
     parts, per_fold = [], {}
     all_true, all_pred, all_imu = [], [], []
@@ -463,7 +469,10 @@ def write_outputs(
             "gesture": true, "predicted_gesture": pred, "predicted_gesture_imu_only": imu_pred,
         })  # fmt: skip
         probabilities = pl.DataFrame(result["probabilities"], schema=[f"prob_{g}" for g in GESTURES])
-        parts.append(pl.concat([frame, probabilities], how="horizontal"))
+        imu_probabilities = pl.DataFrame(
+            result["imu_probabilities"], schema=[f"{IMU_ONLY_PROBABILITY_PREFIX}{g}" for g in GESTURES]
+        )
+        parts.append(pl.concat([frame, probabilities, imu_probabilities], how="horizontal"))
         per_fold[fold] = {
             "score": competition_score(true, pred), "binary_f1": binary_f1(true, pred), "macro_f1": macro_f1(true, pred),
             "score_imu_only": competition_score(true, imu_pred), "best_epoch": result["best_epoch"],

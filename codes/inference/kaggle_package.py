@@ -361,11 +361,71 @@ def stage_run_dataset(
     return out_dir
 
 
+CLASSICAL_MODEL_FILE = "model.npz"  # codes.classical: a fold's fitted state (arrays, no pickle)
+
+
+def stage_classical_member(run_dir: Path, out_dir: Path) -> Path:
+    """Copy a classical run folder (``codes.classical``): its :data:`RUN_FILES` and every served
+    fold's ``model.npz``, after loading the run with its own predictor (a damaged file is refused)."""
+    from codes.inference.blend import load_member_predictor
+
+    run_dir = Path(run_dir)
+    folds = load_member_predictor(run_dir, device="cpu").folds  # reads and checks every fold
+    files = [run_dir / name for name in RUN_FILES if (run_dir / name).is_file()]
+    files += [run_dir / f"fold{k}" / CLASSICAL_MODEL_FILE for k in folds]
+    check_no_link_out(run_dir, files)
+    out_dir = _fresh(Path(out_dir))
+    write_json_atomically({"folds": folds}, out_dir / ENSEMBLE_FILE)
+    for path in files:
+        target = out_dir / path.relative_to(run_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    return out_dir
+
+
+def stage_blend_dataset(
+    blend_dir: Path, out_dir: Path, user: str, slug: str | None = None, slim: bool = True
+) -> Path:
+    """A blend folder as one dataset: ``blend.json`` (member paths rewritten to ``members/<k>-<name>``),
+    its ``config.yaml`` and ``metrics.json``, and every member staged as a run (its served folds).
+    Every member is read before its copy is written; a damaged member stops the staging."""
+    from codes.inference.blend import (
+        BLEND_FILE,
+        CLASSICAL_EXPERIMENTS,
+        member_folder,
+        read_blend_file,
+    )
+
+    blend_dir = Path(blend_dir)
+    blend = read_blend_file(blend_dir)
+    check_out_location(out_dir)
+    out_dir = _fresh(Path(out_dir))
+    staged = []
+    for index, entry in enumerate(blend["members"]):
+        run_dir = member_folder(blend_dir, entry)
+        folder = f"members/{index:02d}-{kaggle_slug(entry.get('name', run_dir.name))}"
+        if run_exp_name(run_dir) in CLASSICAL_EXPERIMENTS:
+            stage_classical_member(run_dir, out_dir / folder)
+        else:
+            stage_run_dataset(run_dir, out_dir / folder, user, slim=slim)
+            (out_dir / folder / "dataset-metadata.json").unlink()  # the blend's dataset holds it
+        staged.append({**entry, "path": folder})
+    write_json_atomically({**blend, "members": staged}, out_dir / BLEND_FILE)
+    for name in (CONFIG_FILE, METRICS_FILE):
+        shutil.copy2(blend_dir / name, out_dir / name)
+    slug = slug or kaggle_slug(f"cmi-blend-{blend_dir.resolve().name}")
+    title = f"CMI BFRB blend {blend_dir.resolve().name}".strip()[:50]
+    _write_metadata(out_dir, fill_metadata(RUN_TEMPLATE, user, slug, title))
+    return out_dir
+
+
 def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--run-dir", type=Path, required=True, help="outputs/<exp>/<run>")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run-dir", type=Path, help="outputs/<exp>/<run>")
+    source.add_argument("--blend-dir", type=Path, help="a blend folder (python -m codes.inference.blend fit)")
     parser.add_argument("--user", required=True, help="your Kaggle user name (the datasets' owner)")
     parser.add_argument("--out", type=Path, default=None, help="default: outputs/kaggle/<exp>-<run>")
     parser.add_argument("--code-slug", default=DEFAULT_CODE_SLUG)
@@ -382,6 +442,8 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
         help="without a git checkout: stage every file under codes/ and configs/ (not only tracked ones)",
     )
     args = parser.parse_args(argv)
+    if args.blend_dir is not None:
+        return _stage_blend_main(args)
     try:
         exp_name = run_exp_name(args.run_dir)
         if not (REPO_ROOT / "codes" / "exp" / exp_name / "inference.py").is_file():
@@ -408,6 +470,31 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     for folder in (code, run):
         print(f"  kaggle datasets create -p {folder} --dir-mode zip")
         print(f'  kaggle datasets version -p {folder} --dir-mode zip -m "<what changed>"')
+    return code, run
+
+
+def _stage_blend_main(args: argparse.Namespace) -> tuple[Path, Path]:
+    """``--blend-dir``: the code dataset and the blend's dataset (every member inside it)."""
+    from codes.inference.blend import BlendError
+
+    out = args.out or REPO_ROOT / "outputs" / "kaggle" / f"blend-{args.blend_dir.resolve().name}"
+    try:
+        check_out_location(out)
+        for folder in (out / "code", out / "run"):
+            check_replaceable(folder)
+        if not args.no_git:
+            tracked_code_files()
+        run = stage_blend_dataset(
+            args.blend_dir, out / "run", args.user, args.run_slug, slim=not args.no_slim
+        )
+        code = stage_code_dataset(out / "code", args.user, args.code_slug, use_git=not args.no_git)
+    except (StagingError, RunFolderError, BlendError) as error:
+        raise SystemExit(f"kaggle_package: {error}") from None
+    print(
+        f"staged the code in {code} and the blend in {run} (the notebook finds blend.json and serves it). Upload:"
+    )
+    for folder in (code, run):
+        print(f"  kaggle datasets create -p {folder} --dir-mode zip")
     return code, run
 
 
