@@ -203,6 +203,12 @@ def log_loss_of(probabilities: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.log(np.maximum(chosen, PROBABILITY_FLOOR)).mean())
 
 
+def standardize(features: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``(features - mean) / scale`` in float64: a fitted StandardScaler's transform, the one code
+    path of training and inference."""
+    return (np.asarray(features, dtype=np.float64) - mean) / scale
+
+
 def fit_ridge(
     features: np.ndarray, labels: np.ndarray, alphas: np.ndarray = ALPHAS
 ) -> tuple[np.ndarray, np.ndarray, float, np.ndarray, np.ndarray]:
@@ -311,7 +317,7 @@ class MiniRocketRidge:
 
     def standardized(self, features: np.ndarray) -> np.ndarray:
         """The StandardScaler's transform, in float64."""
-        return (np.asarray(features, dtype=np.float64) - self.scaler_mean) / self.scaler_scale
+        return standardize(features, self.scaler_mean, self.scaler_scale)
 
     def decisions(self, series: np.ndarray) -> np.ndarray:
         """``(N, K)`` ridge decision values of the fold's classes."""
@@ -483,6 +489,10 @@ def fit_fold(
     )
     features = np.asarray(transform.fit_transform(series), dtype=np.float64)
     scaler = StandardScaler().fit(features)
+    mean, scale = np.asarray(scaler.mean_, dtype=np.float64), np.asarray(scaler.scale_, dtype=np.float64)
+    coef, intercept, alpha, classes, loo = fit_ridge(standardize(features, mean, scale), labels, alphas)
+    targets = np.searchsorted(classes, labels)
+    temperature = fit_temperature(loo, targets)
     model = MiniRocketRidge(
         parameters=tuple(
             np.asarray(p, dtype=d) for p, d in zip(transform.parameters, PARAMETER_DTYPES, strict=True)
@@ -491,20 +501,14 @@ def fit_fold(
         n_timepoints=int(n_timepoints),
         n_kernels=int(transform.n_kernels_),
         seed=int(seed),
-        scaler_mean=np.asarray(scaler.mean_, dtype=np.float64),
-        scaler_scale=np.asarray(scaler.scale_, dtype=np.float64),
-        coef=np.zeros((0, 0)),
-        intercept=np.zeros(0),
-        alpha=math.nan,
-        classes=np.zeros(0, dtype=np.int64),
-        temperature=1.0,
+        scaler_mean=mean,
+        scaler_scale=scale,
+        coef=coef,
+        intercept=intercept,
+        alpha=alpha,
+        classes=classes,
+        temperature=temperature,
     )
-    coef, intercept, alpha, classes, loo = fit_ridge(model.standardized(features), labels, alphas)
-    targets = np.searchsorted(classes, labels)
-    temperature = fit_temperature(loo, targets)
-    model.coef, model.intercept, model.alpha, model.classes, model.temperature = (
-        coef, intercept, alpha, classes, temperature
-    )  # fmt: skip
     model.check()
     info = {
         "alpha": alpha,
