@@ -10,9 +10,15 @@ BIN := $(VENV)/bin
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# The classical blend member (codes/classical/minirocket.py) runs aeon's MiniRocket. aeon 1.6.0 pins
+# numba<0.64, which needs an older numpy than the one pinned here; installed without its pins, with
+# a newer numba, it works (docs/real_imu.md). The tests of that member need it; nothing else does.
+CLASSICAL_SPEC ?= aeon==1.6.0 numba==0.68.1 llvmlite==0.50.0 Deprecated==1.3.1 wrapt==2.5.2
+
 $(VENV)/.setup-done: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -c "import aeon" 2>/dev/null || $(BIN)/python -m pip install --no-deps $(CLASSICAL_SPEC)
 	touch $@
 
 setup: $(VENV)/.setup-done

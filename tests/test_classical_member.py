@@ -339,3 +339,20 @@ def test_a_missing_fold_model_is_an_error_naming_it_unless_the_other_folds_are_n
     with pytest.raises(ValueError, match="subject_aware"):
         minirocket.load_predictor(copy, folds=[0], subject_aware=True)
     assert minirocket.load_predictor(copy, folds=[0], subject_aware="pairs").subject_assignment is None
+
+
+def test_grouped_decisions_of_a_subject_never_read_that_subjects_labels():
+    """The temperature is fitted on decisions of ridges fitted without the sample's subject, so
+    overlapping windows of one recording cannot make it overconfident."""
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(60, 8))
+    labels = np.arange(60) % 3
+    groups = np.repeat(np.arange(6), 10)
+    classes = np.arange(3)
+    before = minirocket.grouped_decisions(features, labels, groups, 1.0, classes)
+    relabelled = labels.copy()
+    relabelled[groups == 2] = (labels[groups == 2] + 1) % 3
+    after = minirocket.grouped_decisions(features, relabelled, groups, 1.0, classes)
+    assert np.allclose(before[groups == 2], after[groups == 2])
+    assert not np.allclose(before[groups != 2], after[groups != 2])
+    assert minirocket.grouped_decisions(features, labels, np.zeros(60), 1.0, classes) is None
