@@ -59,7 +59,14 @@ from codes.common.atomic_files import atomic_path
 from codes.common.features import FeatureSettings
 from codes.common.metric import competition_score
 from codes.common.runs import REPO_ROOT, read_run_record, setup_logging, write_json_atomically
-from codes.common.schema import GESTURES, NUM_GESTURES, TEST_COLUMNS, THM_COLUMNS, TOF_COLUMNS
+from codes.common.schema import (
+    GESTURES,
+    NUM_GESTURES,
+    TARGET_GESTURES,
+    TEST_COLUMNS,
+    THM_COLUMNS,
+    TOF_COLUMNS,
+)
 from codes.common.training import IMU_ONLY_PROBABILITY_PREFIX
 from codes.inference.input_path import InputPath, sensor_columns_of
 from codes.inference.predictor import HEAD_OUTPUTS, Clean, GestureAnswerer
@@ -81,6 +88,8 @@ OOF_FILE = "oof.parquet"
 ROUTES = ("all_sensors", "imu_only")
 NEEDS = ("all_sensors", "imu_only")  # what a member needs to read
 COMBINES = ("mean", "log")
+METHODS = ("log_loss", "greedy")  # how the weights are fitted (fit_weights)
+GREEDY_STEPS = 40  # ensemble selection's additions
 PROBABILITY_FLOOR = 1e-6  # log combine and log loss: probabilities below it count as this
 WEIGHT_SUM_TOLERANCE = 1e-6
 CLASSICAL_EXPERIMENTS = {"minirocket": "codes.classical.minirocket"}  # exp_name -> module with load_predictor
@@ -334,12 +343,24 @@ def log_loss(probabilities: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.log(np.maximum(picked, PROBABILITY_FLOOR)).mean())
 
 
-def fit_weights(probabilities: np.ndarray, labels: np.ndarray, combine: str) -> np.ndarray:
+def fit_weights(
+    probabilities: np.ndarray, labels: np.ndarray, combine: str, method: str = "log_loss"
+) -> np.ndarray:
+    """Simplex weights of ``(M, N, C)`` member probabilities for ``labels``: ``log_loss``
+    (:func:`log_loss_weights`) or ``greedy`` (:func:`greedy_weights`)."""
+    if probabilities.shape[0] == 1:
+        return np.ones(1)
+    if method == "log_loss":
+        return log_loss_weights(probabilities, labels, combine)
+    if method == "greedy":
+        return greedy_weights(probabilities, labels, combine)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def log_loss_weights(probabilities: np.ndarray, labels: np.ndarray, combine: str) -> np.ndarray:
     """The simplex weights minimising :func:`log_loss` of :func:`combine_probabilities` (SLSQP from
     equal weights; the loss is convex in the weights for both combines)."""
     n_members = probabilities.shape[0]
-    if n_members == 1:
-        return np.ones(1)
     start = np.full(n_members, 1.0 / n_members)
     result = minimize(
         lambda w: log_loss(combine_probabilities(probabilities, w, combine), labels),
@@ -352,6 +373,52 @@ def fit_weights(probabilities: np.ndarray, labels: np.ndarray, combine: str) -> 
     weights = np.clip(result.x, 0.0, None)
     weights[weights < 1e-4] = 0.0  # a member at numerical noise is left out (no cost to serve it)
     return weights / weights.sum()
+
+
+def greedy_weights(
+    probabilities: np.ndarray, labels: np.ndarray, combine: str, steps: int = GREEDY_STEPS
+) -> np.ndarray:
+    """Ensemble selection (Caruana et al. 2004): ``steps`` times, add the member (with replacement)
+    whose addition gives the best competition score of the combined OOF (ties: the lower log
+    loss); the weights are the counts of the best-scoring prefix, over its length."""
+    n_members = probabilities.shape[0]
+    counts = np.zeros(n_members)
+    best_counts, best_score = None, -math.inf
+    for _ in range(steps):
+        trials = []
+        for member in range(n_members):
+            trial = counts.copy()
+            trial[member] += 1
+            blended = combine_probabilities(probabilities, trial / trial.sum(), combine)
+            score = score_of_indices(labels, blended.argmax(axis=1))
+            trials.append((score, -log_loss(blended, labels), -member))
+        score, _, negative_member = max(trials)
+        counts[-negative_member] += 1
+        if score > best_score:
+            best_score, best_counts = score, counts.copy()
+    return best_counts / best_counts.sum()
+
+
+_IS_TARGET = np.array([g in TARGET_GESTURES for g in GESTURES])
+_METRIC_CLASS = np.array([i if _IS_TARGET[i] else len(TARGET_GESTURES) for i in range(NUM_GESTURES)])
+
+
+def score_of_indices(labels: np.ndarray, predicted: np.ndarray) -> float:
+    """:func:`~codes.common.metric.competition_score` of gesture indices, from counts (the greedy
+    fit scores thousands of candidates): binary F1 of Target, macro F1 over the 8 targets and
+    ``non_target``, classes present in either list."""
+    true_target, predicted_target = _IS_TARGET[labels], _IS_TARGET[predicted]
+    true_positive = np.sum(true_target & predicted_target)
+    wrong = np.sum(true_target != predicted_target)
+    binary = 2 * true_positive / (2 * true_positive + wrong) if true_positive + wrong else 0.0
+    true_class, predicted_class = _METRIC_CLASS[labels], _METRIC_CLASS[predicted]
+    n_classes = len(TARGET_GESTURES) + 1
+    hits = np.bincount(true_class[true_class == predicted_class], minlength=n_classes)
+    true_counts = np.bincount(true_class, minlength=n_classes)
+    predicted_counts = np.bincount(predicted_class, minlength=n_classes)
+    present = (true_counts + predicted_counts) > 0
+    f1 = 2 * hits[present] / (true_counts[present] + predicted_counts[present])
+    return float(0.5 * binary + 0.5 * f1.mean())
 
 
 def accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
@@ -381,7 +448,7 @@ def scores_of(probabilities: np.ndarray, labels: np.ndarray, folds: np.ndarray) 
 
 
 def nested_blend(
-    probabilities: np.ndarray, labels: np.ndarray, folds: np.ndarray, combine: str
+    probabilities: np.ndarray, labels: np.ndarray, folds: np.ndarray, combine: str, method: str = "log_loss"
 ) -> tuple[np.ndarray, dict[str, list[float]]]:
     """``(N, C)`` answers where fold k's come from weights fitted on the other folds' OOF only,
     and those weights per fold."""
@@ -389,19 +456,21 @@ def nested_blend(
     weights_by_fold = {}
     for fold in np.unique(folds):
         held_out = folds == fold
-        weights = fit_weights(probabilities[:, ~held_out], labels[~held_out], combine)
+        weights = fit_weights(probabilities[:, ~held_out], labels[~held_out], combine, method)
         blended[held_out] = combine_probabilities(probabilities[:, held_out], weights, combine)
         weights_by_fold[str(fold)] = weights.tolist()
     return blended, weights_by_fold
 
 
-def fit_route(members: Sequence[MemberOOF], route: str, combine: str) -> dict[str, Any]:
+def fit_route(
+    members: Sequence[MemberOOF], route: str, combine: str, method: str = "log_loss"
+) -> dict[str, Any]:
     """One route's weights (fitted on all OOF: served) and its report: each member alone, equal
     weights, in-sample (optimistic) and nested CV, the nested per-fold weights."""
     probabilities = np.stack([m.probabilities[route] for m in members])
     labels, folds = members[0].labels, members[0].folds
-    weights = fit_weights(probabilities, labels, combine)
-    nested, weights_by_fold = nested_blend(probabilities, labels, folds, combine)
+    weights = fit_weights(probabilities, labels, combine, method)
+    nested, weights_by_fold = nested_blend(probabilities, labels, folds, combine, method)
     equal = np.full(len(members), 1.0 / len(members))
     report = {
         "weights": weights.tolist(),
@@ -415,7 +484,7 @@ def fit_route(members: Sequence[MemberOOF], route: str, combine: str) -> dict[st
     if route == "imu_only" and 0 < len(needing_all) < len(members):
         subset = probabilities[needing_all]
         report["nested_all_sensor_members_only"] = scores_of(
-            nested_blend(subset, labels, folds, combine)[0], labels, folds
+            nested_blend(subset, labels, folds, combine, method)[0], labels, folds
         )
     return report
 
@@ -428,23 +497,34 @@ def relative_path(path: Path, start: Path) -> str:
         return Path(path).resolve().as_posix()
 
 
-def fit_blend(member_dirs: Sequence[Path], out_dir: Path, combine: str = "log") -> dict[str, Any]:
-    """Fit a blend of ``member_dirs`` and write ``out_dir`` (``blend.json``, ``metrics.json``);
-    returns the blend's content. Refuses to overwrite a folder holding anything but a blend."""
+METHOD_TEXT = {
+    "log_loss": "simplex weights minimising the out-of-fold log loss (SLSQP from equal weights)",
+    "greedy": f"ensemble selection: {GREEDY_STEPS} greedy additions with replacement maximising the "
+    "out-of-fold competition score, the best prefix's counts as weights",
+}
+
+
+def fit_blend(
+    member_dirs: Sequence[Path], out_dir: Path, combine: str = "log", method: str = "greedy"
+) -> dict[str, Any]:
+    """Fit a blend of ``member_dirs`` and write ``out_dir`` (``blend.json``, ``metrics.json``,
+    ``config.yaml``); returns the blend's content. Refuses to write into a folder holding anything
+    but a blend's files."""
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(p.name not in BLEND_FOLDER_FILES for p in out_dir.iterdir()):
         raise BlendError(f"{out_dir} holds files that are not a blend's: choose a new --out folder")
     members = check_members([read_member_oof(Path(d)) for d in member_dirs])
-    routes = {route: fit_route(members, route, combine) for route in ROUTES}
+    routes = {route: fit_route(members, route, combine, method) for route in ROUTES}
     blend = {
         "format": BLEND_FORMAT,
         "combine": combine,
-        "method": (
-            "simplex weights minimising the out-of-fold log loss (SLSQP from equal weights); nested: "
-            "fold k answered with weights fitted on the other folds"
-        ),
+        "method": method,
+        "method_text": METHOD_TEXT[method]
+        + "; nested CV: fold k answered with weights fitted on the other folds",
         "classes": list(GESTURES),
         "n_sequences": len(members[0].labels),
         "folds": sorted(int(k) for k in np.unique(members[0].folds)),
@@ -712,7 +792,7 @@ def report_lines(blend: Mapping[str, Any]) -> list[str]:
         report = blend["routes"][route]
         lines += [
             "",
-            f"route {route} ({blend['combine']} combine)",
+            f"route {route} ({blend['combine']} combine, {blend['method']} weights)",
             "",
             "| model | weight | CV score | fold-mean score | fold-mean accuracy | log loss |",
             "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -736,6 +816,26 @@ def report_lines(blend: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def compare_lines(members: Sequence[MemberOOF]) -> list[str]:
+    """A markdown table: per route, combine and method, the best member alone, equal weights, the
+    in-sample and the nested CV score (and fold-mean accuracy)."""
+    lines = [
+        "| route | combine | weights | best member | equal weights | in-sample | nested | nested - best | nested fold-mean accuracy |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for route in ROUTES:
+        for combine in COMBINES:
+            for method in METHODS:
+                report = fit_route(members, route, combine, method)
+                best = max(s["score"] for s in report["members"].values())
+                lines.append(
+                    f"| {route} | {combine} | {method} | {best:.4f} | {report['equal_weights']['score']:.4f} | "
+                    f"{report['in_sample']['score']:.4f} | {report['nested']['score']:.4f} | "
+                    f"{report['nested']['score'] - best:+.4f} | {report['nested']['fold_mean_accuracy']:.4f} |"
+                )
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> Any:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -745,14 +845,18 @@ def main(argv: Sequence[str] | None = None) -> Any:
     fit.add_argument("--members", nargs="+", type=Path, required=True, help="run folders")
     fit.add_argument("--out", type=Path, required=True, help="the blend folder to write")
     fit.add_argument("--combine", choices=COMBINES, default="log")
+    fit.add_argument("--method", choices=METHODS, default="greedy", help="how the weights are fitted")
     predict = commands.add_parser(
         "predict", help="batch mode: key=value settings as an experiment's inference.py"
     )
     predict.add_argument("settings", nargs="*")
     args = parser.parse_args(argv)
     setup_logging(None)
+    if args.command == "compare":
+        print("\n".join(compare_lines(check_members([read_member_oof(Path(d)) for d in args.members]))))
+        return None
     if args.command == "fit":
-        blend = fit_blend(args.members, args.out, args.combine)
+        blend = fit_blend(args.members, args.out, args.combine, args.method)
         print("\n".join([f"blend written to {args.out}", *report_lines(blend)]))
         return blend
     from codes.inference.experiment import batch_main
