@@ -21,8 +21,13 @@ the data folder's ``folds.csv`` when it has one, else ``data.n_folds`` / ``data.
   training folds, a ``StandardScaler``, then ``RidgeClassifierCV(alphas=logspace(-3, 3, 10))``
   (its leave-one-out choice of alpha: the mean squared error over the +-1 class targets).
 - **probabilities**: ``softmax(decision / T)`` over the classes the training folds hold; the
-  temperature ``T`` minimises the log loss of the ridge's leave-one-out decision values of the
-  chosen alpha (training folds only; the scaler is fitted on all of them). Classes the training
+  temperature ``T`` minimises the log loss of held-out decision values of the chosen alpha:
+  ridges fitted without each training sequence's subject (``grouped_decisions``, up to 5
+  subject-grouped splits of the training folds; the leave-one-out ones when the training folds
+  hold one subject). Overlapping windows of one recording share a subject, so a window's
+  decision never comes from a ridge that saw its neighbours (leave-one-out ones did, and gave
+  temperatures 10-100x too small on the real wrist-IMU windows). The scaler is fitted on all of
+  the training folds. Classes the training
   folds lack get probability 0; all 18 columns are always there, in ``GESTURES`` order.
 
 The run folder ``<output_root>/minirocket/<run_name>/`` holds ``config.yaml``, ``run_record.json``

@@ -505,11 +505,11 @@ METHOD_TEXT = {
 
 
 def fit_blend(
-    member_dirs: Sequence[Path], out_dir: Path, combine: str = "log", method: str = "greedy"
+    members: Sequence[Path | MemberOOF], out_dir: Path, combine: str = "log", method: str = "greedy"
 ) -> dict[str, Any]:
-    """Fit a blend of ``member_dirs`` and write ``out_dir`` (``blend.json``, ``metrics.json``,
-    ``config.yaml``); returns the blend's content. Refuses to write into a folder holding anything
-    but a blend's files."""
+    """Fit a blend of ``members`` (run folders, or their :func:`read_member_oof`) and write
+    ``out_dir`` (``blend.json``, ``metrics.json``, ``config.yaml``); returns the blend's content.
+    Refuses to write into a folder holding anything but a blend's files."""
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
     if method not in METHODS:
@@ -517,7 +517,7 @@ def fit_blend(
     out_dir = Path(out_dir)
     if out_dir.exists() and any(p.name not in BLEND_FOLDER_FILES for p in out_dir.iterdir()):
         raise BlendError(f"{out_dir} holds files that are not a blend's: choose a new --out folder")
-    members = check_members([read_member_oof(Path(d)) for d in member_dirs])
+    members = check_members([m if isinstance(m, MemberOOF) else read_member_oof(Path(m)) for m in members])
     routes = {route: fit_route(members, route, combine, method) for route in ROUTES}
     blend = {
         "format": BLEND_FORMAT,
@@ -846,6 +846,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
     fit.add_argument("--out", type=Path, required=True, help="the blend folder to write")
     fit.add_argument("--combine", choices=COMBINES, default="log")
     fit.add_argument("--method", choices=METHODS, default="greedy", help="how the weights are fitted")
+    fit.add_argument("--compare", action="store_true", help="also print every combine x method, nested")
     predict = commands.add_parser(
         "predict", help="batch mode: key=value settings as an experiment's inference.py"
     )
@@ -856,8 +857,11 @@ def main(argv: Sequence[str] | None = None) -> Any:
         print("\n".join(compare_lines(check_members([read_member_oof(Path(d)) for d in args.members]))))
         return None
     if args.command == "fit":
-        blend = fit_blend(args.members, args.out, args.combine, args.method)
+        members = check_members([read_member_oof(Path(d)) for d in args.members])
+        blend = fit_blend(members, args.out, args.combine, args.method)
         print("\n".join([f"blend written to {args.out}", *report_lines(blend)]))
+        if args.compare:
+            print("\n".join(["", *compare_lines(members)]))
         return blend
     from codes.inference.experiment import batch_main
 
