@@ -356,3 +356,35 @@ def test_grouped_decisions_of_a_subject_never_read_that_subjects_labels():
     assert np.allclose(before[groups == 2], after[groups == 2])
     assert not np.allclose(before[groups != 2], after[groups != 2])
     assert minirocket.grouped_decisions(features, labels, np.zeros(60), 1.0, classes) is None
+
+
+def test_a_blend_stages_and_serves_a_classical_member_and_refuses_it_damaged(run_dir, toy_frames, tmp_path):
+    from codes.inference.blend import BlendError, fit_blend, load_blend
+    from codes.inference.kaggle_package import stage_blend_dataset
+
+    blend_dir = tmp_path / "blend"
+    blend = fit_blend([run_dir], blend_dir)
+    assert blend["members"][0]["needs"] == "imu_only" and blend["routes"]["imu_only"]["weights"] == [1.0]
+    staged = stage_blend_dataset(blend_dir, tmp_path / "staged", "someone")
+    assert (
+        sorted(p.name for p in (staged / "members" / "00-minirocket-toy").rglob("*.npz")) == ["model.npz"] * 2
+    )
+    train, demographics = toy_frames
+    frame = train.filter(
+        pl.col("sequence_id").is_in(train["sequence_id"].unique(maintain_order=True).head(5).implode())
+    )
+    expected = (
+        minirocket.load_predictor(run_dir).predict_frame(frame, demographics).select(PROBABILITIES).to_numpy()
+    )
+    for folder in (blend_dir, staged):
+        served = (
+            load_blend(folder, device="cpu")
+            .predict_frame(frame, demographics)
+            .select(PROBABILITIES)
+            .to_numpy()
+        )
+        np.testing.assert_allclose(served, expected, atol=1e-6)
+    model = staged / "members" / "00-minirocket-toy" / "fold1" / "model.npz"
+    model.write_bytes(model.read_bytes()[:200])
+    with pytest.raises(BlendError, match="cannot be served"):
+        load_blend(staged, device="cpu")

@@ -362,6 +362,8 @@ def stage_run_dataset(
 
 
 CLASSICAL_MODEL_FILE = "model.npz"  # codes.classical: a fold's fitted state (arrays, no pickle)
+# what a classical member needs beyond a Kaggle image, offline (docs/blend.md)
+CLASSICAL_NEEDS = {"minirocket": "aeon 1.6.0, numba, llvmlite and Deprecated wheels"}
 
 
 def stage_classical_member(run_dir: Path, out_dir: Path) -> Path:
@@ -495,6 +497,12 @@ def _stage_blend_main(args: argparse.Namespace) -> tuple[Path, Path]:
     )
     for folder in (code, run):
         print(f"  kaggle datasets create -p {folder} --dir-mode zip")
+    members = json.loads((run / "blend.json").read_text(encoding="utf-8"))["members"]
+    for exp_name in sorted({m["exp_name"] for m in members} & set(CLASSICAL_NEEDS)):
+        print(
+            f"the blend holds a {exp_name} member: offline on Kaggle it needs {CLASSICAL_NEEDS[exp_name]} "
+            "(attach their wheels as a dataset and pip install --no-deps them before the script runs; docs/blend.md)"
+        )
     return code, run
 
 
