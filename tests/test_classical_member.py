@@ -7,6 +7,7 @@ once numba has compiled MiniRocket). Tests that need aeon skip without it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import fields
 
@@ -388,3 +389,26 @@ def test_a_blend_stages_and_serves_a_classical_member_and_refuses_it_damaged(run
     model.write_bytes(model.read_bytes()[:200])
     with pytest.raises(BlendError, match="cannot be served"):
         load_blend(staged, device="cpu")
+
+
+def test_answering_leaves_the_torch_thread_count_as_it_was(run_dir, toy_data):
+    """numba starts its OpenMP threads on MiniRocket's first transform, which resets torch's count
+    (the same OpenMP runtime): a fresh process, as a served blend is, keeps the threads it chose."""
+    import subprocess
+    import sys
+
+    script = f"""
+import polars as pl, torch
+torch.set_num_threads(1)
+from codes.classical import minirocket
+predictor = minirocket.load_predictor({str(run_dir)!r})
+train = pl.read_csv({str(toy_data / "train.csv")!r})
+predictor.predict(train.filter(pl.col("sequence_id") == train["sequence_id"][0]), None)
+print("threads", torch.get_num_threads())
+"""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "2"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=environment
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "threads 1" in result.stdout

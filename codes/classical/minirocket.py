@@ -318,7 +318,13 @@ class MiniRocketRidge:
             )
         if len(series) == 0:
             return np.zeros((0, self.n_features), dtype=np.float32)
-        return np.asarray(self.transformer().transform(series), dtype=np.float32)
+        # aeon sets numba's thread count and back to numba's own default, which (OpenMP layer) is
+        # also torch's: the torch threads the process chose are restored after the transform
+        torch_threads = torch.get_num_threads()
+        try:
+            return np.asarray(self.transformer().transform(series), dtype=np.float32)
+        finally:
+            torch.set_num_threads(torch_threads)
 
     def standardized(self, features: np.ndarray) -> np.ndarray:
         """The StandardScaler's transform, in float64."""
