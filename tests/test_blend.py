@@ -369,3 +369,25 @@ def test_the_kaggle_script_serves_a_staged_blend_through_the_gateway_as_batch_mo
     )
     assert batch["imu_only"].sum() == 4
     assert served.to_dicts() == batch.select("sequence_id", "gesture").sort("sequence_id").to_dicts()
+
+
+def test_batch_mode_serves_a_blend_from_the_command_line_and_scores_it(blend_dir, toy_data, tmp_path, capsys):
+    from codes.inference.blend import main
+
+    test_dir = tmp_path / "data"
+    test_dir.mkdir()
+    train = pl.read_csv(toy_data / "train.csv").filter(pl.col("sequence_id").is_in(IDS_OF(toy_data, 6)))
+    train.drop("gesture", "orientation", "behavior", "phase", "sequence_type", strict=False).write_csv(
+        test_dir / "test.csv"
+    )
+    shutil.copy(toy_data / "train_demographics.csv", test_dir / "test_demographics.csv")
+    train.group_by("sequence_id", maintain_order=True).agg(pl.col("gesture").first()).write_csv(
+        test_dir / "test_labels.csv"
+    )
+    output = tmp_path / "submission.csv"
+    scores = main(["predict", f"blend_dir={blend_dir}", f"data={test_dir}", f"output={output}", "device=cpu"])
+    expected = load_blend(blend_dir, device="cpu", subject_aware=False).predict_frame(
+        pl.read_csv(test_dir / "test.csv"), pl.read_csv(test_dir / "test_demographics.csv")
+    )
+    assert pl.read_csv(output).to_dicts() == expected.select("sequence_id", "gesture").to_dicts()
+    assert scores["n"] == 6 and "competition score" in capsys.readouterr().out

@@ -33,8 +33,8 @@ from codes.common.data_files import (
 from codes.common.data_source import DATA_SOURCES, resolve_data_dir
 from codes.common.folds import FOLD_FILE
 from codes.common.metric import competition_score
-from codes.common.schema import GESTURES
-from codes.inference.predictor import EnsemblePredictor, check_batch_size, heads_of_frame
+from codes.common.schema import GESTURES, THM_COLUMNS, TOF_COLUMNS
+from codes.inference.predictor import GestureAnswerer, check_batch_size, heads_of_frame
 from codes.inference.subject_assignment import SubjectAssignment, as_heads
 
 logger = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ def subject_aware_answers(
 
 
 def run_batch(
-    predictor: EnsemblePredictor,
+    predictor: GestureAnswerer,
     data_dir: Path,
     output: Path,
     batch_size: int = 64,
@@ -226,8 +226,10 @@ def run_batch(
     check_batch_size(batch_size)
     data_dir = Path(data_dir)
     check_output_path(output, data_dir, run_dir)
-    settings = predictor.settings
-    frame = read_test(data_dir, include_thm=settings.use_thm, include_tof=settings.tof_mode != "none")
+    read = set(predictor.sensor_columns)  # the columns some model reads (a blend: any member)
+    frame = read_test(
+        data_dir, include_thm=bool(read & set(THM_COLUMNS)), include_tof=bool(read & set(TOF_COLUMNS))
+    )
     demographics = read_demographics(data_dir / TEST_DEMOGRAPHICS_FILE)
     labels = read_labels(data_dir, frame["sequence_id"])  # checked before anything is written
     aware = predictor.subject_assignment is not None
