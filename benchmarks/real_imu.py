@@ -43,6 +43,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
+from codes.classical.minirocket import CHANNELS  # noqa: E402
 from codes.common.features import FeatureSettings, gravity_in_body_frame  # noqa: E402
 from codes.common.folds import FOLD_FILE, read_fold_file  # noqa: E402
 from codes.common.metric import competition_score  # noqa: E402
@@ -403,14 +404,7 @@ def write_converted(data: ConvertedData, out_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------- MiniRocket
-MINIROCKET_FEATURES = [
-    "acc_x",
-    "acc_y",
-    "acc_z",
-    "angular_velocity_x",
-    "angular_velocity_y",
-    "angular_velocity_z",
-]
+MINIROCKET_FEATURES = CHANNELS  # the classical member's channels (codes/classical/minirocket.py)
 
 
 def benchmark_feature_settings(rate_hz: float = SAMPLING_RATE_HZ) -> FeatureSettings:

@@ -65,6 +65,7 @@ from codes.common.features import FeatureSettings
 from codes.common.machine import PathsConfig, apply_num_threads
 from codes.common.schema import GESTURES, NUM_GESTURES
 from codes.common.sequences import SequenceTable
+from codes.inference.experiment import parse_key_values, usage_error
 from codes.inference.input_path import InputPath
 from codes.inference.predictor import Clean, GestureAnswerer
 from codes.inference.run_folder import (
@@ -860,31 +861,14 @@ def settings_usage(schema: type, command: str, example: str) -> str:
 
 
 def _usage_error(message: str) -> NoReturn:
-    print(f"{EXP_NAME}: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    usage_error(EXP_NAME, message)
 
 
 def parse_settings(schema: type, args: Sequence[str], usage: str) -> DictConfig:
-    """``key=value`` arguments over ``schema``'s defaults (OmegaConf). ``-h`` / ``--help`` prints
-    ``usage`` and exits 0; an unknown key, an argument that is no ``key=value`` or a value of the
-    wrong type is a one-line error and exit code 2."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    if {"-h", "--help"} & set(args):
-        print(usage)
-        raise SystemExit(0)
-    valid = [key for key, _, _ in setting_rows(schema)]
-    for argument in args:
-        key = argument.split("=", 1)[0]
-        if "=" not in argument or key not in valid:
-            what = f"unknown setting {key!r}" if "=" in argument else f"{argument!r} is not key=value"
-            _usage_error(f"{what}; the settings are {', '.join(valid)} (--help lists their defaults)")
-    try:
-        return OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_cli(list(args)))
-    except OmegaConfBaseException as error:
-        key = getattr(error, "full_key", None)
-        _usage_error(f"{f'{key}: ' if key else ''}{str(error).splitlines()[0]} (--help lists the settings)")
+    """``key=value`` arguments over ``schema``'s defaults: ``codes.inference.experiment``'s
+    :func:`~codes.inference.experiment.parse_key_values` with the dotted keys of
+    :func:`setting_rows`."""
+    return parse_key_values(args, schema, [key for key, _, _ in setting_rows(schema)], usage, EXP_NAME)
 
 
 def check_train_settings(cfg: DictConfig) -> None:

@@ -340,31 +340,46 @@ def _cli_value(value: Any) -> str:
 
 
 def parse_batch_arguments(args: Sequence[str], exp_name: str) -> DictConfig:
-    """The :class:`InferenceConfig` of ``key=value`` arguments. ``-h`` / ``--help`` prints
-    :func:`batch_usage` and exits 0; an argument that is no ``key=value`` of a known setting, or a
-    value of the wrong type, is a one-line error naming it (with the valid keys) and exit code 2."""
+    """The :class:`InferenceConfig` of ``key=value`` arguments (:func:`parse_key_values`)."""
+    return parse_key_values(
+        args,
+        InferenceConfig,
+        [f.name for f in fields(InferenceConfig)],
+        batch_usage(exp_name),
+        "inference.py",
+    )
+
+
+def parse_key_values(
+    args: Sequence[str], schema: type, valid: Sequence[str], usage: str, program: str
+) -> DictConfig:
+    """``key=value`` arguments over the dataclass ``schema``'s defaults (OmegaConf). ``-h`` /
+    ``--help`` prints ``usage`` and exits 0; an argument that is no ``key=value`` of a key in
+    ``valid``, or a value of the wrong type, is a one-line error naming it (with the valid keys),
+    ``<program>: error: ...`` on stderr, and exit code 2."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     if {"-h", "--help"} & set(args):
-        print(batch_usage(exp_name))
+        print(usage)
         raise SystemExit(0)
-    valid = [f.name for f in fields(InferenceConfig)]
     for argument in args:
         key = argument.split("=", 1)[0]
         if "=" not in argument or key not in valid:
             what = f"unknown setting {key!r}" if "=" in argument else f"{argument!r} is not key=value"
-            _usage_error(f"{what}; the settings are {', '.join(valid)} (--help lists their defaults)")
+            usage_error(program, f"{what}; the settings are {', '.join(valid)} (--help lists their defaults)")
     try:
-        return OmegaConf.merge(OmegaConf.structured(InferenceConfig), OmegaConf.from_cli(list(args)))
+        return OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_cli(list(args)))
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None)
         where = f"{key}: " if key else ""
-        _usage_error(f"{where}{str(error).splitlines()[0]} (--help lists the settings and their defaults)")
+        usage_error(
+            program, f"{where}{str(error).splitlines()[0]} (--help lists the settings and their defaults)"
+        )
 
 
-def _usage_error(message: str) -> NoReturn:
-    print(f"inference.py: error: {message}", file=sys.stderr)
+def usage_error(program: str, message: str) -> NoReturn:
+    print(f"{program}: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 
