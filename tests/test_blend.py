@@ -297,6 +297,12 @@ def test_a_damaged_member_stops_the_blend_from_loading(blend_dir, tmp_path):
         members.append({**member, "path": f"../member{index}"})
     (copy / "blend" / BLEND_FILE).write_text(json.dumps({**blend, "members": members}))
     load_blend(copy / "blend", device="cpu")  # intact: loads
+    edited = json.loads((copy / "blend" / BLEND_FILE).read_text())
+    edited["routes"]["imu_only"]["weights"] = [0.6, 0.5, -0.1]
+    (copy / "blend" / "blend.json").write_text(json.dumps(edited))
+    with pytest.raises(BlendError, match="route imu_only: negative weight"):
+        load_blend(copy / "blend", device="cpu")
+    (copy / "blend" / BLEND_FILE).write_text(json.dumps({**blend, "members": members}))
     checkpoint = copy / "member1" / "fold1" / "best.pt"
     checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
     with pytest.raises(BlendError, match=r"member .*all-s2 cannot be served"):
