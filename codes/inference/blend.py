@@ -3,6 +3,7 @@ weighted by their out-of-fold probabilities and routed by the sensors a sequence
 
     python -m codes.inference.blend fit --members outputs/exp020/quick-s42 outputs/minirocket/s0 \\
         --out outputs/blends/<name> [--combine mean|log]
+    python -m codes.inference.blend compare --members <run folders>     # every combine x method, nested
     python -m codes.inference.blend predict blend_dir=outputs/blends/<name> data=synthetic
 
 **Members** are run folders (any experiment's, or ``codes.classical.minirocket``'s) trained on the
@@ -847,6 +848,8 @@ def main(argv: Sequence[str] | None = None) -> Any:
     fit.add_argument("--combine", choices=COMBINES, default="log")
     fit.add_argument("--method", choices=METHODS, default="greedy", help="how the weights are fitted")
     fit.add_argument("--compare", action="store_true", help="also print every combine x method, nested")
+    compare = commands.add_parser("compare", help="nested CV of every combine x method; nothing written")
+    compare.add_argument("--members", nargs="+", type=Path, required=True, help="run folders")
     predict = commands.add_parser(
         "predict", help="batch mode: key=value settings as an experiment's inference.py"
     )
