@@ -87,7 +87,6 @@ BLEND_EXP_NAME = "blend"  # config.yaml's exp_name in a blend folder
 BLEND_FORMAT = 1
 OOF_FILE = "oof.parquet"
 ROUTES = ("all_sensors", "imu_only")
-NEEDS = ("all_sensors", "imu_only")  # what a member needs to read
 COMBINES = ("mean", "log")
 METHODS = ("log_loss", "greedy")  # how the weights are fitted (fit_weights)
 GREEDY_STEPS = 40  # ensemble selection's additions
