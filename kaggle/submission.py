@@ -1,4 +1,5 @@
-"""Kaggle submission notebook: serve a trained run through the competition's inference server.
+"""Kaggle submission notebook: serve a trained run, or a blend of runs, through the competition's
+inference server.
 
 Paste this file into one notebook cell (or attach the code dataset and run it with
 ``%run /kaggle/input/<code dataset>/kaggle/submission.py``). Attach three inputs: the
@@ -7,7 +8,9 @@ staged by ``python -m codes.inference.kaggle_package``). Internet off: nothing i
 
 - The code and run datasets are found under /kaggle/input (or given by CMI_CODE_DIR,
   CMI_RUN_DIR); the code folder goes onto sys.path and the run's fold models are loaded once,
-  before the server starts.
+  before the server starts. A folder holding blend.json (``kaggle_package --blend-dir``) is a
+  blend: found before any run folder, loaded with ``codes.inference.blend.load_blend`` (each
+  member by its own experiment's code; CMI_EXPERIMENT is not used; docs/blend.md).
 - On Kaggle, ``predict`` is served through
   ``kaggle_evaluation.cmi_inference_server.CMIInferenceServer``: ``serve()`` during the
   competition rerun, the local gateway on the public test.csv otherwise.
