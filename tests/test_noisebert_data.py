@@ -23,6 +23,7 @@ from codes.noisebert.noise import (
     VibrationNoiseConfig,
     add_raw_vibration,
     add_vibration_noise,
+    burst_steps,
     feature_strength,
 )
 from tests.helpers import make_demographics, make_frame, rest_sensors
@@ -94,8 +95,8 @@ def test_dominant_fft_frequency_of_a_long_burst_is_the_returned_frequency(harmon
     n_steps = 2048
     cfg = replace(
         ONE_BURST,
-        min_burst_length=1500,
-        max_burst_length=1500,
+        min_burst_seconds=150,
+        max_burst_seconds=150,
         harmonic_prob=harmonic_prob,
         band_noise_fraction=band_noise_fraction,
     )
@@ -116,8 +117,8 @@ def test_harmonics_above_nyquist_are_left_out():
         freq_high=0.3,
         harmonic_prob=1.0,
         band_noise_fraction=0.0,
-        min_burst_length=1000,
-        max_burst_length=1000,
+        min_burst_seconds=100,
+        max_burst_seconds=100,
     )
     x = np.zeros((1024, 2), dtype=np.float32)
     noise = add_vibration_noise(x, np.random.default_rng(0), cfg)
@@ -128,7 +129,7 @@ def test_harmonics_above_nyquist_are_left_out():
 
 @pytest.mark.parametrize("n_steps", [0, 1, 5, 39])
 def test_short_sequences_clip_the_bursts(n_steps):
-    cfg = replace(ONE_BURST, min_burst_length=40, max_burst_length=40)
+    cfg = replace(ONE_BURST, min_burst_seconds=4, max_burst_seconds=4)
     x = _clean(max(n_steps, 1))[:n_steps]
     noise = add_vibration_noise(x, np.random.default_rng(3), cfg)
     assert noise.noisy.shape == x.shape and noise.strength.shape == (n_steps,)
@@ -331,7 +332,7 @@ def test_from_sequence_table_uses_the_normalised_features_and_vibrates_imu_only(
 SETTINGS = FeatureSettings()
 COLUMNS = SETTINGS.sensor_columns
 ACC, ROT = slice(0, 3), slice(3, 7)  # IMU columns of the raw rows (SENSOR_COLUMNS order)
-RAW_BURSTS = VibrationNoiseConfig(min_bursts=1, max_bursts=3, min_burst_length=8, max_burst_length=20)
+RAW_BURSTS = VibrationNoiseConfig(min_bursts=1, max_bursts=3, min_burst_seconds=0.8, max_burst_seconds=2)
 
 
 def _orientations(n_steps: int, rng: np.random.Generator, upside_down: bool = False) -> np.ndarray:
@@ -545,7 +546,7 @@ def test_without_rotation_amplitude_only_the_translational_vibration_is_added():
 @pytest.mark.parametrize("n_steps", [5, 120])
 def test_raw_vibration_is_deterministic_and_strength_marks_the_clipped_bursts(n_steps):
     rows = _raw_rows(n_steps, seed=6)
-    cfg = replace(RAW_BURSTS, min_burst_length=10, max_burst_length=30)
+    cfg = replace(RAW_BURSTS, min_burst_seconds=1, max_burst_seconds=3)
     first = add_raw_vibration(rows, COLUMNS, np.random.default_rng(9), cfg)
     again = add_raw_vibration(rows, COLUMNS, np.random.default_rng(9), cfg)
     other = add_raw_vibration(rows, COLUMNS, np.random.default_rng(10), cfg)
@@ -562,7 +563,7 @@ def test_raw_vibration_is_deterministic_and_strength_marks_the_clipped_bursts(n_
     np.testing.assert_array_equal(first.strength > 0, covered)
     assert (first.strength[~covered] == 0).all()
     np.testing.assert_array_equal(first.noisy_steps, first.strength > cfg.strength_threshold)
-    if n_steps < cfg.min_burst_length:
+    if n_steps < burst_steps(cfg)[0]:
         assert covered.all()  # the sequence lies inside its bursts
 
 
@@ -622,7 +623,7 @@ def raw_table():
 
 
 def _raw_dataset(table, normalizer, **kwargs):
-    kwargs.setdefault("noise_cfg", replace(RAW_BURSTS, min_burst_length=4, max_burst_length=12))
+    kwargs.setdefault("noise_cfg", replace(RAW_BURSTS, min_burst_seconds=0.4, max_burst_seconds=1.2))
     return NoiseBERTDataset.from_sequence_table(
         table, normalizer, RAW_MAX_LEN, masking_cfg=MaskingConfig(num_intervals=8), noise_domain="raw",
         settings=SETTINGS, **kwargs,
@@ -694,3 +695,41 @@ def test_transform_rows_equals_transform(raw_table):
     np.testing.assert_array_equal(got, expected)
     absent_rows = slice(table.offsets[1], table.offsets[2])
     assert (got[absent_rows][:, table.feature_groups["thm"]] == 0).all()
+
+
+# ---------------------------------------------------------------- durations in seconds
+def test_spans_and_bursts_are_durations_converted_with_the_sampling_rate():
+    """The defaults give the step values runs used at 10 Hz (spans of mean 3, bursts 8-40 steps)
+    and the same durations at 50 Hz (15, 40-200); a burst never drops below one step."""
+    masking = MaskingConfig()
+    assert masking.mean_span_steps(10.0) == 3.0  # exactly: the geometric draws of earlier runs
+    assert masking.mean_span_steps(50.0) == 15.0
+    assert MaskingConfig(mean_span_seconds=0.01).mean_span_steps(10.0) == 1.0
+    assert burst_steps(VibrationNoiseConfig(sampling_rate_hz=10.0)) == (8, 40)
+    assert burst_steps(VibrationNoiseConfig(sampling_rate_hz=50.0)) == (40, 200)
+    assert burst_steps(VibrationNoiseConfig(min_burst_seconds=0.01, max_burst_seconds=0.02)) == (1, 1)
+    for bad in ({"min_burst_seconds": 0.0}, {"min_burst_seconds": 5.0}, {"max_burst_seconds": float("inf")}):
+        with pytest.raises(ValueError, match="burst"):
+            VibrationNoiseConfig(**bad)
+    with pytest.raises(ValueError, match="mean_span_seconds"):
+        MaskingConfig(mean_span_seconds=0.0)
+
+
+def test_masked_spans_last_as_long_in_seconds_at_10_and_50_hz():
+    """The same config masks spans of the same mean duration at both rates (0.3 s): the dataset
+    converts with the rate its noise is drawn at."""
+    durations = {}
+    for rate in (10.0, 50.0):
+        n_steps = int(40 * rate)  # 40 s, so that many spans are drawn
+        noise_cfg = replace(NO_BURST, sampling_rate_hz=rate)
+        dataset = NoiseBERTDataset([_clean(n_steps)] * 8, n_steps, noise_cfg, MaskingConfig(mask_ratio=0.3))
+        lengths = []
+        for index in range(len(dataset)):
+            masked = dataset[index]["masked"].numpy().astype(np.int8)
+            starts = np.flatnonzero(np.diff(np.r_[0, masked]) == 1)
+            stops = np.flatnonzero(np.diff(np.r_[masked, 0]) == -1)
+            lengths.extend(stops - starts + 1)
+        durations[rate] = np.mean(lengths) / rate
+    # adjacent spans merge, so the mean run is a little above 0.3 s at either rate
+    assert 0.25 < durations[10.0] < 0.5 and 0.25 < durations[50.0] < 0.5
+    assert abs(durations[10.0] - durations[50.0]) < 0.08

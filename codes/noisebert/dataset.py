@@ -22,7 +22,8 @@ Rules of an item (``L = max_len``, ``n`` = real steps kept, ``K = num_intervals`
   the same rule gives ``noisy`` and decides which steps may be masked.
 - Masking: ``round(mask_ratio * n)`` steps (at least 1, at most the eligible ones) are masked,
   chosen only among eligible steps: real and not noisy. They form spans with geometric lengths
-  (``p = 1 / mean_span``, the last one cut so the total is exact) placed uniformly at random
+  (``p = 1 / mean_span``, the last one cut so the total is exact; ``mean_span`` in steps is
+  ``mean_span_seconds`` times the sampling rate, at least 1: 3 steps at 10 Hz, 15 at 50 Hz) placed uniformly at random
   without overlap on the eligible steps taken in order; a span that meets a noisy step continues
   after it. Masked steps are 0 in ``input`` (the model puts its MASK embedding there).
 - Intervals: interval ``k`` holds steps ``[floor(k * n / K), floor((k + 1) * n / K))`` (an empty
@@ -75,19 +76,26 @@ class MaskingConfig:
     """How many steps are masked, in spans of which mean length, and the intervals for the CLS loss."""
 
     mask_ratio: float = 0.15  # share of the real steps to mask
-    mean_span: float = 3.0  # mean of the geometric span lengths (p = 1 / mean_span)
+    # mean duration of the masked spans; x the sampling rate = the mean of the geometric span
+    # lengths in steps (3 at 10 Hz, 15 at 50 Hz; at least 1)
+    mean_span_seconds: float = 0.3
     noise_threshold: float | None = None  # strength above which a step is noisy; None = noise config's
     num_intervals: int = 30  # K intervals over the real steps
 
     def __post_init__(self) -> None:
         if not 0 <= self.mask_ratio <= 1:
             raise ValueError(f"mask_ratio must lie in [0, 1], got {self.mask_ratio}")
-        if self.mean_span < 1:
-            raise ValueError(f"mean_span must be >= 1 (spans have at least one step), got {self.mean_span}")
+        if not (np.isfinite(self.mean_span_seconds) and self.mean_span_seconds > 0):
+            raise ValueError(f"mean_span_seconds must be a positive duration, got {self.mean_span_seconds}")
         if self.noise_threshold is not None and self.noise_threshold < 0:
             raise ValueError(f"noise_threshold must be >= 0 or None, got {self.noise_threshold}")
         if self.num_intervals < 1:
             raise ValueError(f"num_intervals must be >= 1, got {self.num_intervals}")
+
+    def mean_span_steps(self, sampling_rate_hz: float) -> float:
+        """The mean span length in steps at ``sampling_rate_hz`` (at least 1; rounded to 1e-9, so
+        0.3 s at 10 Hz is exactly 3.0)."""
+        return max(1.0, round(self.mean_span_seconds * sampling_rate_hz, 9))
 
 
 # ---------------------------------------------------------------- masking
@@ -252,6 +260,8 @@ class NoiseBERTDataset(Dataset):
             if self.masking_cfg.noise_threshold is None
             else self.masking_cfg.noise_threshold
         )
+        # the spans' mean length in steps at the rate the noise is drawn at (the data's)
+        self.mean_span = self.masking_cfg.mean_span_steps(self.noise_cfg.sampling_rate_hz)
         self.max_len = int(max_len)
         self.seed = int(seed)
         self.add_noise = add_noise
@@ -341,7 +351,7 @@ class NoiseBERTDataset(Dataset):
         noisy = strength > self.threshold  # (n,)
         eligible = ~noisy
         n_masked = masked_step_count(n_real, int(eligible.sum()), self.masking_cfg.mask_ratio)
-        masked = sample_span_mask(eligible, n_masked, self.masking_cfg.mean_span, rng)  # (n,)
+        masked = sample_span_mask(eligible, n_masked, self.mean_span, rng)  # (n,)
 
         length, n_channels = self.max_len, self.n_channels
         target = np.zeros((length, n_channels), dtype=np.float32)

@@ -11,12 +11,8 @@ checkpoint initialises exp018 through ``model.init_from`` with the same model se
 ``mask_embedding``, ``reconstruction_head`` and ``cls_summary_head`` (the CLS objective: the
 last layer's CLS output predicts a summary of the clean sequence) are pretraining-only.
 
-CLS-to-token attention without giving up fused attention: forward hooks on the chosen BERT
-layers' ``query`` and ``key`` Linears keep their outputs (tensors the layer computes anyway), and
-only the CLS query row is computed again: ``softmax(q_cls . K^T / sqrt(d_head))`` over the
-non-padded keys, ``(B, heads, 1 + T)``. The layers themselves still run through SDPA. The row is
-the attention distribution before attention dropout (in eval mode it equals the eager
-``output_attentions`` row).
+The CLS attention row comes from ``codes/models/cls_attention.py`` (hooks on the chosen BERT
+layers' query and key; the layers still run fused attention).
 """
 
 from __future__ import annotations
@@ -25,11 +21,10 @@ import torch
 from torch import nn
 
 from codes.models.bert_config import build_bert, build_bert_config, build_squeezeformer
+from codes.models.cls_attention import ATTENTION_LAYERS, ClsAttentionRecorder
 from codes.models.masking import check_mask, to_attention_mask
 
 __all__ = ["ATTENTION_LAYERS", "NoiseBERT"]
-
-ATTENTION_LAYERS = ("last", "all")
 
 
 class NoiseBERT(nn.Module):
@@ -45,8 +40,6 @@ class NoiseBERT(nn.Module):
         self, n_features: int, cfg, max_len: int, attention_layers: str = "last", cls_summary: bool = False
     ) -> None:
         super().__init__()
-        if attention_layers not in ATTENTION_LAYERS:
-            raise ValueError(f"attention_layers must be one of {ATTENTION_LAYERS}, got {attention_layers!r}")
         hidden = build_bert_config(cfg, max_len).hidden_size  # validates the settings first
         # the same modules, built in the same order, as exp018's GestureClassifier
         self.input_projection = nn.Linear(n_features, cfg.d_model)
@@ -59,38 +52,15 @@ class NoiseBERT(nn.Module):
         # the CLS objective's head (built last, so the other modules keep their initialisation)
         self.cls_summary_head = nn.Linear(hidden, 2 * n_features) if cls_summary else None
 
-        layers = self.bert.encoder.layer
-        self.attention_layer_indices = (
-            list(range(len(layers))) if attention_layers == "all" else [len(layers) - 1]
-        )
-        self.num_heads = self.bert.config.num_attention_heads
-        self._captured: dict[tuple[int, str], torch.Tensor] = {}
-        self._capturing = False
-        for index in self.attention_layer_indices:
-            attention = layers[index].attention.self
-            attention.query.register_forward_hook(self._capture_hook(index, "query"))
-            attention.key.register_forward_hook(self._capture_hook(index, "key"))
+        self.cls_attention_recorder = ClsAttentionRecorder(self.bert, attention_layers)
 
-    def _capture_hook(self, index: int, name: str):
-        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            if self._capturing:
-                self._captured[(index, name)] = output  # (B, 1 + T, H)
-
-        return hook
+    @property
+    def attention_layer_indices(self) -> list[int]:
+        return self.cls_attention_recorder.layer_indices
 
     def cls_attention_row(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The CLS row of one layer: ``query, key (B, 1 + T, H), mask (B, 1 + T)`` -> ``(B, heads, 1 + T)``."""
-        b, n, hidden = key.shape
-        head_dim = hidden // self.num_heads
-        # float32 even under bf16/fp16 autocast (which would run the matmul in bf16, ~2e-3 off)
-        with torch.autocast(device_type=query.device.type, enabled=False):
-            q_cls = query[:, 0].reshape(b, self.num_heads, 1, head_dim).float()  # (B, heads, 1, d)
-            keys = key.reshape(b, n, self.num_heads, head_dim).transpose(1, 2).float()  # (B, heads, 1 + T, d)
-            scores = (
-                torch.matmul(q_cls, keys.transpose(-2, -1)).squeeze(2) * head_dim**-0.5
-            )  # (B, heads, 1 + T)
-            scores = scores.masked_fill(~mask[:, None, :], float("-inf"))  # the CLS key is always real
-            return torch.softmax(scores, dim=-1)
+        return self.cls_attention_recorder.row(query, key, mask)
 
     def forward(
         self,
@@ -111,8 +81,9 @@ class NoiseBERT(nn.Module):
         cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
         x = torch.cat([cls, x], dim=1)  # (B, T, H) -> (B, 1 + T, H)
         full_mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)  # (B, 1 + T)
-        self._captured.clear()
-        self._capturing = return_cls_attention and not from_output_attentions
+        recorder = self.cls_attention_recorder
+        if return_cls_attention and not from_output_attentions:
+            recorder.start()
         try:
             out = self.bert(
                 inputs_embeds=x,
@@ -120,19 +91,14 @@ class NoiseBERT(nn.Module):
                 output_attentions=return_cls_attention and from_output_attentions,
             )
         finally:
-            self._capturing = False
+            recorder.stop()
         reconstruction = self.reconstruction_head(out.last_hidden_state[:, 1:])  # (B, T, H) -> (B, T, F)
         cls_attention = None
         if return_cls_attention and from_output_attentions:
             rows = [out.attentions[i][:, :, 0] for i in self.attention_layer_indices]  # (B, heads, 1 + T)
             cls_attention = torch.stack(rows, dim=1)[..., 1:]
         elif return_cls_attention:
-            rows = [
-                self.cls_attention_row(self._captured[(i, "query")], self._captured[(i, "key")], full_mask)
-                for i in self.attention_layer_indices
-            ]
-            cls_attention = torch.stack(rows, dim=1)[..., 1:]  # (B, layers, heads, T): step keys only
-            self._captured.clear()
+            cls_attention = recorder.rows(full_mask)  # (B, layers, heads, T): step keys only
         summary = (
             None if self.cls_summary_head is None else self.cls_summary_head(out.last_hidden_state[:, 0])
         )

@@ -4,7 +4,9 @@ A vibration (a vehicle, a machine, a tremor) shakes every IMU axis at once for a
 :func:`add_vibration_noise` draws between ``min_bursts`` and ``max_bursts`` bursts per sequence.
 Each burst
 
-- lasts ``length`` steps, drawn in ``min_burst_length..max_burst_length``, and starts at a random
+- lasts ``length`` steps, drawn in ``min_burst_steps..max_burst_steps`` (``min_burst_seconds`` and
+  ``max_burst_seconds`` times the sampling rate, rounded, at least 1: the same durations in
+  seconds at 10 Hz and at 50 Hz), and starts at a random
   step such that the burst lies inside the sequence; a sequence shorter than the burst lies inside
   the burst at a random offset instead (the burst is clipped to the sequence);
 - oscillates at one frequency drawn uniformly in ``[freq_low, freq_high] * sampling_rate_hz``
@@ -71,8 +73,8 @@ class VibrationNoiseConfig:
     sampling_rate_hz: float = 10.0  # the competition's IMU rate (FeatureSettings.sampling_rate_hz)
     min_bursts: int = 0
     max_bursts: int = 3  # inclusive
-    min_burst_length: int = 8  # steps
-    max_burst_length: int = 40  # steps, inclusive
+    min_burst_seconds: float = 0.8  # x sampling_rate_hz = steps (8 at 10 Hz)
+    max_burst_seconds: float = 4.0  # inclusive (40 steps at 10 Hz)
     freq_low: float = 0.15  # x sampling_rate_hz
     freq_high: float = 0.45  # x sampling_rate_hz, below the Nyquist fraction 0.5
     min_amplitude: float = 0.5  # x the channel's reference scale
@@ -93,8 +95,8 @@ class VibrationNoiseConfig:
             (self.sampling_rate_hz > 0, "sampling_rate_hz must be positive"),
             (0 <= self.min_bursts <= self.max_bursts, "need 0 <= min_bursts <= max_bursts"),
             (
-                1 <= self.min_burst_length <= self.max_burst_length,
-                "need 1 <= min_burst_length <= max_burst_length",
+                0 < self.min_burst_seconds <= self.max_burst_seconds,
+                "need 0 < min_burst_seconds <= max_burst_seconds",
             ),
             (
                 0 < self.freq_low <= self.freq_high < NYQUIST_FRACTION,
@@ -112,10 +114,23 @@ class VibrationNoiseConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"VibrationNoiseConfig: {message}; got {self}")
+        if not all(np.isfinite([self.sampling_rate_hz, self.min_burst_seconds, self.max_burst_seconds])):
+            raise ValueError(f"VibrationNoiseConfig: the rate and the burst durations must be finite; got {self}")
         if self.channels is not None:
             channels = list(self.channels)
             if any(c < 0 for c in channels) or len(set(channels)) != len(channels):
                 raise ValueError(f"channels must be distinct non-negative indices, got {channels}")
+
+
+def seconds_to_steps(seconds: float, sampling_rate_hz: float) -> int:
+    """A duration in seconds as a whole number of steps at ``sampling_rate_hz``: rounded, at least 1."""
+    return max(1, int(round(seconds * sampling_rate_hz)))
+
+
+def burst_steps(cfg: VibrationNoiseConfig) -> tuple[int, int]:
+    """``(min, max)`` burst lengths in steps at the config's sampling rate (8 and 40 at 10 Hz)."""
+    low = seconds_to_steps(cfg.min_burst_seconds, cfg.sampling_rate_hz)
+    return low, max(low, seconds_to_steps(cfg.max_burst_seconds, cfg.sampling_rate_hz))
 
 
 @dataclass
@@ -216,8 +231,9 @@ def add_vibration_noise(
     bursts: list[VibrationBurst] = []
     burst_weights: list[float] = []
     n_bursts = int(rng.integers(cfg.min_bursts, cfg.max_bursts + 1))
+    min_length, max_length = burst_steps(cfg)
     for _ in range(n_bursts):
-        length = int(rng.integers(cfg.min_burst_length, cfg.max_burst_length + 1))
+        length = int(rng.integers(min_length, max_length + 1))
         low_start, high_start = sorted((0, n_steps - length))
         start = int(rng.integers(low_start, high_start + 1))
         cycles_per_step = float(rng.uniform(*band))

@@ -183,6 +183,12 @@ def build_datasets(
         write_json_atomically(normalizer.state_dict(), run_dir / "normalizer.json")
 
     noise_cfg = VibrationNoiseConfig(**OmegaConf.to_container(cfg.noise, resolve=True))
+    if noise_cfg.sampling_rate_hz != data.sampling_rate_hz:
+        raise ValueError(
+            f"noise.sampling_rate_hz={noise_cfg.sampling_rate_hz:g} but data.sampling_rate_hz="
+            f"{data.sampling_rate_hz:g}: the bursts' frequencies and durations and the masked spans are "
+            "converted with the data's rate; leave noise.sampling_rate_hz out (it follows the data's)"
+        )
     masking_cfg = MaskingConfig(**OmegaConf.to_container(cfg.masking, resolve=True))
     seed = cfg.trainer.seed
 
