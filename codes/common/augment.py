@@ -49,6 +49,8 @@ from codes.common.synthetic import quat_conjugate, quat_from_rotvec, quat_multip
 __all__ = [
     "RawAugmenter",
     "augmented_batch",
+    "augmented_sequences",
+    "batch_from_sequences",
     "batch_step_features",
     "flip_handedness",
     "mixup_batch",
@@ -271,24 +273,31 @@ def mixup_batch(
     return torch.from_numpy(partner.astype(np.int64)), torch.from_numpy(lam.astype(np.float32))
 
 
-def augmented_batch(
-    table: SequenceTable,
-    indices: np.ndarray,
-    settings: FeatureSettings,
-    normalizer: FeatureNormalizer,
-    max_len: int,
-    augmenter: RawAugmenter | None,
-    rng: np.random.Generator,
-) -> PaddedSequences:
-    """The padded, normalised features of ``table``'s sequences at ``indices``, computed from
-    their raw sensor rows (``table.sensors``) after ``augmenter`` (None: no augmentation, the
-    same values as the cached features give)."""
+def augmented_sequences(
+    table: SequenceTable, indices: np.ndarray, augmenter: RawAugmenter | None, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """The raw sensor rows of ``table``'s sequences at ``indices`` after ``augmenter`` (None: the
+    rows as they are; the table's rows are never edited)."""
     if table.sensors is None:
         raise ValueError("the table holds no raw sensor rows: load it with keep_sensors=True")
     indices = np.asarray(indices, dtype=np.int64)
     sequences = [table.sensors[table.offsets[i] : table.offsets[i + 1]] for i in indices]
     if augmenter is not None:
         sequences = [augmenter(s, rng) for s in sequences]
+    return sequences
+
+
+def batch_from_sequences(
+    table: SequenceTable,
+    indices: np.ndarray,
+    sequences: list[np.ndarray],
+    settings: FeatureSettings,
+    normalizer: FeatureNormalizer,
+    max_len: int,
+) -> PaddedSequences:
+    """The padded, normalised features of raw ``sequences`` (one per index of ``table``, whose
+    metadata they keep: handedness, demographics, labels)."""
+    indices = np.asarray(indices, dtype=np.int64)
     step, offsets = batch_step_features(sequences, table.left_handed[indices], settings)
     batch = replace(
         table.subset(indices[:0]),  # the metadata of the batch's sequences, without copying rows
@@ -304,3 +313,19 @@ def augmented_batch(
         sensors=None,
     )
     return pad_sequences(batch, max_len, normalizer.transform(batch))
+
+
+def augmented_batch(
+    table: SequenceTable,
+    indices: np.ndarray,
+    settings: FeatureSettings,
+    normalizer: FeatureNormalizer,
+    max_len: int,
+    augmenter: RawAugmenter | None,
+    rng: np.random.Generator,
+) -> PaddedSequences:
+    """The padded, normalised features of ``table``'s sequences at ``indices``, computed from
+    their raw sensor rows (``table.sensors``) after ``augmenter`` (None: no augmentation, the
+    same values as the cached features give)."""
+    sequences = augmented_sequences(table, indices, augmenter, rng)
+    return batch_from_sequences(table, indices, sequences, settings, normalizer, max_len)

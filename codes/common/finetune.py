@@ -67,7 +67,10 @@ class FinetunePlan:
             (0 < self.layer_decay <= 1, f"layer_decay must be in (0, 1], got {self.layer_decay}"),
             (self.stack_lr_scale >= 0, f"stack_lr_scale must be >= 0, got {self.stack_lr_scale}"),
             (self.freeze_epochs >= 0, f"freeze_epochs must be >= 0, got {self.freeze_epochs}"),
-            (self.stack_warmup_epochs >= 0, f"stack_warmup_epochs must be >= 0, got {self.stack_warmup_epochs}"),
+            (
+                self.stack_warmup_epochs >= 0,
+                f"stack_warmup_epochs must be >= 0, got {self.stack_warmup_epochs}",
+            ),
         )
         for ok, message in checks:
             if not ok:
@@ -198,4 +201,3 @@ def finetune_schedule(
         group["lr"] = initial * lr_lambda(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     return scheduler
-

@@ -527,6 +527,18 @@ def pad_sequences(table: SequenceTable, max_len: int, features: np.ndarray | Non
     return PaddedSequences(features=padded, mask=mask, step_valid=table.step_valid[rows] & mask)
 
 
+def pad_step_flags(flags: list[np.ndarray], max_len: int) -> np.ndarray:
+    """``(N, max_len)`` bool: per-step flags of N sequences (e.g. shaken steps) cut and padded as
+    :func:`pad_sequences` cuts and pads the features (the last ``max_len`` steps, False after)."""
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    out = np.zeros((len(flags), max_len), dtype=bool)
+    for i, steps in enumerate(flags):
+        kept = np.asarray(steps, dtype=bool)[-max_len:]
+        out[i, : len(kept)] = kept
+    return out
+
+
 def _absent_as_nan(features: np.ndarray, feature_present: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     absent = ~np.repeat(feature_present, lengths, axis=0)
     return np.where(absent, np.float32(np.nan), features)

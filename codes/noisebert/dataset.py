@@ -50,9 +50,8 @@ from codes.common.features import FeatureSettings
 from codes.common.sequences import FeatureNormalizer, SequenceTable
 from codes.noisebert.noise import (
     VibrationNoiseConfig,
-    add_raw_vibration,
     add_vibration_noise,
-    feature_strength,
+    shake_kept_rows,
 )
 
 NOISE_DOMAINS = ("raw", "features")
@@ -206,15 +205,10 @@ class RawSequences:
         """The kept steps' features after a vibration of the kept rows: ``(features (n, F),
         feature strength (n,), frequency)``."""
         rows = self.sensors[index]
-        kept = slice(max(len(rows) - self.max_len, 0), len(rows))
-        columns = self.settings.sensor_columns
-        vibration = add_raw_vibration(rows[kept], columns, rng, cfg)
-        noisy = rows.copy()
-        noisy[kept] = vibration.noisy
-        strength = np.zeros(len(rows), dtype=np.float32)
-        strength[kept] = vibration.strength
-        step_strength = feature_strength(strength, (rows, noisy), columns)[kept]
-        return self.features(index, noisy), step_strength, vibration.frequency
+        noisy, step_strength, frequency = shake_kept_rows(
+            rows, self.settings.sensor_columns, rng, cfg, self.max_len
+        )
+        return self.features(index, noisy), step_strength[-self.max_len :], frequency
 
 
 class NoiseBERTDataset(Dataset):

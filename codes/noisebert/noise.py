@@ -51,6 +51,7 @@ from codes.common.synthetic import quat_from_rotvec, quat_multiply, quat_to_matr
 
 __all__ = [
     "HARMONIC_AMPLITUDE_RANGES",
+    "SequenceShaker",
     "VibrationBurst",
     "VibrationNoise",
     "VibrationNoiseConfig",
@@ -58,7 +59,10 @@ __all__ = [
     "add_vibration_noise",
     "band_limited_noise",
     "burst_envelope",
+    "burst_steps",
     "feature_strength",
+    "seconds_to_steps",
+    "shake_kept_rows",
 ]
 
 # (low, high) amplitude of the 2nd and 3rd harmonic, relative to the fundamental
@@ -115,7 +119,9 @@ class VibrationNoiseConfig:
             if not ok:
                 raise ValueError(f"VibrationNoiseConfig: {message}; got {self}")
         if not all(np.isfinite([self.sampling_rate_hz, self.min_burst_seconds, self.max_burst_seconds])):
-            raise ValueError(f"VibrationNoiseConfig: the rate and the burst durations must be finite; got {self}")
+            raise ValueError(
+                f"VibrationNoiseConfig: the rate and the burst durations must be finite; got {self}"
+            )
         if self.channels is not None:
             channels = list(self.channels)
             if any(c < 0 for c in channels) or len(set(channels)) != len(channels):
@@ -124,7 +130,7 @@ class VibrationNoiseConfig:
 
 def seconds_to_steps(seconds: float, sampling_rate_hz: float) -> int:
     """A duration in seconds as a whole number of steps at ``sampling_rate_hz``: rounded, at least 1."""
-    return max(1, int(round(seconds * sampling_rate_hz)))
+    return max(1, round(seconds * sampling_rate_hz))
 
 
 def burst_steps(cfg: VibrationNoiseConfig) -> tuple[int, int]:
@@ -360,3 +366,52 @@ def feature_strength(
     out = row_strength.copy()
     out[1:] = np.maximum(row_strength[1:], row_strength[:-1])
     return out
+
+
+def shake_kept_rows(
+    rows: np.ndarray,
+    columns: Sequence[str],
+    rng: np.random.Generator,
+    cfg: VibrationNoiseConfig,
+    max_len: int,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """A raw vibration of a sequence's last ``max_len`` rows (the steps a model keeps):
+    ``(shaken rows (T, C), feature strength (T,), frequency of the strongest burst in Hz)``, the
+    strength 0 on the rows before them.
+
+    The strength is what each step's features see (:func:`feature_strength`), so a step is shaken
+    exactly when its features differ from the clean ones.
+    """
+    kept = slice(max(len(rows) - max_len, 0), len(rows))
+    vibration = add_raw_vibration(rows[kept], columns, rng, cfg)
+    noisy = rows.copy()
+    noisy[kept] = vibration.noisy
+    strength = np.zeros(len(rows), dtype=np.float32)
+    strength[kept] = vibration.strength
+    step_strength = np.zeros(len(rows), dtype=np.float32)
+    step_strength[kept] = feature_strength(strength, (rows, noisy), columns)[kept]
+    return noisy, step_strength, vibration.frequency
+
+
+@dataclass
+class SequenceShaker:
+    """Shakes a share ``prob`` of sequences (fine-tuning with the CLS attention penalty): with
+    1-3 bursts of the pretraining noise model by default (``min_bursts=1``: a shaken sequence has a
+    burst). ``__call__(rows, rng)`` -> ``(rows, noisy steps (T,) bool)``; an unshaken sequence
+    comes back as it was, with no noisy step. The draw order is fixed: one uniform number per
+    sequence, then the vibration's own draws."""
+
+    columns: tuple[str, ...]
+    prob: float
+    cfg: VibrationNoiseConfig
+    max_len: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.prob <= 1:
+            raise ValueError(f"the share of shaken sequences must lie in [0, 1], got {self.prob}")
+
+    def __call__(self, rows: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        if self.prob <= 0 or rng.random() >= self.prob:
+            return rows, np.zeros(len(rows), dtype=bool)
+        noisy, strength, _ = shake_kept_rows(rows, self.columns, rng, self.cfg, self.max_len)
+        return noisy, strength > self.cfg.strength_threshold

@@ -139,6 +139,27 @@ class TrainerConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Fine-tuning a stack initialised from ``model.init_from`` (``codes/common/finetune.py``) and the
+    CLS-to-noise attention penalty while fine-tuning. The learning-rate levers act only with
+    ``model.init_from``; at layer_decay 1, stack_lr_scale 1, freeze_epochs 0, stack_warmup_epochs 0
+    and noise_prob 0 this experiment computes exactly what exp019 computes."""
+
+    # a stack parameter d levels below the heads learns at lr x stack_lr_scale x layer_decay^d
+    layer_decay: float = 0.85
+    stack_lr_scale: float = 1.0
+    freeze_epochs: int = 1  # the stack's learning rate is 0 for the first k epochs (heads first)
+    stack_warmup_epochs: float = 1.0  # then it rises linearly from 0 over this many epochs
+    # share of the training sequences shaken by a raw vibration (1-3 bursts of NoiseBERT's noise
+    # model, codes/noisebert/noise.py, at data.sampling_rate_hz); needs the raw-signal batches
+    noise_prob: float = 0.0
+    # lambda x the CLS attention mass on the shaken steps (codes/noisebert/loss.py, form "mass");
+    # needs noise_prob > 0
+    penalty_weight: float = 0.0
+    penalty_layers: str = "last"  # last | all BERT layers
+
+
+@dataclass
 class Config:
     exp_name: str = EXP_NAME
     run_name: str = ""  # default: a timestamp; give it to resume a run
@@ -148,6 +169,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # Named variants: `train.py variant=NAME` sets the values listed here over the defaults above.

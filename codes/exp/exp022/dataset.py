@@ -8,7 +8,9 @@ With raw-signal augmentation on (``augment.*``), the training fold keeps its raw
 :class:`RawBatches` computes each batch's features from the augmented signals
 (``codes/common/augment.py``), in ``machine.num_workers`` DataLoader workers; every batch draws
 its randomness from (epoch seed, step), so the workers do not change the numbers. Validation
-uses the cached features.
+uses the cached features. With ``finetune.noise_prob`` > 0 a share of the training sequences is
+also shaken by a raw vibration after the augmentations (``SequenceShaker``), and each batch
+carries its shaken steps for the CLS attention penalty.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from codes.common.augment import RawAugmenter, augmented_batch
+from codes.common.augment import RawAugmenter, augmented_sequences, batch_from_sequences
 from codes.common.features import FeatureSettings
 from codes.common.schema import ORIENTATIONS, TARGET_GESTURES
-from codes.common.sequences import FeatureNormalizer, SequenceTable, pad_sequences
+from codes.common.sequences import FeatureNormalizer, SequenceTable, pad_sequences, pad_step_flags
+from codes.noisebert.noise import SequenceShaker
 
 NUM_TARGET_GESTURES = len(TARGET_GESTURES)  # class indices below this are Target gestures
 
@@ -103,7 +106,8 @@ class RawBatches(torch.utils.data.Dataset):
 
     ``batches[j]`` holds the indices of batch ``j`` into ``train`` (a training fold with its
     table); its randomness comes from ``(epoch_seed, j)``. Items: (features, mask, demographics,
-    labels, orientations), as ``FoldTensors.to_dataset`` gives for the cached path.
+    labels, orientations), as ``FoldTensors.to_dataset`` gives for the cached path, and with a
+    ``shaker`` the shaken steps ``(B, L)`` bool after them.
     """
 
     def __init__(
@@ -114,9 +118,11 @@ class RawBatches(torch.utils.data.Dataset):
         settings: FeatureSettings,
         augmenter: RawAugmenter | None,
         max_len: int,
+        shaker: SequenceShaker | None = None,
     ) -> None:
         self.train, self.batches, self.epoch_seed = train, batches, epoch_seed
         self.settings, self.augmenter, self.max_len = settings, augmenter, max_len
+        self.shaker = shaker
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -124,16 +130,23 @@ class RawBatches(torch.utils.data.Dataset):
     def __getitem__(self, step: int) -> tuple[torch.Tensor, ...]:
         indices = self.batches[step]
         rng = np.random.default_rng([self.epoch_seed, step])
-        padded = augmented_batch(
-            self.train.table, indices, self.settings, self.train.normalizer, self.max_len, self.augmenter, rng
+        table = self.train.table
+        sequences = augmented_sequences(table, indices, self.augmenter, rng)
+        if self.shaker is not None:  # after the augmentations, from the same generator
+            sequences, shaken = zip(*(self.shaker(rows, rng) for rows in sequences), strict=True)
+        padded = batch_from_sequences(
+            table, indices, list(sequences), self.settings, self.train.normalizer, self.max_len
         )
-        return (
+        items = (
             torch.from_numpy(padded.features),
             torch.from_numpy(padded.mask),
             self.train.demographics[indices],
             self.train.labels[indices],
             self.train.orientations[indices],
         )
+        if self.shaker is None:
+            return items
+        return (*items, torch.from_numpy(pad_step_flags(list(shaken), self.max_len)))
 
 
 def drop_sensors(

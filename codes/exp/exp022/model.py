@@ -7,6 +7,11 @@ features (B, T, F) -> Linear projection (B, T, D) -> SqueezeformerEncoder (B, T,
 output (B, H) -> concat the demographics encoding (B, H + E) -> an 18-way gesture head and a
 target-vs-non-target head. The BertModel is built from a ``BertConfig``: no pretrained weights,
 nothing downloaded.
+
+With ``cls_attention_layers`` (fine-tuning with the CLS attention penalty) the model records the
+CLS token's attention row of those BERT layers (``codes/models/cls_attention.py``, fused attention
+kept) and ``forward(..., return_cls_attention=True)`` returns it as ``"cls_attention"``
+``(B, layers, heads, T)``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from torch import nn
 
 from codes.common.schema import NUM_GESTURES, ORIENTATIONS
 from codes.models.bert_config import ModelConfigError, build_bert, build_bert_config, build_squeezeformer
+from codes.models.cls_attention import ClsAttentionRecorder
 from codes.models.demographics import DemographicsEncoder
 from codes.models.masking import check_mask, masked_max, masked_mean, to_attention_mask, to_bert_4d_mask
 
@@ -34,7 +40,7 @@ class GestureClassifier(nn.Module):
     """Returns ``{"gesture_logits": (B, 18), "target_logit": (B,)}`` and, with
     ``model.orientation_head``, ``"orientation_logits": (B, 4)``."""
 
-    def __init__(self, n_features: int, cfg, max_len: int) -> None:
+    def __init__(self, n_features: int, cfg, max_len: int, cls_attention_layers: str | None = None) -> None:
         super().__init__()
         hidden = build_bert_config(cfg, max_len).hidden_size  # validates the settings first
         self.input_projection = nn.Linear(n_features, cfg.d_model)
@@ -70,6 +76,9 @@ class GestureClassifier(nn.Module):
             if cfg.orientation_head
             else None
         )
+        self.cls_attention_recorder = (
+            ClsAttentionRecorder(self.bert, cls_attention_layers) if cls_attention_layers else None
+        )
 
     def encode(
         self, features: torch.Tensor, mask: torch.Tensor, output_attentions: bool = False
@@ -90,9 +99,22 @@ class GestureClassifier(nn.Module):
         return out.last_hidden_state, mask, out.attentions
 
     def forward(
-        self, features: torch.Tensor, mask: torch.Tensor, demographics: torch.Tensor | None = None
+        self,
+        features: torch.Tensor,
+        mask: torch.Tensor,
+        demographics: torch.Tensor | None = None,
+        return_cls_attention: bool = False,
     ) -> dict[str, torch.Tensor]:
-        hidden, full_mask, _ = self.encode(features, mask)
+        recorder = self.cls_attention_recorder
+        if return_cls_attention and recorder is None:
+            raise ValueError("return_cls_attention needs a model built with cls_attention_layers")
+        if return_cls_attention:
+            recorder.start()
+        try:
+            hidden, full_mask, _ = self.encode(features, mask)
+        finally:
+            if recorder is not None:
+                recorder.stop()
         pooled = hidden[:, 0]  # the CLS output (B, H)
         if self.head_pooling == "cls_mean_max":  # + the masked mean and max of the step outputs (B, 3H)
             steps, step_mask = hidden[:, 1:], full_mask[:, 1:]
@@ -107,6 +129,8 @@ class GestureClassifier(nn.Module):
         }
         if self.orientation_head is not None:
             outputs["orientation_logits"] = self.orientation_head(pooled)
+        if return_cls_attention:
+            outputs["cls_attention"] = recorder.rows(full_mask)  # (B, layers, heads, T)
         return outputs
 
     def head_parameters(self) -> list[nn.Parameter]:
@@ -115,5 +139,9 @@ class GestureClassifier(nn.Module):
 
 
 def build_model(cfg, n_features: int) -> GestureClassifier:
-    """The model of a fold from a run's config, as training and inference build it."""
-    return GestureClassifier(n_features, cfg.model, cfg.data.max_len)
+    """The model of a fold from a run's config, as training and inference build it (the CLS
+    attention is recorded only when fine-tuning penalises it)."""
+    penalised = cfg.finetune.penalty_weight > 0
+    return GestureClassifier(
+        n_features, cfg.model, cfg.data.max_len, cfg.finetune.penalty_layers if penalised else None
+    )

@@ -25,13 +25,15 @@ if __package__ in (None, ""):  # run as a script: import this folder as its pack
     __package__ = f"codes.exp.{Path(__file__).resolve().parent.name}"
     importlib.import_module(__package__)
 
+from dataclasses import replace
+
 import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from transformers import get_cosine_schedule_with_warmup
 
 from codes.common.augment import RawAugmenter, mixup_batch
+from codes.common.finetune import FinetunePlan, finetune_param_groups, finetune_schedule
 from codes.common.runs import REPO_ROOT, TrainingInterrupted, seed_everything
 from codes.common.training import (
     EpochLosses,
@@ -44,6 +46,8 @@ from codes.common.training import (
     initialise_from,
     run_kfold,
 )
+from codes.noisebert.loss import attention_penalty
+from codes.noisebert.noise import SequenceShaker, VibrationNoiseConfig
 
 from .config import register_configs
 from .dataset import FoldTensors, RawBatches, drop_sensors, feature_settings, non_imu_columns, split_fold
@@ -53,16 +57,41 @@ from .model import build_model
 __all__ = ["NonFiniteLossError", "TrainingInterrupted", "build_model", "run_training", "train_fold"]
 
 
-def build_optimizer(model: torch.nn.Module, trainer_cfg) -> torch.optim.Optimizer:
+def finetune_plan(cfg: DictConfig) -> FinetunePlan:
+    """The fine-tuning levers (``finetune.*``): they act on a stack from ``model.init_from`` only
+    (a model from scratch has no pretrained stack to protect: the neutral plan)."""
+    plan = FinetunePlan.from_config(cfg.finetune)
+    if not cfg.model.init_from:
+        return FinetunePlan()
+    if plan.freeze_epochs >= cfg.trainer.epochs:
+        raise ValueError(
+            f"finetune.freeze_epochs={plan.freeze_epochs} >= trainer.epochs={cfg.trainer.epochs}: "
+            "the pretrained stack would never train; lower finetune.freeze_epochs"
+        )
+    return plan
+
+
+def build_optimizer(
+    model: torch.nn.Module, trainer_cfg, plan: FinetunePlan | None = None
+) -> torch.optim.Optimizer:
     """AdamW with its fused kernel (CPU and CUDA): one pass over all parameters instead of a loop.
 
-    With ``trainer.bert_lr_scale`` != 1 the BERT head and the CLS token form a second parameter
-    group at ``lr x bert_lr_scale`` (the warm-up and cosine schedule scale both groups).
+    With ``trainer.bert_lr_scale`` != 1 the BERT head and the CLS token learn at ``lr x
+    bert_lr_scale``; a non-neutral fine-tuning ``plan`` gives each level of the pretrained stack its
+    own group (``codes/common/finetune.py``); the warm-up and cosine schedule scale every group.
     """
-    if trainer_cfg.bert_lr_scale == 1.0:
+    head = {id(p) for p in model.head_parameters()}
+    if plan is not None and not plan.neutral:
+        head_names = {name for name, p in model.named_parameters() if id(p) in head}
+        groups = finetune_param_groups(
+            model,
+            trainer_cfg.lr,
+            plan,
+            extra_scale=lambda name: trainer_cfg.bert_lr_scale if name in head_names else 1.0,
+        )
+    elif trainer_cfg.bert_lr_scale == 1.0:
         groups = [{"params": list(model.parameters())}]
     else:
-        head = {id(p) for p in model.head_parameters()}
         groups = [
             {"params": [p for p in model.parameters() if id(p) not in head]},
             {
@@ -73,12 +102,29 @@ def build_optimizer(model: torch.nn.Module, trainer_cfg) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=trainer_cfg.lr, weight_decay=trainer_cfg.weight_decay, fused=True)
 
 
+def sequence_shaker(cfg: DictConfig) -> SequenceShaker | None:
+    """The raw vibration of ``finetune.noise_prob`` of the training sequences (None when 0): the
+    pretraining's noise model at the data's sampling rate, 1-3 bursts per shaken sequence."""
+    finetune_cfg = cfg.finetune
+    if finetune_cfg.penalty_weight > 0 and finetune_cfg.noise_prob <= 0:
+        raise ValueError(
+            f"finetune.penalty_weight={finetune_cfg.penalty_weight} needs shaken sequences to penalise: "
+            "set finetune.noise_prob > 0"
+        )
+    if finetune_cfg.noise_prob <= 0:
+        return None
+    noise_cfg = replace(VibrationNoiseConfig(min_bursts=1), sampling_rate_hz=cfg.data.sampling_rate_hz)
+    columns = tuple(feature_settings(cfg.data).sensor_columns)
+    return SequenceShaker(columns, float(finetune_cfg.noise_prob), noise_cfg, cfg.data.max_len)
+
+
 def training_batches(
     cfg, run: FoldRun, train: FoldTensors, batches: list[torch.Tensor], epoch_seed: int, cached: tuple | None
 ):
-    """An epoch's batches (features, mask, demographics, labels, orientations) on the device: from
-    the cached features (``cached``: the fold's tensors, already on the device), or computed from
-    augmented raw signals in DataLoader workers (``RawBatches``, pinned memory on CUDA)."""
+    """An epoch's batches (features, mask, demographics, labels, orientations[, shaken steps]) on
+    the device: from the cached features (``cached``: the fold's tensors, already on the device),
+    or computed from augmented (and shaken) raw signals in DataLoader workers (``RawBatches``,
+    pinned memory on CUDA)."""
     if train.table is None:
         return ((t[batch.to(t.device)] for t in cached) for batch in batches)
     augmenter = RawAugmenter.from_config(cfg.augment, feature_settings(cfg.data).sensor_columns)
@@ -89,6 +135,7 @@ def training_batches(
         feature_settings(cfg.data),
         augmenter,
         cfg.data.max_len,
+        sequence_shaker(cfg),
     )
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -108,14 +155,16 @@ def train_fold(cfg: DictConfig, run: FoldRun, train: FoldTensors, valid: FoldTen
     if cfg.model.init_from and not run.resuming:
         initialise_from(model, cfg.model.init_from, run.fold, strict=cfg.model.init_strict)
     ema = build_ema(model, trainer_cfg.ema_decay)
-    optimizer = build_optimizer(model, trainer_cfg)
+    plan = finetune_plan(cfg)
+    optimizer = build_optimizer(model, trainer_cfg, plan)
     steps_per_epoch = run.steps_per_epoch(len(train), batch_size)
     if trainer_cfg.drop_last and steps_per_epoch > 1 and len(train) % batch_size:
         steps_per_epoch -= 1  # every batch the same shape (CUDA graphs under machine.compile_mode)
     total_steps = steps_per_epoch * trainer_cfg.epochs
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, int(trainer_cfg.warmup_ratio * total_steps), total_steps
+    scheduler = finetune_schedule(
+        optimizer, int(trainer_cfg.warmup_ratio * total_steps), total_steps, plan, steps_per_epoch
     )
+    penalty_weight = cfg.finetune.penalty_weight
     checkpoints = FoldCheckpoints(run, model, ema, optimizer, scheduler)
     state = checkpoints.resume()
     trained = run.wrap(model)  # DDP under torchrun, torch.compile when asked for
@@ -136,7 +185,8 @@ def train_fold(cfg: DictConfig, run: FoldRun, train: FoldTensors, valid: FoldTen
         losses = EpochLosses(run, state.epoch, steps_per_epoch)
         epoch_batches = training_batches(cfg, run, train, batches, epoch_seed, cached)
         for step in losses.steps():
-            features, mask, demographics, labels, orientations = next(epoch_batches)
+            features, mask, demographics, labels, orientations, *shaken = next(epoch_batches)
+            shaken = shaken[0] if shaken else None  # (B, L) bool with finetune.noise_prob > 0
             mix = None
             if augment_cfg.mixup_prob > 0 and mixup_rng.random() < augment_cfg.mixup_prob:
                 # the groups from the CPU copy of the orientations: no device-to-host copy
@@ -150,10 +200,15 @@ def train_fold(cfg: DictConfig, run: FoldRun, train: FoldTensors, valid: FoldTen
                 partner, lam = mix
                 features = lam[:, None, None] * features + (1 - lam[:, None, None]) * features[partner]
                 mask = mask | mask[partner]  # padded steps are 0, so the union holds both sequences
+                if shaken is not None:
+                    shaken = shaken | shaken[partner]
             features = drop_sensors(features, run.non_imu_columns, cfg.data.sensor_drop_prob, drop_generator)
+            penalised = penalty_weight > 0 and shaken is not None
             with run.autocast():
-                outputs = trained(features, mask, demographics)
+                outputs = trained(features, mask, demographics, return_cls_attention=penalised)
             loss = compute_loss(outputs, labels, trainer_cfg, pos_weight, orientations, mix)
+            if penalised:  # lambda x the CLS attention mass on the shaken steps (float32)
+                loss = loss + penalty_weight * attention_penalty(outputs["cls_attention"], shaken, "mass")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if trainer_cfg.grad_clip > 0:
@@ -170,8 +225,10 @@ def train_fold(cfg: DictConfig, run: FoldRun, train: FoldTensors, valid: FoldTen
 
 
 def raw_augmentation_on(cfg: DictConfig) -> bool:
-    """Whether training computes features from augmented raw signals (else the cached features)."""
-    return RawAugmenter.from_config(cfg.augment, feature_settings(cfg.data).sensor_columns).active
+    """Whether training computes features from augmented or shaken raw signals (else the cached
+    features)."""
+    augmenter = RawAugmenter.from_config(cfg.augment, feature_settings(cfg.data).sensor_columns)
+    return augmenter.active or cfg.finetune.noise_prob > 0
 
 
 def run_training(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict | None:
