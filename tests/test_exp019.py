@@ -165,19 +165,30 @@ def test_noise_robustness_reproduces_the_clean_cv_and_scores_shaken_copies(toy_d
     run_training(smoke("run_name=tiny", "trainer.epochs=1", data_dir=toy_data, output_dir=tmp_path))
     run_dir = tmp_path / "exp019" / "tiny"
     tables: dict = {}
-    result = noise_robustness.score_run(run_dir, [2.0], seed=0, tables=tables)
+    result = noise_robustness.score_run(run_dir, [2.0], seed=0, tables=tables, cls_mass=True)
     assert set(result) == {"clean", "x2"}
     for condition in result.values():
         assert 0.0 <= condition["score"] <= 1.0 and 0.0 <= condition["score_imu_only"] <= 1.0
-    ((table, conditions, _),) = tables.values()
+    assert 0.0 < result["x2"]["cls_mass_on_shaken"] < 1.0 and 0.0 < result["x2"]["shaken_step_share"] < 1.0
+    ((table, conditions, shaken_steps, _),) = tables.values()
+    # the mass is a share of the CLS attention over the steps: 1 when every real step is shaken
+    from codes.exp.exp019.dataset import make_tensors
+    from codes.exp.exp019.inference import load_predictor
+
+    member = load_predictor(run_dir, device="cpu").members[0]
+    model, tensors = member.model, make_tensors(table.subset(np.arange(8)), member.normalizer, 64)
+    total, count = noise_robustness.cls_mass_on_shaken(model, tensors, np.ones((8, 64), dtype=bool))
+    assert count == 8 and total == pytest.approx(8.0, abs=1e-5)
+    assert noise_robustness.cls_mass_on_shaken(model, tensors, np.zeros((8, 64), dtype=bool)) == (0.0, 0)
     shaken = conditions["x2"]
     imu = table.feature_groups["imu"]
     assert not np.array_equal(shaken.features[:, imu], table.features[:, imu])
     other = [c for c in range(table.features.shape[1]) if c not in imu]
     np.testing.assert_array_equal(shaken.features[:, other], table.features[:, other])
     # the same seed shakes the same way: a second run folder sees the very same data
-    again = noise_robustness.shaken_table(table, shaken_settings(run_dir), 2.0, 0, 10.0)
+    again, again_steps = noise_robustness.shaken_table(table, shaken_settings(run_dir), 2.0, 0, 10.0)
     np.testing.assert_array_equal(again.features, shaken.features)
+    assert all(np.array_equal(a, b) for a, b in zip(again_steps, shaken_steps["x2"], strict=True))
 
     def runs(clean: float, shaken_score: float) -> dict:
         row = {"score": clean, "score_imu_only": clean}
