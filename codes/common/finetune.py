@@ -142,8 +142,8 @@ def finetune_param_groups(
 
     Each group carries ``"stack": bool`` (what :func:`finetune_schedule` freezes and warms up)
     and ``"level"``. ``extra_scale(name)`` multiplies a parameter's rate on top (an experiment's
-    own groups, e.g. exp019's ``trainer.bert_lr_scale``); parameters with equal rates share a
-    group. Frozen parameters (``requires_grad=False``) are left out, as the optimizer would
+    own groups, e.g. exp019's ``trainer.bert_lr_scale``); the parameters of one level and rate
+    share a group. Frozen parameters (``requires_grad=False``) are left out, as the optimizer would
     skip them.
     """
     levels, heads_level = stack_levels(model)
