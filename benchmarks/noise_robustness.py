@@ -88,22 +88,25 @@ def cls_mass_on_shaken(
 ) -> tuple[float, int]:
     """(sum over the sequences with a shaken step of the CLS mass on their shaken steps, their count):
     the last BERT layer's CLS row over the step keys, heads averaged."""
-    recorder = ClsAttentionRecorder(model.bert, "last")  # extra hooks on this copy of the model
+    recorder = ClsAttentionRecorder(model.bert, "last")  # hooks on the model, taken off at the end
     model.eval()
     total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(tensors), batch_size):
-            batch = slice(start, start + batch_size)
-            mask = tensors.mask[batch]
-            recorder.start()
-            model(tensors.features[batch], mask, tensors.demographics[batch])
-            recorder.stop()
-            rows = recorder.rows(torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1))
-            region = torch.from_numpy(shaken[batch]) & mask
-            mass = noisy_attention_mass(rows, region)
-            has = region.any(dim=1)
-            total += float(mass[has].sum())
-            count += int(has.sum())
+    try:
+        with torch.no_grad():
+            for start in range(0, len(tensors), batch_size):
+                batch = slice(start, start + batch_size)
+                mask = tensors.mask[batch]
+                recorder.start()
+                model(tensors.features[batch], mask, tensors.demographics[batch])
+                recorder.stop()
+                rows = recorder.rows(torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1))
+                region = torch.from_numpy(shaken[batch]) & mask
+                mass = noisy_attention_mass(rows, region)
+                has = region.any(dim=1)
+                total += float(mass[has].sum())
+                count += int(has.sum())
+    finally:
+        recorder.remove()
     return total, count
 
 

@@ -256,6 +256,11 @@ def test_an_ema_copy_records_into_its_own_recorder():
         assert copied.cls_attention_recorder is not model.cls_attention_recorder
         torch.testing.assert_close(rows, model(features, mask, return_cls_attention=True)["cls_attention"])
     assert rows.shape == (3, 1, 4, 20)
+    # a recorder attached for one measurement comes off again
+    hooks = len(model.bert.encoder.layer[-1].attention.self.query._forward_hooks)
+    extra = type(model.cls_attention_recorder)(model.bert, "last")
+    extra.remove()
+    assert len(model.bert.encoder.layer[-1].attention.self.query._forward_hooks) == hooks
 
 
 def test_the_penalty_lowers_the_cls_mass_on_shaken_steps():

@@ -37,10 +37,11 @@ class ClsAttentionRecorder(nn.Module):
         self.num_heads = bert.config.num_attention_heads
         self.active = False
         self._captured: dict[tuple[int, str], torch.Tensor] = {}
+        self._handles = []
         for index in self.layer_indices:
             attention = layers[index].attention.self
-            attention.query.register_forward_hook(partial(self._keep, (index, "query")))
-            attention.key.register_forward_hook(partial(self._keep, (index, "key")))
+            self._handles.append(attention.query.register_forward_hook(partial(self._keep, (index, "query"))))
+            self._handles.append(attention.key.register_forward_hook(partial(self._keep, (index, "key"))))
 
     def _keep(self, name: tuple[int, str], module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if self.active:
@@ -53,6 +54,12 @@ class ClsAttentionRecorder(nn.Module):
 
     def stop(self) -> None:
         self.active = False
+
+    def remove(self) -> None:
+        """Take the hooks off the BERT layers (a recorder attached for one measurement)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
     def row(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The CLS row of one layer: ``query, key (B, 1 + T, H), mask (B, 1 + T)`` -> ``(B, heads, 1 + T)``."""

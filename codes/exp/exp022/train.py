@@ -18,14 +18,13 @@ import importlib
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import this folder as its package
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
     __package__ = f"codes.exp.{Path(__file__).resolve().parent.name}"
     importlib.import_module(__package__)
-
-from dataclasses import replace
 
 import hydra
 import numpy as np
