@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +26,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from codes.common.batching import BatchCut
 from codes.common.checkpoint import load_checkpoint, save_atomically
 from codes.common.features import feature_layout
 from codes.common.schema import GESTURES, NUM_GESTURES, TEST_COLUMNS
+from codes.common.training import predict_probabilities
 from tests.helpers import experiment_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -185,6 +188,54 @@ def test_values_at_padded_steps_change_nothing_in_eval_and_training(exp):
         torch.manual_seed(3)  # the same dropout draws
         outputs.append(model(batch_features, mask, demographics)["gesture_logits"].detach())
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-4, rtol=1e-4)
+
+
+@dataclass
+class EvaluationTensors:
+    """What ``predict_probabilities`` reads of a validation fold."""
+
+    features: torch.Tensor
+    mask: torch.Tensor
+    demographics: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+
+@pytest.mark.parametrize("exp", EXPERIMENTS)
+def test_validation_cut_to_each_batch_gives_the_padded_probabilities(exp):
+    """``data.pad_to_batch``: batches in length order, each cut to its longest sequence (odd
+    lengths, one-step sequences, a batch of only one-step ones), or to 32-step buckets, give the
+    probabilities and loss of batches padded to max_len, in the input order."""
+    model, n_features = build(exp)
+    lengths = [1, 37, 12, 50, 1, 63, 5, 29, 64, 2, 1, 1]
+    features, mask, demographics = random_batch(lengths, n_features, max_len=64)
+    labels = torch.arange(len(lengths)) % NUM_GESTURES
+    tensors = EvaluationTensors(features, mask, demographics, labels)
+    cpu = torch.device("cpu")
+    padded, padded_loss = predict_probabilities(model, tensors, 4, cpu, None)
+    for cut in (BatchCut(64), BatchCut(64, 32)):
+        probabilities, loss = predict_probabilities(model, tensors, 4, cpu, None, cut)
+        np.testing.assert_allclose(probabilities, padded, atol=ATOL, rtol=0)
+        assert abs(loss - padded_loss) < ATOL
+        assert np.array_equal(probabilities.argmax(1), padded.argmax(1))
+
+
+@pytest.mark.parametrize("exp", EXPERIMENTS)
+def test_a_training_batch_of_one_step_sequences_trains(exp):
+    """A batch cut to its longest sequence can be one step long: the time reduction, the
+    positional tables and the CLS position still give finite outputs and gradients."""
+    model, n_features = build(exp)
+    model.train()
+    features, mask, demographics = random_batch([1, 1, 1], n_features)
+    assert features.shape[1] == 1
+    outputs = model(features, mask, demographics)
+    loss = module(exp, "losses").compute_loss(outputs, torch.tensor([0, 5, 17]), smoke_config(exp).trainer)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is None or torch.isfinite(parameter.grad).all(), name
 
 
 @pytest.mark.parametrize("exp", EXPERIMENTS)

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from codes.common.batching import DEFAULT_MEGA_BATCHES, BatchCut, length_grouped_order, length_sorted_batches
 from codes.common.checkpoint import load_checkpoint, load_matching_weights, save_atomically
 from codes.common.data_source import resolve_data_dir
 from codes.common.distributed import (
@@ -145,6 +146,26 @@ class FoldRun:
         """This rank's shard of a permutation drawn from ``epoch_seed`` (the same on every rank)."""
         order = torch.randperm(n_sequences, generator=torch.Generator().manual_seed(epoch_seed))
         return shard_indices(order, self.context)
+
+    def epoch_batches(
+        self, lengths: torch.Tensor, batch_size: int, steps_per_epoch: int, epoch_seed: int
+    ) -> list[torch.Tensor]:
+        """This rank's ``steps_per_epoch`` batches of an epoch (indices into the training fold):
+        :meth:`epoch_order`'s shard cut into batches, or with ``data.group_by_length`` the same
+        permutation regrouped by ``lengths`` (real steps per sequence) before it is sharded
+        (``codes/common/batching.py``). Every rank gets the same number of batches; the same
+        ``epoch_seed`` gives the same batches (a resumed run repeats them)."""
+        data_cfg = self.cfg.data
+        generator = torch.Generator().manual_seed(epoch_seed)
+        order = torch.randperm(len(lengths), generator=generator)
+        if data_cfg.get("group_by_length", False):
+            mega_batches = int(data_cfg.get("group_mega_batches", DEFAULT_MEGA_BATCHES))
+            # batches of the global order: sharded round-robin, a rank's batch holds a batch's
+            # worth of neighbours in length (world_size batches of the global order)
+            global_batch = batch_size * self.context.world_size
+            order = length_grouped_order(order, lengths, global_batch, mega_batches, generator)
+        order = shard_indices(order, self.context)
+        return [order[step * batch_size : (step + 1) * batch_size] for step in range(steps_per_epoch)]
 
     def imu_only(self, tensors):
         """``tensors`` with the thermopile and ToF inputs removed (made once per fold)."""
@@ -327,23 +348,39 @@ class EpochLosses:
 
 @torch.inference_mode()
 def predict_probabilities(
-    model: torch.nn.Module, tensors, batch_size: int, device: torch.device, dtype: torch.dtype | None
+    model: torch.nn.Module,
+    tensors,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    cut: BatchCut | None = None,
 ) -> tuple[np.ndarray, float]:
     """(N, 18) gesture probabilities and the mean cross-entropy of ``tensors`` (features, mask,
-    demographics, labels)."""
+    demographics, labels), in the order of ``tensors``.
+
+    With a ``cut`` (``data.pad_to_batch``), the sequences are batched in length order and each
+    batch is cut to its longest one (``codes/common/batching.py``); the models are mask-correct,
+    so the probabilities are those of the padded batches up to float rounding."""
     model.eval()
-    probabilities, losses = [], []
-    for start in range(0, len(tensors), batch_size):
-        batch = slice(start, start + batch_size)
-        features = tensors.features[batch].to(device)
-        mask = tensors.mask[batch].to(device)
+    n_sequences = len(tensors)
+    if cut is None:
+        batches = (slice(start, start + batch_size) for start in range(0, n_sequences, batch_size))
+    else:
+        lengths = tensors.mask.sum(dim=1).numpy()
+        batches = length_sorted_batches(lengths, batch_size)
+    probabilities = np.zeros((n_sequences, len(GESTURES)), dtype=np.float32)
+    losses = []
+    for batch in batches:
+        features, mask = tensors.features[batch], tensors.mask[batch]
+        if cut is not None:
+            features, mask = cut.cut_by_mask((features, mask), step_items=(0, 1))
         demographics = tensors.demographics[batch].to(device)
         labels = tensors.labels[batch].to(device)
         with autocast(device, dtype):
-            outputs = model(features, mask, demographics)
+            outputs = model(features.to(device), mask.to(device), demographics)
         losses.append(float(F.cross_entropy(outputs["gesture_logits"].float(), labels, reduction="sum")))
-        probabilities.append(outputs["gesture_logits"].float().softmax(-1).cpu().numpy())
-    return np.concatenate(probabilities), sum(losses) / max(len(tensors), 1)
+        probabilities[batch] = outputs["gesture_logits"].float().softmax(-1).cpu().numpy()
+    return probabilities, sum(losses) / max(n_sequences, 1)
 
 
 def score_probabilities(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -360,9 +397,10 @@ def score_probabilities(probabilities: np.ndarray, labels: np.ndarray) -> dict[s
 def _evaluate(run: FoldRun, evaluated: torch.nn.Module, valid) -> dict[str, Any]:
     batch_size = run.cfg.trainer.batch_size
     dtype = run.autocast_dtype
-    probabilities, valid_loss = predict_probabilities(evaluated, valid, batch_size, run.device, dtype)
+    cut = BatchCut.from_config(run.cfg)  # data.pad_to_batch
+    probabilities, valid_loss = predict_probabilities(evaluated, valid, batch_size, run.device, dtype, cut)
     imu_probabilities, _ = predict_probabilities(
-        evaluated, run.imu_only(valid), batch_size, run.device, dtype
+        evaluated, run.imu_only(valid), batch_size, run.device, dtype, cut
     )
     labels = valid.labels.numpy()
     return {

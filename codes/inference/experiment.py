@@ -245,6 +245,7 @@ def load_run_predictor(
         subject_assignment=subject_assignment_of(
             run_dir, subject_aware, overflow_penalty, joint, plain_until
         ),
+        pad_to_batch=bool(cfg.data.get("pad_to_batch", False)),  # as the run validated
     )
     logger.info(
         "loaded %s folds %s (%s weights%s) on %s in %.2f s",

@@ -20,6 +20,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from codes.common.batching import length_sorted_batches, rounded_length
 from codes.common.features import FeatureSettings, feature_layout
 from codes.common.schema import GESTURES, NUM_GESTURES
 from codes.common.sequences import FeatureNormalizer, SequenceTable, pad_sequences
@@ -324,6 +325,7 @@ class EnsemblePredictor(GestureAnswerer):
         strict: bool = False,
         fold_threads: int = 1,
         subject_assignment: SubjectAssignment | None = None,
+        pad_to_batch: bool = False,
     ) -> None:
         if not members:
             raise ValueError("an ensemble needs at least one fold model")
@@ -336,6 +338,7 @@ class EnsemblePredictor(GestureAnswerer):
         self.feature_names, self.feature_groups = feature_layout(settings)
         self.non_imu_columns = self.feature_groups.get("thm", []) + self.feature_groups.get("tof", [])
         self.fold_threads = max(1, int(fold_threads))
+        self.pad_to_batch = bool(pad_to_batch)  # batches cut to their longest sequence
         self._pool = ThreadPoolExecutor(self.fold_threads) if self.fold_threads > 1 else None
         for member in self.members:
             member.model.to(self.device).eval()
@@ -365,6 +368,7 @@ class EnsemblePredictor(GestureAnswerer):
             self.strict,
             self.fold_threads,
             self.subject_assignment.fresh() if self.subject_assignment is not None else None,
+            self.pad_to_batch,
         )
 
     def clean_heads(
@@ -423,18 +427,25 @@ class EnsemblePredictor(GestureAnswerer):
         where every fold model has that head.
 
         ``pad_to_max_len=False`` pads to the longest kept sequence instead of ``max_len`` (the
-        models' outputs do not depend on padding; fewer steps are faster). A fold whose output
+        models' outputs do not depend on padding; fewer steps are faster). With
+        :attr:`pad_to_batch` (the run's ``data.pad_to_batch``) the sequences are batched in length
+        order and each batch is cut to its longest sequence (``codes/common/batching.py``); the
+        rows come back in the table's order. A fold whose output
         for a sequence is not finite in any head is left out of that sequence's mean in every
         head (with a warning); a sequence no fold answers gets NaN.
         """
         kept = np.minimum(table.lengths, self.max_len)
-        length = self.max_len if pad_to_max_len else int(kept.max())
+        length = self.max_len if pad_to_max_len and not self.pad_to_batch else int(kept.max())
         demographics = torch.from_numpy(table.demographics.astype(np.float32))
+        if self.pad_to_batch:  # similar lengths together, each batch cut to its longest sequence
+            batches = list(length_sorted_batches(kept, batch_size))
+        else:
+            batches = [slice(start, start + batch_size) for start in range(0, table.n_sequences, batch_size)]
 
         def member_heads(member: FoldMember) -> dict[str, np.ndarray]:
             """Per head, (N, C) probabilities of one fold (inference mode and autocast are per thread)."""
             features, mask = self._member_inputs(table, member.normalizer, length)
-            parts: dict[str, list[np.ndarray]] = {}
+            heads: dict[str, np.ndarray] = {}
             with (
                 torch.inference_mode(),
                 torch.autocast(
@@ -443,17 +454,21 @@ class EnsemblePredictor(GestureAnswerer):
                     enabled=self.autocast_dtype is not None,
                 ),
             ):
-                for start in range(0, table.n_sequences, batch_size):
-                    batch = slice(start, start + batch_size)
+                for batch in batches:
+                    steps = rounded_length(kept[batch].max(), length) if self.pad_to_batch else length
                     outputs = member.model(
-                        features[batch].to(self.device),
-                        mask[batch].to(self.device),
+                        features[batch, :steps].to(self.device),
+                        mask[batch, :steps].to(self.device),
                         demographics[batch].to(self.device),
                     )
                     for head, key in HEAD_OUTPUTS.items():
                         if key in outputs:
-                            parts.setdefault(head, []).append(outputs[key].float().softmax(-1).cpu().numpy())
-            return {head: np.concatenate(chunks) for head, chunks in parts.items()}
+                            probabilities = outputs[key].float().softmax(-1).cpu().numpy()
+                            shape = (table.n_sequences, probabilities.shape[1])
+                            heads.setdefault(head, np.full(shape, np.nan, dtype=np.float32))[batch] = (
+                                probabilities
+                            )
+            return heads
 
         if self._pool is not None and len(self.members) > 1:
             per_fold = list(self._pool.map(member_heads, self.members))

@@ -30,6 +30,10 @@ class DataConfig:
     mirror_left_handed: bool = True
     sampling_rate_hz: float = 10.0
     include_test: bool = True  # the test sequences are unlabelled pretraining data too
+    # length-aware batches (codes/common/batching.py): true cuts every batch to its longest real
+    # sequence; false pads every batch to max_len (every pretraining run before the switch)
+    pad_to_batch: bool = False
+    length_bucket: int = 32  # with machine.compile: cut lengths rounded up to a multiple of this
     valid_fraction: float = 0.1  # share of the train subjects held out for validation
     split_seed: int = 0
     # where the vibration goes: raw (the raw acceleration and rotation, before the features) |

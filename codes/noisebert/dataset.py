@@ -43,9 +43,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from codes.common.augment import batch_step_features
+from codes.common.batching import BatchCut
 from codes.common.features import FeatureSettings
 from codes.common.sequences import FeatureNormalizer, SequenceTable
 from codes.noisebert.noise import (
@@ -372,3 +373,19 @@ class NoiseBERTDataset(Dataset):
             "frequency": torch.tensor(frequency, dtype=torch.float32),
             "padding_mask": torch.from_numpy(padding_mask),
         }
+
+
+# the items of a batch with a time axis (the rest: noise_intervals (K,), frequency ())
+STEP_KEYS = ("input", "target", "masked", "noisy", "noise_strength", "interval_index", "padding_mask")
+
+
+class CutCollate:
+    """A ``DataLoader`` collate function: the items stacked (``default_collate``), then every
+    :data:`STEP_KEYS` tensor cut to the batch's longest real sequence (``data.pad_to_batch``,
+    ``codes/common/batching.py``). A class, so that DataLoader workers can pickle it."""
+
+    def __init__(self, cut: BatchCut) -> None:
+        self.cut = cut
+
+    def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return self.cut.cut_dict(default_collate(items), "padding_mask", STEP_KEYS)

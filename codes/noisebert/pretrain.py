@@ -34,6 +34,7 @@ from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from codes.common.batching import BatchCut
 from codes.common.checkpoint import load_checkpoint, save_atomically
 from codes.common.data_files import TEST_DEMOGRAPHICS_FILE, TEST_FILE, TRAIN_DEMOGRAPHICS_FILE, TRAIN_FILE
 from codes.common.data_source import resolve_data_dir
@@ -61,7 +62,7 @@ from codes.common.runs import (
 from codes.common.sequences import FeatureNormalizer, SequenceTable, load_sequence_table
 from codes.common.training import check_run_settings, place_model
 from codes.noisebert.config import register_configs
-from codes.noisebert.dataset import MaskingConfig, NoiseBERTDataset
+from codes.noisebert.dataset import CutCollate, MaskingConfig, NoiseBERTDataset
 from codes.noisebert.loss import (
     attention_penalty,
     cls_summary_loss,
@@ -324,6 +325,9 @@ def _pretrain(cfg: DictConfig, context: DistributedContext, run_dir: Path) -> di
         "num_workers": cfg.machine.num_workers,
         "pin_memory": device.type == "cuda",
     }
+    cut = BatchCut.from_config(cfg)  # data.pad_to_batch: each batch cut to its longest sequence
+    if cut is not None:
+        loader_kwargs["collate_fn"] = CutCollate(cut)
     generator = torch.Generator().manual_seed(cfg.trainer.seed)
     drop_last = len(train) > cfg.trainer.batch_size * context.world_size
     if context.is_distributed:  # each rank its shard, reshuffled every epoch (set_epoch)

@@ -36,6 +36,15 @@ class DataConfig:
     # probability of dropping a training sequence's thermopile and ToF inputs (the hidden test
     # set is half IMU-only)
     sensor_drop_prob: float = 0.5
+    # length-aware batches (codes/common/batching.py, docs/batching.md): true cuts every batch to
+    # its longest real sequence (training, validation, the OOF pass, batch inference); false pads
+    # every batch to max_len, as every run of this experiment before the switch existed
+    pad_to_batch: bool = False
+    length_bucket: int = 32  # with machine.compile: cut lengths rounded up to a multiple of this
+    # batches of similar lengths (shuffled mega-batches of group_mega_batches batches, sorted by
+    # length inside, as Hugging Face's group_by_length); false = a plain shuffle
+    group_by_length: bool = False
+    group_mega_batches: int = 50
 
 
 @dataclass

@@ -30,6 +30,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import get_cosine_schedule_with_warmup
 
+from codes.common.batching import BatchCut
 from codes.common.runs import REPO_ROOT, TrainingInterrupted, seed_everything
 from codes.common.training import (
     EpochLosses,
@@ -72,18 +73,22 @@ def train_fold(cfg: DictConfig, run: FoldRun, train: FoldTensors, valid: FoldTen
     trained = run.wrap(model)  # DDP under torchrun, torch.compile when asked for
     evaluated = ema if ema is not None else model
     dataset = train.to_dataset()
+    cut = BatchCut.from_config(cfg)
 
     while not state.finished and state.epoch < trainer_cfg.epochs:
         started = time.perf_counter()
         epoch_seed = seed * 10_000 + state.epoch  # a resumed run repeats every epoch's randomness
         torch.manual_seed(epoch_seed)
-        order = run.epoch_order(len(dataset), epoch_seed)  # this rank's shard
+        # this rank's shard in batches (grouped by length with data.group_by_length)
+        batches = run.epoch_batches(train.mask.sum(dim=1), batch_size, steps_per_epoch, epoch_seed)
         drop_generator = torch.Generator().manual_seed(epoch_seed + 1)
         trained.train()
         losses = EpochLosses(run, state.epoch, steps_per_epoch)
         for step in losses.steps():
-            batch = order[step * batch_size : (step + 1) * batch_size]
+            batch = batches[step]
             features, mask, demographics, labels = (t[batch] for t in dataset.tensors)
+            if cut is not None:  # data.pad_to_batch: the batch's longest sequence, not data.max_len
+                features, mask = cut.cut_by_mask((features, mask), step_items=(0, 1))
             features = drop_sensors(features, run.non_imu_columns, cfg.data.sensor_drop_prob, drop_generator)
             features, mask, demographics, labels = (
                 t.to(run.device, non_blocking=True) for t in (features, mask, demographics, labels)

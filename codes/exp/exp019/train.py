@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 from transformers import get_cosine_schedule_with_warmup
 
 from codes.common.augment import RawAugmenter, mixup_batch
+from codes.common.batching import BatchCut, cached_training_batches
 from codes.common.runs import REPO_ROOT, TrainingInterrupted, seed_everything
 from codes.common.training import (
     EpochLosses,
@@ -49,6 +50,8 @@ from .config import register_configs
 from .dataset import FoldTensors, RawBatches, drop_sensors, feature_settings, non_imu_columns, split_fold
 from .losses import compute_loss
 from .model import build_model
+
+STEP_ITEMS = (0, 1, 5)  # the items of a batch with a time axis: features, mask[, shaken steps]
 
 __all__ = ["NonFiniteLossError", "TrainingInterrupted", "build_model", "run_training", "train_fold"]
 
@@ -79,8 +82,9 @@ def training_batches(
     """An epoch's batches (features, mask, demographics, labels, orientations) on the device: from
     the cached features (``cached``: the fold's tensors, already on the device), or computed from
     augmented raw signals in DataLoader workers (``RawBatches``, pinned memory on CUDA)."""
+    cut = BatchCut.from_config(cfg)  # data.pad_to_batch: None = every batch data.max_len steps
     if train.table is None:
-        return ((t[batch.to(t.device)] for t in cached) for batch in batches)
+        return cached_training_batches(cached, batches, train.mask.sum(dim=1), cut)
     augmenter = RawAugmenter.from_config(cfg.augment, feature_settings(cfg.data).sensor_columns)
     dataset = RawBatches(
         train,
@@ -96,6 +100,8 @@ def training_batches(
         num_workers=cfg.machine.num_workers,
         pin_memory=run.device.type == "cuda",
     )
+    if cut is not None:  # cut on the host (features, mask and the shaken steps), then moved
+        loader = (cut.cut_by_mask(batch, STEP_ITEMS) for batch in loader)
     return ((t.to(run.device, non_blocking=True) for t in batch) for batch in loader)
 
 
@@ -128,8 +134,8 @@ def train_fold(cfg: DictConfig, run: FoldRun, train: FoldTensors, valid: FoldTen
         started = time.perf_counter()
         epoch_seed = seed * 10_000 + state.epoch  # a resumed run repeats every epoch's randomness
         torch.manual_seed(epoch_seed)
-        order = run.epoch_order(len(train), epoch_seed)  # this rank's shard
-        batches = [order[step * batch_size : (step + 1) * batch_size] for step in range(steps_per_epoch)]
+        # this rank's shard in batches (grouped by length with data.group_by_length)
+        batches = run.epoch_batches(train.mask.sum(dim=1), batch_size, steps_per_epoch, epoch_seed)
         drop_generator = torch.Generator().manual_seed(epoch_seed + 1)
         mixup_rng = np.random.default_rng([epoch_seed, 2])
         trained.train()
