@@ -48,17 +48,56 @@ from omegaconf import OmegaConf
 
 from codes.models.cpu_fast_paths import enable_cpu_fast_paths
 
+# the competition's sequence lengths (docs: min 29, median 59, mean 70.5, max 700 rows): a
+# log-normal with that median and mean, cut to [29, 700]
+COMPETITION_LENGTHS = {"median": 59.0, "mean": 70.5, "min": 29, "max": 700}
 
-def real_lengths(args: argparse.Namespace, generator: torch.Generator) -> torch.Tensor:
-    """``(batch_size,)`` real lengths: uniform in [min-length, length], or from ``--lengths-from``."""
+
+def competition_like_lengths(n: int, generator: torch.Generator) -> torch.Tensor:
+    """``(n,)`` lengths drawn like the competition's: log-normal, median 59 and mean 70.5, in [29, 700]."""
+    mu = np.log(COMPETITION_LENGTHS["median"])
+    sigma = np.sqrt(2 * np.log(COMPETITION_LENGTHS["mean"] / COMPETITION_LENGTHS["median"]))
+    draws = torch.exp(mu + sigma * torch.randn(n, generator=generator, dtype=torch.float64))
+    return draws.round().clamp(COMPETITION_LENGTHS["min"], COMPETITION_LENGTHS["max"]).long()
+
+
+def real_lengths(args: argparse.Namespace, generator: torch.Generator, n: int | None = None) -> torch.Tensor:
+    """``(n,)`` real lengths (``n``: ``--batch-size``): uniform in [min-length, length], from
+    ``--lengths-from``, or with ``--length-mix competition`` like the competition's, cropped to
+    ``--length``."""
+    n = n or args.batch_size
+    if args.length_mix == "competition":
+        return competition_like_lengths(n, generator).clamp(max=args.length)
     if args.lengths_from is None:
-        return torch.randint(args.min_length, args.length + 1, (args.batch_size,), generator=generator)
+        return torch.randint(args.min_length, args.length + 1, (n,), generator=generator)
     from codes.common.features import FeatureSettings
     from codes.common.sequences import load_sequence_table
 
     lengths = load_sequence_table(args.lengths_from, "train", FeatureSettings()).lengths
-    picked = torch.randint(0, len(lengths), (args.batch_size,), generator=generator).numpy()
+    picked = torch.randint(0, len(lengths), (n,), generator=generator).numpy()
     return torch.from_numpy(np.minimum(lengths[picked], args.length).astype(np.int64))
+
+
+def step_batches(
+    args: argparse.Namespace, generator: torch.Generator
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """``--batches`` (features, mask) batches of random features and their real lengths, padded
+    to ``--length`` or cut as ``--batching`` says (``codes/common/batching.py``)."""
+    from codes.common.batching import BatchCut, length_grouped_order
+
+    n = args.batches * args.batch_size
+    features = torch.randn(n, args.length, args.features, generator=generator)  # drawn first, as before
+    lengths = real_lengths(args, generator, n)
+    order = torch.arange(n)
+    if args.batching == "grouped":  # one mega-batch of every batch, as data.group_by_length does
+        order = length_grouped_order(order, lengths, args.batch_size, args.batches, generator)
+    mask = torch.arange(args.length)[None, :] < lengths[:, None]
+    cut = BatchCut(args.length)
+    batches = []
+    for batch in order.split(args.batch_size):
+        items = (features[batch], mask[batch])
+        batches.append(items if args.batching == "padded" else cut.cut_by_mask(items, (0, 1)))
+    return batches, lengths
 
 
 def batch_from(
@@ -129,6 +168,16 @@ def main() -> None:
     parser.add_argument(
         "--no-cpu-fast-paths", action="store_true", help="the plain model on CPU (no enable_cpu_fast_paths)"
     )
+    parser.add_argument(
+        "--length-mix", choices=("uniform", "competition"), default="uniform",
+        help="competition: real lengths like the competition's (29-700, median 59), cropped to --length",
+    )  # fmt: skip
+    parser.add_argument(
+        "--batching", choices=("padded", "cut", "grouped"), default="padded",
+        help="padded: every batch --length steps; cut: each of --batches batches cut to its longest "
+        "sequence; grouped: the --batches batches grouped by length (one mega-batch), then cut",
+    )  # fmt: skip
+    parser.add_argument("--batches", type=int, default=1, help="distinct batches, taken in turn")
     parser.add_argument("overrides", nargs="*", help="model.key=value")
     args = parser.parse_args()
     if args.threads:
@@ -174,20 +223,21 @@ def main() -> None:
     if real_batch is not None:
         features, mask = real_batch
         lengths = mask.sum(dim=1)
+        batches = [(features, mask)]
     else:
-        features = torch.randn(args.batch_size, args.length, args.features, generator=generator)
         if not 1 <= args.min_length <= args.length:
             parser.error(f"--min-length must be in [1, --length={args.length}], got {args.min_length}")
-        lengths = real_lengths(args, generator)
-        mask = torch.arange(args.length)[None, :] < lengths[:, None]
-    features = (features * mask[..., None]).to(device)
-    mask = mask.to(device)
+        batches, lengths = step_batches(args, generator)
+    batches = [((f * m[..., None]).to(device), m.to(device)) for f, m in batches]
     demographics = (
         torch.tensor([[1.0, 30.0, 0.0, 1.0, 170.0, 55.0, 30.0]]).repeat(args.batch_size, 1).to(device)
     )
     labels = torch.randint(0, 18, (args.batch_size,), generator=generator).to(device)
 
+    turn = iter(range(1 << 62))
+
     def step() -> None:
+        features, mask = batches[next(turn) % len(batches)]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             outputs = step_model(features, mask, demographics)
         loss = train_module.compute_loss(outputs, labels, cfg.trainer)
@@ -226,6 +276,8 @@ def main() -> None:
         f"full_step={args.full_step}{f' ema={args.ema}' if args.full_step else ''} "
         f"{' '.join(args.overrides)} | "
         f"params {n_parameters / 1e6:.2f} M | batch {args.batch_size} x length {args.length} (max_len {max_len}, "
+        f"{args.batching} batches x {len(batches)}, steps {', '.join(str(b[1].shape[1]) for b in batches[:8])}"
+        f"{'...' if len(batches) > 8 else ''}, "
         f"real {int(lengths.min())}-{int(lengths.max())}, mean {lengths.float().mean():.1f}) | "
         f"rounds {per_round} | median {throughput:.1f} sequences/s ({seconds / args.steps * 1000:.0f} ms/step)"
     )

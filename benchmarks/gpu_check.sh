@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check of the training step: exp019 at its full defaults (no variant) on the full-size
-# synthetic data (81 subjects), fold 0, a few epochs, bf16 autocast, in three settings:
+# synthetic data (81 subjects), fold 0, a few epochs, bf16 autocast, in six settings:
 #
 #   bf16              machine=gpu machine.precision=bf16
 #   compile           ... machine.compile=true
 #   reduce-overhead   ... machine.compile=true machine.compile_mode=reduce-overhead (CUDA graphs)
+#   bf16-cut, compile-bucketed, reduce-overhead-bucketed: the same with length-aware batches
+#                     (data.pad_to_batch=true data.group_by_length=true; compiled runs round the
+#                     cut lengths up to data.length_bucket: a bounded number of graphs)
 #
 # Each setting is one training run (benchmarks/gpu_check_run.py) in its own process; the script
 # prints every epoch's wall time (training + validation, from train.log), training sequences per
@@ -17,7 +20,7 @@
 #   bash benchmarks/gpu_check.sh --dry-run     # the same commands on the CPU, tiny: what CI runs
 #
 # --dry-run: variant=smoke, machine=cpu (1 torch thread), 1 epoch, a 2-subject synthetic set in a
-# temporary folder that is removed afterwards, the three settings in one process (the two compile
+# temporary folder that is removed afterwards, the six settings in one process (the compile
 # settings share one trace). torch.compile runs there with the "eager" backend instead of inductor
 # (the same FoldRun.wrap call, its mode checked; no code generation: inductor alone takes minutes
 # on a small CPU), and bf16 autocast runs on the CPU.
@@ -82,11 +85,13 @@ COMMON+=(
     data=synthetic "paths.synthetic_dir=$DATA" "data.synthetic_subjects=$SUBJECTS" "paths.output_dir=$OUT"
     "data.folds=[0]" machine.precision=bf16
 )
-SETTINGS=(bf16 compile reduce-overhead)  # their overrides: SETTINGS in benchmarks/gpu_check_run.py
+# their overrides: SETTINGS in benchmarks/gpu_check_run.py; the *-cut / *-bucketed ones are the
+# same runs with length-aware batches (padded vs bucketed epoch time)
+SETTINGS=(bf16 compile reduce-overhead bf16-cut compile-bucketed reduce-overhead-bucketed)
 RUN=("$PYTHON" benchmarks/gpu_check_run.py --exp "$EXP" --results "$RESULTS" --run-name "gpu_check-$STAMP")
 echo "common overrides: ${COMMON[*]}"
 if [[ $DRY_RUN == 1 ]]; then
-    # one process for the three settings: the imports alone take seconds on a small CPU
+    # one process for the six settings: the imports alone take seconds on a small CPU
     "${RUN[@]}" --settings "$(IFS=,; echo "${SETTINGS[*]}")" -- "${COMMON[@]}"
 else
     for setting in "${SETTINGS[@]}"; do  # a process each: its own compilation, CUDA graphs, memory peak

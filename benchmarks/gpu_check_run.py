@@ -44,6 +44,17 @@ SETTINGS: dict[str, list[str]] = {
         "machine.compile_mode=reduce-overhead",
         "trainer.drop_last=true",
     ],
+    # length-aware batches (codes/common/batching.py): each batch cut to its longest sequence
+    # (eager) or to 32-step buckets (compiled: a bounded number of graphs), grouped by length
+    "bf16-cut": ["data.pad_to_batch=true", "data.group_by_length=true"],
+    "compile-bucketed": ["machine.compile=true", "data.pad_to_batch=true", "data.group_by_length=true"],
+    "reduce-overhead-bucketed": [
+        "machine.compile=true",
+        "machine.compile_mode=reduce-overhead",
+        "trainer.drop_last=true",
+        "data.pad_to_batch=true",
+        "data.group_by_length=true",
+    ],
 }
 EPOCH_LINE = re.compile(r"fold (\d+) epoch (\d+): .*\(([\d.]+) s\)$")
 
