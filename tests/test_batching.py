@@ -109,42 +109,44 @@ def test_length_sorted_batches_cover_every_sequence_once_in_length_order():
     assert list(flat[:2]) == [3, 1]  # ties keep their order (stable)
 
 
-def grouped(n: int = 1000, batch_size: int = 16, mega: int = 4, seed: int = 0):
+def grouped(n: int = 1000, batch_size: int = 16, mega: int | None = 4, seed: int = 0):
     lengths = torch.from_numpy(
         np.random.default_rng(1).lognormal(4.08, 0.6, n).astype(np.int64).clip(29, 700)
     )
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=generator)
-    return lengths, order, length_grouped_order(order, lengths, batch_size, mega, generator)
+    plain = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    regrouped = length_grouped_order(lengths, batch_size, mega, torch.Generator().manual_seed(seed))
+    return lengths, plain, regrouped
 
 
 def mean_batch_longest(order: torch.Tensor, lengths: torch.Tensor, batch_size: int) -> float:
     return float(np.mean([int(lengths[b].max()) for b in order.split(batch_size)]))
 
 
-def test_grouping_by_length_is_a_permutation_with_shorter_batches_and_repeats_per_seed():
-    lengths, order, regrouped = grouped()
+@pytest.mark.parametrize("mega", [4, None])
+def test_grouping_by_length_is_a_permutation_with_shorter_batches_and_repeats_per_seed(mega):
+    lengths, plain, regrouped = grouped(mega=mega)
     assert sorted(regrouped.tolist()) == list(range(1000))
-    # the padded steps a batch pays for: far fewer when grouped (the plain shuffle's mean longest
-    # length of 16 draws is near the tail of the mix)
-    assert mean_batch_longest(regrouped, lengths, 16) < 0.8 * mean_batch_longest(order, lengths, 16)
-    again = grouped()[2]
-    assert torch.equal(regrouped, again)  # the same seed, the same batches (a resumed run)
-    assert not torch.equal(regrouped, grouped(seed=1)[2])
-    # inside a mega-batch of 4 x 16 every batch is a run of the sorted lengths
-    for batch in regrouped[: 16 * 60].split(16):
-        values = lengths[batch]
+    # the steps a batch pays for: far fewer when grouped (a plain shuffle's batch of 16 draws
+    # reaches into the tail of the mix)
+    assert mean_batch_longest(regrouped, lengths, 16) < 0.8 * mean_batch_longest(plain, lengths, 16)
+    assert torch.equal(regrouped, grouped(mega=mega)[2])  # the same seed, the same order (a resume)
+    assert not torch.equal(regrouped, grouped(mega=mega, seed=1)[2])
+    assert lengths[regrouped[0]] == lengths.max()  # the longest sequence comes first
+    # inside a mega-batch (4 x 16, or by default min(50, 1000 / 64) = 15 x 16) lengths fall, after
+    # its first sequence (the one that mega-batch whose place the longest sequence took)
+    mega_size = 16 * (mega or 15)
+    for chunk in regrouped.split(mega_size):
+        values = lengths[chunk[1:]]
         assert torch.all(values[:-1] >= values[1:])
 
 
-def test_grouping_keeps_the_last_smaller_batch_last():
-    _, _, regrouped = grouped(n=1000, batch_size=16)
-    tail = regrouped[-(1000 % 16) :]
-    assert len(tail) == 8 and not any(t in regrouped[:-8].tolist() for t in tail.tolist())
+def test_grouping_refuses_a_mega_batch_of_no_batches():
+    with pytest.raises(ValueError, match="group_mega_batches"):
+        length_grouped_order(torch.arange(10), 2, 0, torch.Generator())
 
 
 def fold_run(group_by_length: bool, rank: int = 0, world_size: int = 1) -> FoldRun:
-    cfg = OmegaConf.create({"data": {"group_by_length": group_by_length, "group_mega_batches": 3}})
+    cfg = OmegaConf.create({"data": {"group_by_length": group_by_length, "group_mega_batches": None}})
     context = DistributedContext(torch.device("cpu"), rank=rank, world_size=world_size)
     return FoldRun(cfg=cfg, fold=0, fold_dir=None, context=context, non_imu_columns=[])
 
@@ -172,8 +174,12 @@ def test_every_rank_gets_the_same_number_of_batches_and_together_every_sequence(
     assert set(seen.tolist()) == set(range(203))
     assert len(seen) == 3 * math.ceil(203 / 3)  # the shards are padded like DistributedSampler's
     if group_by_length:  # the ranks' step-k batches come from one global batch of neighbours
-        spread = [int(lengths[b].max() - lengths[b].min()) for b in per_rank[0][:-1]]
-        assert np.median(spread) < 100
+        plain = fold_run(False, 0, world_size=3).epoch_batches(lengths, 8, len(per_rank[0]), epoch_seed=77)
+        spread = [
+            np.median([int(lengths[b].max() - lengths[b].min()) for b in r[:-1]])
+            for r in (per_rank[0], plain)
+        ]
+        assert spread[0] < 0.75 * spread[1]
 
 
 def test_noisebert_batches_cut_to_the_longest_sequence_give_the_padded_losses():

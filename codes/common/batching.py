@@ -14,9 +14,10 @@ steps nobody reads are never computed. Three settings of an experiment's ``data`
   that at most ``ceil(max_len / length_bucket)`` lengths (compiled graphs) occur. Eager runs cut
   to the exact longest length.
 - ``group_by_length``: the training order is shuffled, cut into mega-batches of
-  ``group_mega_batches`` batches, each sorted by length, then batched, and the batches shuffled
-  (:func:`length_grouped_order`, as Hugging Face's ``group_by_length``): a batch holds similar
-  lengths, so it is cut shorter. The same for a given epoch seed, so a resumed run repeats it.
+  ``group_mega_batches`` batches (None: Hugging Face's rule, at most 50 and at least 4
+  mega-batches per epoch), each sorted by length, then batched (:func:`length_grouped_order`:
+  Hugging Face's own ``group_by_length`` function): a batch holds similar lengths, so it is cut
+  shorter. The same for a given epoch seed, so a resumed run repeats it.
 
 Empty sequences never reach a batch: a sequence exists as the run of rows with its
 ``sequence_id`` (``codes.common.sequences``), so it has at least one step; a file or frame with
@@ -32,9 +33,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 DEFAULT_LENGTH_BUCKET = 32
-DEFAULT_MEGA_BATCHES = 50  # Hugging Face's group_by_length: mega-batches of 50 batches
 
 
 def rounded_length(longest: int, max_len: int, multiple: int = 1) -> int:
@@ -97,24 +98,18 @@ def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> Iterator[np.n
 
 
 def length_grouped_order(
-    order: torch.Tensor, lengths: torch.Tensor, batch_size: int, mega_batches: int, generator: torch.Generator
+    lengths: torch.Tensor, batch_size: int, mega_batches: int | None, generator: torch.Generator
 ) -> torch.Tensor:
-    """``order`` (a shuffled permutation) regrouped by length, as Hugging Face's
-    ``group_by_length``: cut into mega-batches of ``mega_batches x batch_size`` sequences, each
-    sorted by length (longest first, stable), then cut into batches, whose order is shuffled by
-    ``generator`` (the last, smaller batch stays last). The same indices, another order."""
-    if mega_batches < 1:
-        raise ValueError(f"group_mega_batches must be >= 1, got {mega_batches}")
-    mega = mega_batches * batch_size
-    grouped = []
-    for start in range(0, len(order), mega):
-        chunk = order[start : start + mega]
-        grouped.append(chunk[torch.sort(lengths[chunk], descending=True, stable=True).indices])
-    grouped_order = torch.cat(grouped) if grouped else order
-    batches = list(grouped_order.split(batch_size))
-    n_full = len(batches) - (len(batches) and len(batches[-1]) < batch_size)
-    shuffled = torch.randperm(n_full, generator=generator).tolist()
-    return torch.cat([batches[i] for i in shuffled] + batches[n_full:]) if batches else grouped_order
+    """A permutation of ``range(len(lengths))`` whose runs of ``batch_size`` hold similar lengths:
+    Hugging Face's ``group_by_length`` order (``transformers.trainer_pt_utils.
+    get_length_grouped_indices``): shuffled by ``generator``, cut into mega-batches of
+    ``mega_batches x batch_size`` sequences (None: ``min(50, n / (4 x batch_size))``, so that a
+    small training set still has 4 mega-batches to shuffle), each sorted by length, longest first,
+    with the longest sequence of all in the first batch (an out-of-memory error comes first)."""
+    if mega_batches is not None and mega_batches < 1:
+        raise ValueError(f"group_mega_batches must be >= 1 or None, got {mega_batches}")
+    indices = get_length_grouped_indices(lengths.tolist(), batch_size, mega_batches, generator)
+    return torch.tensor(indices, dtype=torch.int64)
 
 
 def cached_training_batches(

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from codes.common.batching import DEFAULT_MEGA_BATCHES, BatchCut, length_grouped_order, length_sorted_batches
+from codes.common.batching import BatchCut, length_grouped_order, length_sorted_batches
 from codes.common.checkpoint import load_checkpoint, load_matching_weights, save_atomically
 from codes.common.data_source import resolve_data_dir
 from codes.common.distributed import (
@@ -157,13 +157,14 @@ class FoldRun:
         ``epoch_seed`` gives the same batches (a resumed run repeats them)."""
         data_cfg = self.cfg.data
         generator = torch.Generator().manual_seed(epoch_seed)
-        order = torch.randperm(len(lengths), generator=generator)
         if data_cfg.get("group_by_length", False):
-            mega_batches = int(data_cfg.get("group_mega_batches", DEFAULT_MEGA_BATCHES))
-            # batches of the global order: sharded round-robin, a rank's batch holds a batch's
-            # worth of neighbours in length (world_size batches of the global order)
+            # the global order in batches of world_size x batch_size neighbours in length: sharded
+            # round-robin, every rank's step-k batch comes from the same global batch
+            mega_batches = data_cfg.get("group_mega_batches")
             global_batch = batch_size * self.context.world_size
-            order = length_grouped_order(order, lengths, global_batch, mega_batches, generator)
+            order = length_grouped_order(lengths, global_batch, mega_batches, generator)
+        else:
+            order = torch.randperm(len(lengths), generator=generator)  # epoch_order's permutation
         order = shard_indices(order, self.context)
         return [order[step * batch_size : (step + 1) * batch_size] for step in range(steps_per_epoch)]
 

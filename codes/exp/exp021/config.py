@@ -44,10 +44,10 @@ class DataConfig:
     # every batch to max_len, as every run of this experiment before the switch existed
     pad_to_batch: bool = False
     length_bucket: int = 32  # with machine.compile: cut lengths rounded up to a multiple of this
-    # batches of similar lengths (shuffled mega-batches of group_mega_batches batches, sorted by
-    # length inside, as Hugging Face's group_by_length); false = a plain shuffle
+    # batches of similar lengths (Hugging Face's group_by_length: shuffled mega-batches of
+    # group_mega_batches batches, sorted by length inside); false = a plain shuffle
     group_by_length: bool = False
-    group_mega_batches: int = 50
+    group_mega_batches: int | None = None  # None: min(50, training sequences / (4 x batch_size))
     # of the sequences that keep them: the probability of dropping the ToF only, and the
     # thermopiles only (the model survives one missing modality)
     tof_drop_prob: float = 0.1

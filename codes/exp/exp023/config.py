@@ -41,10 +41,10 @@ class DataConfig:
     # every batch to max_len
     pad_to_batch: bool = True
     length_bucket: int = 32  # with machine.compile: cut lengths rounded up to a multiple of this
-    # batches of similar lengths (shuffled mega-batches of group_mega_batches batches, sorted by
-    # length inside, as Hugging Face's group_by_length); false = a plain shuffle
+    # batches of similar lengths (Hugging Face's group_by_length: shuffled mega-batches of
+    # group_mega_batches batches, sorted by length inside); false = a plain shuffle
     group_by_length: bool = True
-    group_mega_batches: int = 50
+    group_mega_batches: int | None = None  # None: min(50, training sequences / (4 x batch_size))
 
 
 @dataclass
