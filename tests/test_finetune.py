@@ -167,7 +167,7 @@ def stack_checkpoint(tmp_path_factory):
 def _tiny_run(exp, toy_data, output_dir, *extra):
     from tests.pinned_runs import TINY_BERT, run_pinned
 
-    bert = [f"model.bert.{k}={v}" for k, v in TINY_BERT.items()] if exp == "exp022" else []
+    bert = [f"model.bert.{k}={v}" for k, v in TINY_BERT.items()] if exp in ("exp022", "exp023") else []
     return run_pinned(exp, toy_data, output_dir, [*bert, "trainer.epochs=2", *extra])
 
 
@@ -183,8 +183,9 @@ def test_exp022_s_defaults_compute_exp019_and_a_decayed_plan_does_not(toy_data, 
     assert not np.array_equal(oof_decayed, oof_019)
 
 
+@pytest.mark.parametrize("exp", ["exp022", "exp023"])  # exp023: batches cut and grouped by length
 def test_a_resumed_finetuning_run_with_every_lever_on_equals_an_uninterrupted_one(
-    toy_data, tmp_path, stack_checkpoint
+    exp, toy_data, tmp_path, stack_checkpoint
 ):
     from codes.common.runs import TrainingInterrupted
 
@@ -193,10 +194,10 @@ def test_a_resumed_finetuning_run_with_every_lever_on_equals_an_uninterrupted_on
         "finetune.layer_decay=0.7", "finetune.noise_prob=0.5", "finetune.penalty_weight=0.5",
         "augment.stretch_prob=0.5", "trainer.epochs=3", "trainer.early_stopping_patience=10",
     ]  # fmt: skip
-    straight, oof = _tiny_run("exp022", toy_data, tmp_path / "straight", *levers)
+    straight, oof = _tiny_run(exp, toy_data, tmp_path / "straight", *levers)
     with pytest.raises(TrainingInterrupted):
-        _tiny_run("exp022", toy_data, tmp_path / "cut", *levers, "trainer.interrupt_after_epochs=2")
-    resumed, resumed_oof = _tiny_run("exp022", toy_data, tmp_path / "cut", *levers, "trainer.resume=true")
+        _tiny_run(exp, toy_data, tmp_path / "cut", *levers, "trainer.interrupt_after_epochs=2")
+    resumed, resumed_oof = _tiny_run(exp, toy_data, tmp_path / "cut", *levers, "trainer.resume=true")
     assert resumed["history"] == straight["history"]
     np.testing.assert_array_equal(resumed_oof, oof)
 
