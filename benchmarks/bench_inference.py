@@ -3,6 +3,7 @@
     python benchmarks/bench_inference.py --run-dir outputs/exp018/<run> [--data data/synthetic]
     python benchmarks/bench_inference.py --random-run outputs/bench/exp018-default --exp exp018
         [--folds 5] [--threads 1] [--fold-threads 2] [--quantize] [--n-sequences 200] [--warmup 10] [model.key=value ...]
+    python benchmarks/bench_inference.py --random-run DIR --exp exp019 --batch-mode [--rounds 3] data.max_len=200
 
 The sequences are the test.csv sequences of ``--data`` (default: the synthetic data), served by
 the local gateway stand-in (``codes.inference.gateway.LocalGateway``) in shuffled order, one
@@ -14,6 +15,9 @@ default dims, on ``machine=gpu``; trailing ``model.key=value`` / ``data.key=valu
 randomly initialised ``fold{k}/best.pt`` and a ``normalizer.json`` fitted on the test
 sequences. Latency does not depend on the weights' values, so this measures a trained
 ensemble of the same dims.
+
+``--batch-mode`` times batch mode instead (the whole test set at once): every batch padded to
+``max_len`` against each batch cut to its longest sequence (``data.pad_to_batch``), in turns.
 """
 
 from __future__ import annotations
@@ -84,6 +88,40 @@ def write_random_run(exp: str, run_dir: Path, data_dir: Path, n_folds: int, over
     return run_dir
 
 
+def time_batch_mode(
+    predictor, test: pl.DataFrame, demographics: pl.DataFrame, args: argparse.Namespace
+) -> None:
+    """Batch mode's model time on the whole test set (the table built once, not timed), with every
+    batch padded to ``max_len`` and with each batch cut to its longest sequence in length order
+    (``data.pad_to_batch``), in turns; prints both medians, the speed-up and how far the
+    probabilities and answers of the two differ."""
+    import statistics
+
+    table = predictor.frame_table(test, demographics)
+    seconds: dict[bool, list[float]] = {False: [], True: []}
+    probabilities = {}
+    for _ in range(args.rounds):
+        for cut in (False, True):
+            predictor.pad_to_batch = cut
+            began = time.perf_counter()
+            probabilities[cut] = predictor.table_probabilities(table, batch_size=args.batch_size)
+            seconds[cut].append(time.perf_counter() - began)
+    lengths = np.minimum(table.lengths, predictor.max_len)
+    padded, cut = statistics.median(seconds[False]), statistics.median(seconds[True])
+    same = np.array_equal(probabilities[False].argmax(1), probabilities[True].argmax(1))
+    print(
+        f"batch mode, {table.n_sequences} sequences (kept lengths median {np.median(lengths):.0f}, max "
+        f"{lengths.max()}), max_len {predictor.max_len}, {len(predictor.folds)} folds, batch {args.batch_size}, "
+        f"{platform.machine()} CPU, {torch.get_num_threads()} torch thread(s)"
+    )
+    print(f"padded to max_len: {', '.join(f'{s:.2f}' for s in seconds[False])} s, median {padded:.2f} s")
+    print(f"cut per batch:     {', '.join(f'{s:.2f}' for s in seconds[True])} s, median {cut:.2f} s")
+    print(
+        f"speed-up {padded / cut:.2f}x; max |probability difference| "
+        f"{np.abs(probabilities[False] - probabilities[True]).max():.2e}; identical answers: {same}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -108,6 +146,13 @@ def main() -> None:
     parser.add_argument("--n-sequences", type=int, default=None, help="default: every test sequence")
     parser.add_argument("--warmup", type=int, default=10, help="predict() calls before timing")
     parser.add_argument("--seed", type=int, default=0, help="serving order")
+    parser.add_argument(
+        "--batch-mode", action="store_true",
+        help="time batch mode instead: the whole test set's probabilities, padded to max_len and cut per "
+        "batch (data.pad_to_batch), in turns, --rounds times",
+    )  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of --batch-mode")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch size of --batch-mode")
     parser.add_argument("overrides", nargs="*", help="model.key=value / data.key=value for --random-run")
     args = parser.parse_args()
     setup_logging(None)
@@ -141,6 +186,9 @@ def main() -> None:
 
     test = pl.read_csv(data_dir / "test.csv")
     demographics = pl.read_csv(data_dir / TEST_DEMOGRAPHICS_FILE)
+    if args.batch_mode:
+        time_batch_mode(predictor, test, demographics, args)
+        return
     gateway = LocalGateway(test, demographics, seed=args.seed)
     order = gateway.sequence_ids()
     if args.n_sequences:
