@@ -389,3 +389,39 @@ def test_init_from_takes_the_folds_own_checkpoint(tmp_path):
         initialise_from(model, str(tmp_path / "strict-fold{fold}.pt"), fold=fold)
         torch.manual_seed(fold)
         assert torch.equal(model.weight, torch.nn.Linear(3, 2).weight)
+
+
+def test_validation_over_cut_batches_gives_the_padded_losses(toy_data, tmp_path):
+    """``data.pad_to_batch``: the pretraining loader cuts each batch to its longest sequence
+    (``CutCollate``); a validation pass of the same model over cut batches gives the padded
+    pass's losses and CLS mass."""
+    from torch.utils.data import DataLoader
+
+    from codes.common.batching import BatchCut
+    from codes.common.distributed import DistributedContext
+    from codes.noisebert.dataset import CutCollate, NoiseBERTDataset
+    from codes.noisebert.pretrain import run_epoch
+
+    cfg = pretrain_config(toy_data, tmp_path, "data.max_len=48", "data.pad_to_batch=true")
+    assert BatchCut.from_config(cfg) == BatchCut(48)
+    rng = np.random.default_rng(0)
+    sequences = [rng.normal(size=(n, 6)).astype(np.float32) for n in (5, 30, 11, 48, 2, 19, 7, 1)]
+    dataset = NoiseBERTDataset(sequences, max_len=48, seed=1, noise_channels=[0, 1, 2])
+    torch.manual_seed(0)
+    model = NoiseBERT(6, cfg.model, 48, cfg.regularizer.layers, cfg.cls_objective.weight > 0)
+    context = DistributedContext(torch.device("cpu"))
+    padded = run_epoch(model, DataLoader(dataset, batch_size=3), cfg, context)
+    cut = run_epoch(
+        model, DataLoader(dataset, batch_size=3, collate_fn=CutCollate(BatchCut(48))), cfg, context
+    )
+    assert padded.keys() == cut.keys()
+    for key in padded:
+        assert cut[key] == pytest.approx(padded[key], rel=1e-5, abs=1e-6), key
+
+
+def test_a_pretraining_run_with_cut_batches_completes(toy_data, tmp_path):
+    metrics = pretrain(
+        pretrain_config(toy_data, tmp_path, "trainer.epochs=1", "run_name=cut", "data.pad_to_batch=true")
+    )
+    row = metrics["history"][-1]
+    assert all(np.isfinite(row[k]) for k in ("train_loss", "valid_loss", "valid_masked_mse"))
