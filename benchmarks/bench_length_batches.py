@@ -8,8 +8,9 @@ Each setting of :data:`SETTINGS` is one training run of fold 0 (``train.py`` in 
 ``machine=cpu``, one torch thread unless overridden), ``--epochs`` epochs; the settings take turns
 for ``--rounds`` rounds, so that a busy machine slows each alike. An epoch's time is what
 ``train.log`` says for it: the training steps and the validation of that epoch (padded or cut
-like the training). Prints every epoch's seconds, each setting's median and its speed-up over
-``padded``, and a markdown table. The runs go to a temporary folder, removed afterwards.
+like the training). Prints every epoch's seconds and a markdown table: each setting's median
+and its speed-up over ``padded``, by the medians and per round (the ratio of the round's mean
+epochs, which ran one after the other; their median is least touched by a load that drifts). The runs go to a temporary folder, removed afterwards.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown setting(s) {unknown}; known: {list(SETTINGS)}")
     seconds: dict[str, list[float]] = {s: [] for s in settings}
+    round_means: dict[str, list[float]] = {s: [] for s in settings}  # per round: the mean epoch
     with tempfile.TemporaryDirectory() as work:
         for round_index in range(args.rounds):
             for name in settings:
@@ -68,16 +70,24 @@ def main() -> None:
                 subprocess.run(command, check=True, cwd=REPO_ROOT, stdout=subprocess.DEVNULL)
                 got = epoch_seconds(Path(work) / args.exp / run_name / "train.log")
                 seconds[name].extend(got)
+                round_means[name].append(statistics.mean(got))
                 print(
                     f"round {round_index} {name}: epochs {', '.join(f'{s:.1f}' for s in got)} s", flush=True
                 )
     baseline = statistics.median(seconds[settings[0]])
     print(f"\n{args.exp} {' '.join(args.overrides)}, fold 0, {args.epochs} epoch(s) x {args.rounds} rounds")
-    print("| batches | epoch seconds | median | speed-up |\n| --- | --- | --- | --- |")
+    print(
+        "| batches | epoch seconds | median | speed-up of the medians | speed-up per round (median) |\n"
+        "| --- | --- | --- | --- | --- |"
+    )
     for name in settings:
         median = statistics.median(seconds[name])
         values = ", ".join(f"{s:.1f}" for s in seconds[name])
-        print(f"| {name} | {values} | **{median:.1f}** | {baseline / median:.2f}x |")
+        # a round's settings ran one after the other: their ratio is least touched by a load
+        # that changes over the whole benchmark
+        ratios = [b / m for b, m in zip(round_means[settings[0]], round_means[name], strict=True)]
+        per_round = f"{', '.join(f'{r:.2f}' for r in ratios)}: **{statistics.median(ratios):.2f}x**"
+        print(f"| {name} | {values} | **{median:.1f}** | {baseline / median:.2f}x | {per_round} |")
 
 
 if __name__ == "__main__":

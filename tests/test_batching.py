@@ -58,6 +58,9 @@ def test_the_cut_follows_the_settings():
     compiled = config(pad_to_batch=True, length_bucket=16)
     compiled.machine.compile = True
     assert BatchCut.from_config(compiled) == BatchCut(200, 16)
+    for bad in (0, -32, 1.5, True):
+        with pytest.raises(ValueError, match=r"data\.length_bucket"):
+            BatchCut.from_config(config(pad_to_batch=True, length_bucket=bad))
 
 
 def padded_batch(lengths: list[int], max_len: int, n_features: int = 3, seed: int = 0):

@@ -63,10 +63,10 @@ class BatchCut:
         data = cfg.data
         if not data.get("pad_to_batch", False):
             return None
-        multiple = 1
-        if cfg.machine.get("compile", False):
-            multiple = int(data.get("length_bucket", DEFAULT_LENGTH_BUCKET))
-        return cls(int(data.max_len), multiple)
+        bucket = data.get("length_bucket", DEFAULT_LENGTH_BUCKET)
+        if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1:
+            raise ValueError(f"data.length_bucket={bucket!r} must be a whole number >= 1 (32: the default)")
+        return cls(int(data.max_len), bucket if cfg.machine.get("compile", False) else 1)
 
     def length(self, lengths: torch.Tensor | np.ndarray) -> int:
         """The cut length of a batch of real ``lengths`` (read on the host: no device sync)."""
