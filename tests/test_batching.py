@@ -260,3 +260,17 @@ def test_batch_inference_cut_to_each_batch_gives_the_padded_answers():
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
     assert np.array_equal(got.argmax(1), expected.argmax(1))
     assert isinstance(frame, pl.DataFrame) and table.n_sequences == len(lengths)
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [({"pad_to_batch": True, "length_bucket": 0}, "length_bucket"),
+     ({"group_by_length": True, "group_mega_batches": 0}, "group_mega_batches"),
+     ({"group_by_length": True, "group_mega_batches": "4"}, "group_mega_batches")],
+)  # fmt: skip
+def test_bad_batching_settings_are_refused_before_a_run_starts(settings, named):
+    from codes.common.training import check_run_settings
+
+    with pytest.raises(ValueError, match=named):
+        check_run_settings(config(**settings))
+    check_run_settings(config(pad_to_batch=True, group_by_length=True, group_mega_batches=None))

@@ -89,6 +89,19 @@ class BatchCut:
         return {k: v[:, :length] if k in step_keys else v for k, v in batch.items()}
 
 
+def check_batching_settings(cfg) -> None:
+    """Refuse, before a run starts, a bad ``data.length_bucket`` (when ``data.pad_to_batch`` is
+    on) or ``data.group_mega_batches`` (when ``data.group_by_length`` is on), naming the setting."""
+    BatchCut.from_config(cfg)
+    data = cfg.data
+    mega = data.get("group_mega_batches")
+    if data.get("group_by_length", False) and mega is not None:
+        if isinstance(mega, bool) or not isinstance(mega, int) or mega < 1:
+            raise ValueError(
+                f"data.group_mega_batches={mega!r} must be a whole number >= 1, or null (the default)"
+            )
+
+
 def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
     """Indices of ``batch_size`` sequences at a time in length order (stable): batches of similar
     lengths for evaluation, whose results are put back in the input order by the caller."""

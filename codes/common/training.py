@@ -35,7 +35,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from codes.common.batching import BatchCut, length_grouped_order, length_sorted_batches
+from codes.common.batching import (
+    BatchCut,
+    check_batching_settings,
+    length_grouped_order,
+    length_sorted_batches,
+)
 from codes.common.checkpoint import load_checkpoint, load_matching_weights, save_atomically
 from codes.common.data_source import resolve_data_dir
 from codes.common.distributed import (
@@ -583,6 +588,8 @@ def check_run_settings(cfg: DictConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{key}={value!r} must be a whole number >= 1; set {key}=<n> with n >= 1")
     check_folds_setting(OmegaConf.select(cfg, "data.folds"))
+    if OmegaConf.select(cfg, "data") is not None and OmegaConf.select(cfg, "machine") is not None:
+        check_batching_settings(cfg)  # data.length_bucket, data.group_mega_batches
 
 
 def run_kfold(
