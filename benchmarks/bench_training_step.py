@@ -4,13 +4,22 @@
         [--max-len N] [--variant quick] [--lengths-from data/synthetic]
         [--min-length 29] [--steps 10 --repeats 3] [--device cpu|cuda] [--bf16] [--compile]
         [--full-step] [--ema torch|sync-free] [--profile] [--no-time-reduction] [--batch-from DIR]
-        [--no-cpu-fast-paths] [model.key=value ...]
+        [--no-cpu-fast-paths] [--length-mix competition --batches 16 --batching padded|cut|grouped]
+        [model.key=value ...]
 
 The model is built from the experiment's default ``ModelConfig`` (the full dims), or with
 ``--variant NAME`` from that variant's ``model`` values (e.g. ``quick``); trailing
 ``model.key=value`` arguments override fields. ``--max-len`` is the model's ``data.max_len``
 (positional tables, BERT positions; default ``--length``); batches are padded to ``--length``,
 as training pads every batch to ``data.max_len``.
+
+``--length-mix competition`` draws real lengths like the competition's (log-normal with its
+median 59 and mean 70.5 rows, within 29-700, cropped to ``--length``). ``--batches N`` makes N
+batches taken in turn, and ``--batching`` shapes them as training would with length-aware
+batches (``codes/common/batching.py``): ``padded`` (every batch ``--length`` steps), ``cut``
+(each cut to its longest sequence) or ``grouped`` (the N batches grouped by length as one
+mega-batch, as ``data.group_by_length`` does, then cut); the speed-up of a setting is its
+sequences/s over ``padded``'s on the same draw.
 
 Real lengths are random in [min-length, length] with the mask set accordingly (``--min-length``
 equal to ``--length``: no padding at all), or, with ``--lengths-from DIR``, drawn from the
@@ -90,7 +99,7 @@ def step_batches(
     lengths = real_lengths(args, generator, n)
     order = torch.arange(n)
     if args.batching == "grouped":  # one mega-batch of every batch, as data.group_by_length does
-        order = length_grouped_order(order, lengths, args.batch_size, args.batches, generator)
+        order = length_grouped_order(lengths, args.batch_size, args.batches, generator)
     mask = torch.arange(args.length)[None, :] < lengths[:, None]
     cut = BatchCut(args.length)
     batches = []
