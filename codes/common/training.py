@@ -156,21 +156,22 @@ class FoldRun:
         self, lengths: torch.Tensor, batch_size: int, steps_per_epoch: int, epoch_seed: int
     ) -> list[torch.Tensor]:
         """This rank's ``steps_per_epoch`` batches of an epoch (indices into the training fold):
-        :meth:`epoch_order`'s shard cut into batches, or with ``data.group_by_length`` the same
-        permutation regrouped by ``lengths`` (real steps per sequence) before it is sharded
+        :meth:`epoch_order`'s shard cut into batches, or with ``data.group_by_length`` an order
+        grouped by ``lengths`` (real steps per sequence), drawn from ``epoch_seed``, then sharded
         (``codes/common/batching.py``). Every rank gets the same number of batches; the same
         ``epoch_seed`` gives the same batches (a resumed run repeats them)."""
         data_cfg = self.cfg.data
-        generator = torch.Generator().manual_seed(epoch_seed)
         if data_cfg.get("group_by_length", False):
             # the global order in batches of world_size x batch_size neighbours in length: sharded
             # round-robin, every rank's step-k batch comes from the same global batch
-            mega_batches = data_cfg.get("group_mega_batches")
+            generator = torch.Generator().manual_seed(epoch_seed)
             global_batch = batch_size * self.context.world_size
-            order = length_grouped_order(lengths, global_batch, mega_batches, generator)
+            grouped = length_grouped_order(
+                lengths, global_batch, data_cfg.get("group_mega_batches"), generator
+            )
+            order = shard_indices(grouped, self.context)
         else:
-            order = torch.randperm(len(lengths), generator=generator)  # epoch_order's permutation
-        order = shard_indices(order, self.context)
+            order = self.epoch_order(len(lengths), epoch_seed)
         return [order[step * batch_size : (step + 1) * batch_size] for step in range(steps_per_epoch)]
 
     def imu_only(self, tensors):
